@@ -1,0 +1,177 @@
+"""Process plumbing for the local stack: pid files, ports, log tails, progress lines.
+
+A service started by the stack is recorded in ``<stack>/run/<name>.pid`` as its pid
+*and* its kernel start time, so that a later ``stack-down`` only ever signals the
+very process the stack started, never one that reused the pid, and never by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+
+from fleetpulse.errors import StackError
+
+__all__ = [
+    "PidFile",
+    "log_tail",
+    "port_in_use",
+    "run_with_progress",
+    "spawn",
+]
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/pid/stat)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses; split after its last ')'.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] == "Z":  # exited, not yet reaped: not running
+        return None
+    return fields[19]
+
+
+class PidFile:
+    """The pid file of one service: which process the stack started, if it still runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def record(self, pid: int) -> None:
+        started = _start_time(pid)
+        if started is None:
+            raise StackError(f"process {pid} exited before it could be recorded")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(f"{pid} {started}\n")
+
+    def running_pid(self) -> int | None:
+        """The recorded pid if that very process is still alive, else None."""
+        try:
+            pid_text, started = self.path.read_text().split()
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            return None
+        _reap(pid)
+        return pid if _start_time(pid) == started else None
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM the recorded process (SIGKILL after ``timeout_s``); returns its pid."""
+        pid = self.running_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                # The stack starts each service in a session of its own: end the whole group.
+                if _is_group_leader(pid):
+                    os.killpg(pid, signal.SIGTERM)
+                else:
+                    os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while self.running_pid() is not None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if self.running_pid() is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                while self.running_pid() is not None:
+                    time.sleep(0.05)
+        self.path.unlink(missing_ok=True)
+        return pid
+
+
+def _is_group_leader(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return False
+
+
+def _reap(pid: int) -> None:
+    """Collect an exited child of ours so that it stops looking alive."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def spawn(cmd: Sequence[str], log_path: Path, cwd: Path, env: dict[str, str] | None = None) -> int:
+    """Start ``cmd`` detached in its own session, output appended to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            list(cmd),
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return proc.pid
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something accepts connections on ``host:port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a log file, or a note that there is none."""
+    try:
+        with path.open("r", errors="replace") as f:
+            return "".join(deque(f, maxlen=lines))
+    except OSError:
+        return f"(no log at {path})\n"
+
+
+def run_with_progress(
+    cmd: Sequence[str], label: str, log_path: Path, cwd: Path, env: dict[str, str] | None = None
+) -> None:
+    """Run a provisioning command, showing one live progress line; the full output goes to a log.
+
+    Raises StackError with the log's tail if the command fails.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    tty = sys.stderr.isatty()
+    steps = 0
+    last_note = 0.0
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            list(cmd),
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            steps += 1
+            now = time.monotonic()
+            if tty:
+                text = line.strip()[:60]
+                sys.stderr.write(f"\r  {label}: {steps} steps, {now - started:4.0f}s  {text:<60}")
+                sys.stderr.flush()
+            elif now - last_note >= 10:
+                sys.stderr.write(f"  {label}: {steps} steps, {now - started:.0f}s\n")
+                last_note = now
+        code = proc.wait()
+    if tty:
+        sys.stderr.write("\r" + " " * 110 + "\r")
+    if code != 0:
+        raise StackError(
+            f"{label} failed (exit {code}); last lines of {log_path}:\n{log_tail(log_path)}"
+        )
+    sys.stderr.write(f"  {label}: done in {time.monotonic() - started:.0f}s\n")

@@ -1,0 +1,224 @@
+"""Every ``FLEETPULSE_*`` environment variable, in one frozen object.
+
+Each entry point (the API server, the dataflow, the simulator, the local stack)
+calls :func:`load_settings` once and passes the result down; nothing reads the
+environment at import time. A bad value stops start-up with a
+:class:`~fleetpulse.errors.ConfigError` naming the variable, the value and what is
+allowed.
+
+``python -m fleetpulse.settings`` prints the table of variables that the README
+carries (a unit test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from fleetpulse.errors import ConfigError
+
+__all__ = ["ENV_PREFIX", "Settings", "load_settings", "markdown_table"]
+
+ENV_PREFIX = "FLEETPULSE_"
+
+Port = Annotated[int, Meta(ge=1, le=65535)]
+TopicName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
+Seconds = Annotated[float, Meta(gt=0)]
+
+
+def _doc(text: str, **constraints: Any) -> Meta:
+    return Meta(description=text, **constraints)
+
+
+class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The whole configuration of one fleetpulse process."""
+
+    # --- local stack (deploy/local) ---------------------------------------------------
+    stack_dir: Annotated[
+        str, _doc("Folder for the local stack's binaries, data, logs and pids.")
+    ] = ".stack"
+    kafka_port: Annotated[Port, _doc("Local Kafka broker port (PLAINTEXT listener).")] = 59092
+    kafka_controller_port: Annotated[Port, _doc("Local Kafka KRaft controller port.")] = 59093
+    kafka_heap_mb: Annotated[int, _doc("Heap of the local Kafka JVM, MiB.", ge=256)] = 1024
+    redis_port: Annotated[Port, _doc("Local redis-server port.")] = 56379
+    jaeger_query_port: Annotated[Port, _doc("Local Jaeger query API port.")] = 16686
+    jaeger_query_grpc_port: Annotated[Port, _doc("Local Jaeger query gRPC port.")] = 16685
+    jaeger_otlp_grpc_port: Annotated[Port, _doc("Local Jaeger OTLP/gRPC receiver port.")] = 4317
+    jaeger_otlp_http_port: Annotated[Port, _doc("Local Jaeger OTLP/HTTP receiver port.")] = 4318
+    stack_start_timeout_s: Annotated[
+        Seconds, _doc("How long `stack-up` waits for a service to become healthy.")
+    ] = 90.0
+
+    # --- Kafka clients ----------------------------------------------------------------
+    kafka_bootstrap: Annotated[
+        str | None,
+        _doc("Kafka bootstrap servers; default: the local stack's broker (127.0.0.1:KAFKA_PORT)."),
+    ] = None
+    kafka_partitions: Annotated[
+        int,
+        _doc(
+            "Partitions of the topics we create; a multiple of the dataflow's worker count.", ge=1
+        ),
+    ] = 12
+    kafka_replication: Annotated[int, _doc("Replication factor of the topics we create.", ge=1)] = 1
+    topic_reports: Annotated[TopicName, _doc("Topic of accepted robot reports.")] = "robot.reports"
+    topic_dlq: Annotated[TopicName, _doc("Dead-letter topic for undecodable reports.")] = (
+        "robot.reports.dlq"
+    )
+    topic_alerts: Annotated[TopicName, _doc("Topic of alerts for downstream consumers.")] = (
+        "robot.alerts"
+    )
+
+    # --- Redis ------------------------------------------------------------------------
+    redis_url: Annotated[
+        str | None,
+        _doc("Redis URL; default: the local stack's server (redis://127.0.0.1:REDIS_PORT/0)."),
+    ] = None
+    redis_prefix: Annotated[
+        str, _doc("Prefix of every Redis key we write.", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    ] = "fp"
+
+    # --- tracing, logs ----------------------------------------------------------------
+    otlp_endpoint: Annotated[
+        str | None,
+        _doc("OTLP/gRPC endpoint for traces; default: the local Jaeger (http://127.0.0.1:4317)."),
+    ] = None
+    jaeger_query_url: Annotated[
+        str | None,
+        _doc("Jaeger query API base URL; default: the local Jaeger (http://127.0.0.1:16686)."),
+    ] = None
+    trace_sample_ratio: Annotated[
+        float, _doc("Share of traces kept (parent-based ratio sampler).", ge=0.0, le=1.0)
+    ] = 1.0
+    log_level: Annotated[
+        Literal["DEBUG", "INFO", "WARNING", "ERROR"], _doc("Log level of our own loggers.")
+    ] = "INFO"
+
+    # --- HTTP API ---------------------------------------------------------------------
+    api_host: Annotated[str, _doc("Address the API servers bind to.")] = "127.0.0.1"
+    ingest_port: Annotated[Port, _doc("Port of the ingest routes (the webhook server).")] = 58081
+    query_port: Annotated[Port, _doc("Port of the query routes (the API server).")] = 58080
+    api_workers: Annotated[int, _doc("ASGI server worker processes.", ge=1, le=64)] = 1
+
+    @property
+    def kafka_bootstrap_servers(self) -> str:
+        """Bootstrap servers for clients: explicit, or the local stack's broker."""
+        return self.kafka_bootstrap or f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def redis_dsn(self) -> str:
+        """Redis URL for clients: explicit, or the local stack's server."""
+        return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def otlp_grpc_endpoint(self) -> str:
+        """OTLP/gRPC endpoint: explicit, or the local Jaeger."""
+        return self.otlp_endpoint or f"http://127.0.0.1:{self.jaeger_otlp_grpc_port}"
+
+    @property
+    def jaeger_api(self) -> str:
+        """Jaeger query API base URL: explicit, or the local Jaeger."""
+        return self.jaeger_query_url or f"http://127.0.0.1:{self.jaeger_query_port}"
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets ``field``."""
+    return ENV_PREFIX + field.upper()
+
+
+def _fields() -> dict[str, msgspec.inspect.Field]:
+    info = msgspec.inspect.type_info(Settings)
+    assert isinstance(info, msgspec.inspect.StructType)
+    return {f.name: f for f in info.fields}
+
+
+def _allowed(t: msgspec.inspect.Type) -> str:
+    """Describe in words the values a field's type allows."""
+    if isinstance(t, msgspec.inspect.Metadata):
+        return _allowed(t.type)
+    if isinstance(t, msgspec.inspect.UnionType):
+        parts = [_allowed(x) for x in t.types if not isinstance(x, msgspec.inspect.NoneType)]
+        return " or ".join(parts) + " (or unset)"
+    if isinstance(t, msgspec.inspect.LiteralType):
+        return "one of " + ", ".join(str(v) for v in t.values)
+    if isinstance(t, msgspec.inspect.IntType | msgspec.inspect.FloatType):
+        kind = "an integer" if isinstance(t, msgspec.inspect.IntType) else "a number"
+        bounds = [
+            f"{op} {v}"
+            for op, v in (
+                (">=", t.ge),
+                (">", t.gt),
+                ("<=", t.le),
+                ("<", t.lt),
+            )
+            if v is not None
+        ]
+        return kind + (" " + " and ".join(bounds) if bounds else "")
+    if isinstance(t, msgspec.inspect.StrType):
+        return f"a string matching {t.pattern}" if t.pattern else "a string"
+    if isinstance(t, msgspec.inspect.BoolType):
+        return "true or false"
+    return type(t).__name__
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from ``FLEETPULSE_*`` variables (default: ``os.environ``).
+
+    Raises :class:`ConfigError` for an unknown ``FLEETPULSE_`` variable or a bad value.
+    """
+    env = os.environ if environ is None else environ
+    fields = _fields()
+    raw: dict[str, str] = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name not in fields:
+            known = ", ".join(env_name(f) for f in fields)
+            raise ConfigError(f"{key} is not a fleetpulse setting. Known settings: {known}")
+        raw[name] = value
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise _explain(exc, raw, fields) from None
+
+
+def _explain(
+    exc: msgspec.ValidationError,
+    raw: Mapping[str, str],
+    fields: Mapping[str, msgspec.inspect.Field],
+) -> ConfigError:
+    match = re.search(r"at `\$\.(\w+)`", str(exc))
+    if match is None or match.group(1) not in fields:
+        return ConfigError(f"invalid fleetpulse settings: {exc}")
+    name = match.group(1)
+    reason = str(exc)[: match.start()].rstrip(" -")
+    return ConfigError(
+        f"{env_name(name)}={raw.get(name, '')!r} is not allowed ({reason}); "
+        f"expected {_allowed(fields[name].type)}"
+    )
+
+
+def markdown_table() -> str:
+    """The README's table of settings, generated from the Settings class."""
+    rows = ["| variable | default | allowed | meaning |", "| --- | --- | --- | --- |"]
+    for name, field in _fields().items():
+        t = field.type
+        desc = ""
+        if isinstance(t, msgspec.inspect.Metadata):
+            desc = (t.extra_json_schema or {}).get("description", "")
+            t = t.type
+        default = "" if field.default is msgspec.NODEFAULT else field.default
+        default_text = "(derived)" if default is None else f"`{default}`"
+        rows.append(f"| `{env_name(name)}` | {default_text} | {_allowed(t)} | {desc} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown_table())

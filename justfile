@@ -1,0 +1,67 @@
+# fleetpulse — `./dev <recipe>` on a fresh clone (it prepares .venv first), or `just <recipe>`
+# with .venv/bin on PATH. `just --list` is the help.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+py := justfile_directory() / ".venv/bin/python"
+
+# list the recipes
+default:
+    @just --list --unsorted
+
+# the whole product locally: the stack (Kafka, Redis, Jaeger), then what runs on it
+main: stack-up
+    @{{py}} -m deploy.local.stack status
+
+# what CI runs: lint, types, then the whole test suite against the real stack
+check: lint types test
+
+# ruff: lint and format check
+lint:
+    {{py}} -m ruff check .
+    {{py}} -m ruff format --check .
+
+# mypy, strict on the source tree
+types:
+    {{py}} -m mypy
+
+# the test suite: unit tests, then integration tests (they start the local stack if needed)
+test *ARGS:
+    {{py}} -m pytest {{ARGS}}
+
+# unit tests only (no services)
+test-unit *ARGS:
+    {{py}} -m pytest tests/unit {{ARGS}}
+
+# format the code in place
+fmt:
+    {{py}} -m ruff format .
+    {{py}} -m ruff check --fix .
+
+# start Kafka, Redis and Jaeger (provisioned on first use); harmless when already up
+stack-up *SERVICES:
+    @{{py}} -m deploy.local.stack up {{SERVICES}}
+
+# stop the processes the stack started (and only those)
+stack-down:
+    @{{py}} -m deploy.local.stack down
+
+# pid, port and health of each service; fails unless all are healthy
+stack-status:
+    @{{py}} -m deploy.local.stack status
+
+# the tail of the services' logs (e.g. `just stack-logs kafka -n 100`, `-f` to follow)
+stack-logs *ARGS:
+    @{{py}} -m deploy.local.stack logs {{ARGS}}
+
+# stop the stack and delete its data (binaries and jars stay)
+stack-reset:
+    @{{py}} -m deploy.local.stack reset
+
+# print the settings table (the README carries it)
+settings-table:
+    @{{py}} -m fleetpulse.settings
+
+# regenerate requirements.lock (hashed pins) from pyproject.toml
+lock:
+    {{py}} -m uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 -o requirements.lock

@@ -1,0 +1,50 @@
+"""Integration tests run against the real local stack, started here if it is not running.
+
+A service that cannot start fails the test run with its log tail; it is never skipped.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from deploy.local.stack import Stack
+from fleetpulse.errors import StackError
+from fleetpulse.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def stack(settings: Settings) -> Stack:
+    """The local stack, up and healthy."""
+    stack = Stack(settings)
+    try:
+        stack.up()
+    except StackError as exc:
+        pytest.fail(f"the local stack could not start:\n{exc}", pytrace=False)
+    return stack
+
+
+@pytest.fixture(scope="session")
+def kafka_admin(stack: Stack, settings: Settings) -> AdminClient:
+    return AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+
+
+@pytest.fixture
+def make_topic(kafka_admin: AdminClient) -> Iterator[callable]:  # type: ignore[valid-type]
+    """Create uniquely named topics for one test; they are deleted afterwards."""
+    created: list[str] = []
+
+    def make(partitions: int = 1) -> str:
+        name = f"test.{uuid.uuid4().hex[:12]}"
+        for future in kafka_admin.create_topics([NewTopic(name, partitions, 1)]).values():
+            future.result(timeout=30)
+        created.append(name)
+        return name
+
+    yield make
+    if created:
+        for future in kafka_admin.delete_topics(created).values():
+            future.result(timeout=30)
