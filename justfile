@@ -25,8 +25,8 @@ lint:
 types:
     {{py}} -m mypy
 
-# the test suite: unit tests, then integration tests (they start the local stack if needed)
-test *ARGS:
+# the test suite against the real stack (started first, so first-run provisioning shows progress)
+test *ARGS: stack-up
     {{py}} -m pytest {{ARGS}}
 
 # unit tests only (no services)

@@ -100,6 +100,11 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
+# Services outlive the Popen objects that started them; holding the objects keeps Python
+# from warning that a child "is still running" when they are collected.
+_CHILDREN: list[subprocess.Popen[bytes]] = []
+
+
 def spawn(cmd: Sequence[str], log_path: Path, cwd: Path, env: dict[str, str] | None = None) -> int:
     """Start ``cmd`` detached in its own session, output appended to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +118,7 @@ def spawn(cmd: Sequence[str], log_path: Path, cwd: Path, env: dict[str, str] | N
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    _CHILDREN.append(proc)
     return proc.pid
 
 
@@ -144,8 +150,9 @@ def run_with_progress(
     tty = sys.stderr.isatty()
     steps = 0
     last_note = 0.0
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
+    with (
+        log_path.open("w") as log,
+        subprocess.Popen(
             list(cmd),
             cwd=cwd,
             env=env,
@@ -154,7 +161,8 @@ def run_with_progress(
             stderr=subprocess.STDOUT,
             text=True,
             errors="replace",
-        )
+        ) as proc,
+    ):
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)

@@ -328,7 +328,7 @@ class Jaeger(Service):
             if go is None:
                 raise StackError("go not found on PATH; the local Jaeger is built with Go")
             print(f"provisioning Jaeger {self.version}: go build (first run only, a few minutes)")
-            partial = self.binary.with_suffix(".partial")
+            partial = self.binary.with_name(self.binary.name + ".partial")
             partial.parent.mkdir(parents=True, exist_ok=True)
             run_with_progress(
                 [go, "build", "-v", "-o", str(partial), f"{self.module}/cmd/jaeger"],
