@@ -83,6 +83,25 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     redis_prefix: Annotated[
         str, _doc("Prefix of every Redis key we write.", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     ] = "fp"
+    redis_sentinels: Annotated[
+        str,
+        _doc(
+            "Comma-separated host:port of Redis Sentinels; when set, the master is found "
+            "through them (REDIS_URL then only supplies db and password).",
+            pattern=r"^$|^[A-Za-z0-9_.-]+:[0-9]{1,5}(,[A-Za-z0-9_.-]+:[0-9]{1,5})*$",
+        ),
+    ] = ""
+    redis_sentinel_master: Annotated[str, _doc("Sentinel service name of the master.")] = "mymaster"
+    redis_read_from_replicas: Annotated[
+        bool, _doc("With Sentinel: serve API reads from a replica (may lag the master).")
+    ] = False
+    history_len: Annotated[
+        int, _doc("Applied reports kept per robot for /history.", ge=1, le=100_000)
+    ] = 100
+    changes_len: Annotated[
+        int, _doc("Entries kept in the change stream behind /v1/stream.", ge=100)
+    ] = 100_000
+    alerts_len: Annotated[int, _doc("Entries kept in the alerts stream.", ge=100)] = 100_000
 
     # --- tracing, logs ----------------------------------------------------------------
     otlp_endpoint: Annotated[
@@ -105,6 +124,52 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     ingest_port: Annotated[Port, _doc("Port of the ingest routes (the webhook server).")] = 58081
     query_port: Annotated[Port, _doc("Port of the query routes (the API server).")] = 58080
     api_workers: Annotated[int, _doc("ASGI server worker processes.", ge=1, le=64)] = 1
+    api_tokens: Annotated[
+        str,
+        _doc(
+            "Bearer tokens as comma-separated `scope:sha256-hex` (scope ingest or read); "
+            "`just token` makes one. Empty: every request is refused.",
+        ),
+    ] = ""
+    produce_timeout_s: Annotated[
+        Seconds, _doc("How long ingest waits for Kafka to confirm before answering 503.")
+    ] = 5.0
+    producer_queue_max: Annotated[
+        int, _doc("Reports the ingest producer may hold unconfirmed before 503.", ge=1)
+    ] = 100_000
+    max_batch_reports: Annotated[
+        int, _doc("Most reports in one POST /v1/reports/batch.", ge=1, le=100_000)
+    ] = 1000
+    max_body_bytes: Annotated[int, _doc("Largest request body accepted, bytes.", ge=1024)] = (
+        1_048_576
+    )
+
+    # --- dataflow ---------------------------------------------------------------------
+    offline_after_s: Annotated[
+        Seconds, _doc("Processing time without a report before a robot is offline.")
+    ] = 30.0
+    low_battery_pct: Annotated[
+        float, _doc("Battery level (%) at or below which low_battery fires.", ge=0, le=100)
+    ] = 20.0
+    battery_ok_pct: Annotated[
+        float,
+        _doc("Battery level (%) a low robot must reach again to clear (hysteresis).", ge=0, le=100),
+    ] = 25.0
+    window_s: Annotated[int, _doc("Event-time tumbling window length, seconds.", ge=1)] = 60
+    allowed_lateness_s: Annotated[
+        float, _doc("How late (event time) a report may be and still count in its window.", ge=0)
+    ] = 10.0
+    recovery_dir: Annotated[
+        str, _doc("Bytewax recovery partitions; empty turns recovery off (re-reads Kafka).")
+    ] = ".stack/recovery"
+    recovery_partitions: Annotated[int, _doc("Recovery partitions created on first run.", ge=1)] = 2
+    snapshot_interval_s: Annotated[Seconds, _doc("Bytewax epoch / snapshot interval.")] = 2.0
+    backup_interval_s: Annotated[
+        float, _doc("How long old snapshots are kept for other workers to resume.", ge=0)
+    ] = 0.0
+    consumer_group: Annotated[str, _doc("Kafka consumer group label of the dataflow.")] = (
+        "fleetpulse-dataflow"
+    )
 
     @property
     def kafka_bootstrap_servers(self) -> str:
