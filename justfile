@@ -58,6 +58,22 @@ stack-logs *ARGS:
 stack-reset:
     @{{py}} -m deploy.local.stack reset
 
+# make an API token: prints it and its FLEETPULSE_API_TOKENS entry (SCOPE: ingest or read)
+token SCOPE="ingest":
+    @{{py}} -m api.auth new --scope {{SCOPE}}
+
+# serve the ingest routes (the webhook server) on FLEETPULSE_INGEST_PORT with granian
+serve-ingest:
+    {{py}} -m api.serve ingest
+
+# serve the query routes (the API server) on FLEETPULSE_QUERY_PORT with granian
+serve-query:
+    {{py}} -m api.serve query
+
+# ingest benchmark: accepted reports/s, p50/p99, single and batch posts (writes bench/results)
+bench-ingest *ARGS: stack-up
+    {{py}} -m bench.ingest {{ARGS}}
+
 # print the settings table (the README carries it)
 settings-table:
     @{{py}} -m fleetpulse.settings

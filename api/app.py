@@ -1,0 +1,103 @@
+"""``create_app(settings)``: the Litestar app with ingest routes, query routes, or both.
+
+create_app(settings)                 everything on one port
+create_app(settings, query=False)    the ingest (webhook) server alone
+create_app(settings, ingest=False)   the query (API) server alone
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, Response, get
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi.config import OpenAPIConfig
+from litestar.router import Router
+from litestar.types import ControllerRouterHandler, Guard
+
+from api.auth import Scope, TokenStore
+from api.errors import ApiError, exception_handlers
+from api.ingest import ingest_routes
+from api.producer import ReportProducer
+from fleetpulse.settings import Settings
+from observability.tracing import setup_tracing
+
+__all__ = ["create_app"]
+
+
+def _guard(tokens: TokenStore, scope: Scope) -> Guard:
+    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        failure = tokens.check(connection.headers.get("authorization"), scope)
+        if failure is not None:
+            headers = (
+                {"WWW-Authenticate": 'Bearer realm="fleetpulse"'} if failure.status == 401 else {}
+            )
+            raise ApiError(failure.status, failure.error, failure.detail, headers=headers)
+
+    return guard
+
+
+def create_app(
+    settings: Settings,
+    *,
+    ingest: bool = True,
+    query: bool = True,
+    producer: ReportProducer | None = None,
+) -> Litestar:
+    """Build the app. Raises ConfigError for bad token settings before serving anything."""
+    tokens = TokenStore.parse(settings.api_tokens)
+    handlers: list[ControllerRouterHandler] = []
+    owned_producer = producer is None and ingest
+    state: dict[str, ReportProducer] = {}
+
+    if ingest:
+        tracer = setup_tracing(settings, "fleetpulse-ingest").get_tracer("fleetpulse.ingest")
+        if producer is None:
+            producer = ReportProducer(settings)
+        state["producer"] = producer
+        handlers.append(
+            Router(
+                "/",
+                route_handlers=ingest_routes(settings, producer, tracer),
+                guards=[_guard(tokens, "ingest")],
+            )
+        )
+
+    @get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @get("/readyz", summary="Readiness: the backends this server needs answer")
+    async def readyz() -> Response[dict[str, str]]:
+        """200 when Kafka (ingest) answers; 503 naming what does not."""
+        problems: dict[str, str] = {}
+        if "producer" in state:
+            problem = await asyncio.to_thread(state["producer"].ready)
+            if problem:
+                problems["kafka"] = problem
+        if problems:
+            return Response({"status": "unready", **problems}, status_code=503)
+        return Response({"status": "ready"}, status_code=200)
+
+    handlers += [healthz, readyz]
+
+    @asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if owned_producer and producer is not None:
+                await asyncio.to_thread(producer.close)
+
+    return Litestar(
+        route_handlers=handlers,
+        exception_handlers=exception_handlers,  # type: ignore[arg-type]
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="fleetpulse", version="1.0.0", path="/schema"),
+        lifespan=[lifespan],
+    )

@@ -1,0 +1,110 @@
+"""Bearer tokens with a scope, kept hashed, compared in constant time.
+
+``FLEETPULSE_API_TOKENS`` holds comma-separated ``scope:sha256-hex`` entries; the
+tokens themselves are never stored. ``python -m api.auth new --scope ingest`` makes
+a token and prints the entry to configure.
+
+    401  no token, a malformed header, or a token that matches no entry
+    403  a valid token whose scope does not cover the route
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import re
+import secrets
+import sys
+from collections.abc import Sequence
+from typing import Literal
+
+import msgspec
+
+from fleetpulse.errors import ConfigError
+
+__all__ = ["SCOPES", "Scope", "TokenStore", "hash_token", "new_token"]
+
+Scope = Literal["ingest", "read"]
+SCOPES: tuple[Scope, ...] = ("ingest", "read")
+_ENTRY = re.compile(r"^(ingest|read):([0-9a-f]{64})$")
+
+
+def hash_token(token: str) -> str:
+    """The hex SHA-256 that settings keep for ``token``."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    """A fresh random token (256 bits)."""
+    return "fp_" + secrets.token_urlsafe(32)
+
+
+class AuthFailure(msgspec.Struct, frozen=True):
+    """Why a request was refused: ``status`` 401 or 403 and the message for the client."""
+
+    status: int
+    error: str
+    detail: str
+
+
+class TokenStore:
+    """The configured token hashes by scope; answers whether a header grants a scope."""
+
+    def __init__(self, entries: Sequence[tuple[Scope, bytes]]) -> None:
+        self._entries = list(entries)
+
+    @classmethod
+    def parse(cls, spec: str) -> TokenStore:
+        """Parse ``scope:sha256-hex,...`` (the FLEETPULSE_API_TOKENS format)."""
+        entries: list[tuple[Scope, bytes]] = []
+        for raw in filter(None, (part.strip() for part in spec.split(","))):
+            match = _ENTRY.match(raw)
+            if match is None:
+                shown = raw.split(":", 1)[0] + ":..."
+                raise ConfigError(
+                    f"FLEETPULSE_API_TOKENS entry {shown!r} is not allowed; expected "
+                    "`ingest:<64 hex>` or `read:<64 hex>` (the SHA-256 of the token; "
+                    "`just token` makes one)"
+                )
+            scope: Scope = "ingest" if match.group(1) == "ingest" else "read"
+            entries.append((scope, bytes.fromhex(match.group(2))))
+        return cls(entries)
+
+    def check(self, authorization: str | None, scope: Scope) -> AuthFailure | None:
+        """None when ``authorization`` carries a token for ``scope``, else why not."""
+        if not authorization:
+            return AuthFailure(401, "unauthorized", "missing bearer token (Authorization header)")
+        kind, _, token = authorization.partition(" ")
+        if kind.lower() != "bearer" or not token.strip():
+            return AuthFailure(401, "unauthorized", "Authorization must be `Bearer <token>`")
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        scopes: set[Scope] = set()
+        # Compare against every entry, whatever matched, so timing tells nothing.
+        for entry_scope, entry_digest in self._entries:
+            if hmac.compare_digest(digest, entry_digest):
+                scopes.add(entry_scope)
+        if not scopes:
+            return AuthFailure(401, "unauthorized", "unknown bearer token")
+        if scope not in scopes:
+            granted = ", ".join(sorted(scopes))
+            return AuthFailure(
+                403, "forbidden", f"token has scope {granted}; this route needs {scope}"
+            )
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="api.auth", description="make an API token")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    new = sub.add_parser("new", help="print a new token and its FLEETPULSE_API_TOKENS entry")
+    new.add_argument("--scope", choices=SCOPES, required=True)
+    args = parser.parse_args(argv)
+    token = new_token()
+    print(f"token:   {token}")
+    print(f"setting: FLEETPULSE_API_TOKENS={args.scope}:{hash_token(token)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

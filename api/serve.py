@@ -1,0 +1,72 @@
+"""Serve the API with granian (a production ASGI server), workers from settings.
+
+    python -m api.serve ingest   the webhook server: POST routes, port FLEETPULSE_INGEST_PORT
+    python -m api.serve query    the API server: GET routes, port FLEETPULSE_QUERY_PORT
+    python -m api.serve all      every route on FLEETPULSE_QUERY_PORT
+
+Each worker process builds its app through one of the factories below, which load
+the settings once for that process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from litestar import Litestar
+
+from api.app import create_app
+from api.auth import TokenStore
+from fleetpulse.errors import FleetpulseError
+from fleetpulse.settings import load_settings
+
+__all__ = ["all_app", "ingest_app", "main", "query_app"]
+
+
+def ingest_app() -> Litestar:
+    """Factory for the ingest server's workers."""
+    return create_app(load_settings(), query=False)
+
+
+def query_app() -> Litestar:
+    """Factory for the query server's workers."""
+    return create_app(load_settings(), ingest=False)
+
+
+def all_app() -> Litestar:
+    """Factory for a server with every route."""
+    return create_app(load_settings())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="api.serve", description="serve the fleetpulse API")
+    parser.add_argument("role", choices=("ingest", "query", "all"))
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        # Check here so bad settings stop start-up with one clear message, not one per worker.
+        TokenStore.parse(settings.api_tokens)
+    except FleetpulseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from granian.constants import Interfaces
+    from granian.server import Server
+
+    port = settings.ingest_port if args.role == "ingest" else settings.query_port
+    server = Server(
+        f"api.serve:{args.role}_app",
+        address=settings.api_host,
+        port=port,
+        interface=Interfaces.ASGI,
+        workers=settings.api_workers,
+        factory=True,
+        log_access=False,
+    )
+    server.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""What every benchmark shares: machine facts, tools, results on disk and in the README."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from fleetpulse.errors import StackError
+
+__all__ = ["BENCH", "machine", "need_tool", "progress", "write_results"]
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+
+
+def machine() -> dict[str, Any]:
+    """Facts a reader needs to compare runs: commit, cores, memory, versions."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    mem_kb = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kb = int(line.split()[1])
+    versions = {}
+    for dist in ("bytewax", "confluent-kafka", "redis", "litestar", "msgspec", "granian"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[dist] = metadata.version(dist)
+    return {
+        "commit": commit + ("-dirty" if dirty else ""),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kb / 2**20, 1),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "versions": versions,
+    }
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def need_tool(name: str, debian_package: str) -> str:
+    """The path of a command-line tool, installed with apt-get on first use when root."""
+    path = shutil.which(name)
+    if path:
+        return path
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        progress(f"installing {debian_package} with apt-get (first run only)")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", debian_package], check=True, env=env)
+        path = shutil.which(name)
+    if not path:
+        raise StackError(f"{name} not found; install Debian's {debian_package}")
+    return path
+
+
+def progress(text: str) -> None:
+    print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+
+def write_results(name: str, results: dict[str, Any], table: str, command: str) -> Path:
+    """Write bench/results/<name>.json and replace the <name> section of bench/README.md."""
+    out = BENCH / "results" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"benchmark": name, "command": command, "machine": machine(), **results}
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    readme = BENCH / "README.md"
+    text = readme.read_text() if readme.exists() else "# Benchmarks\n"
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    m = doc["machine"]
+    section = (
+        f"{start}\n_Command:_ `{command}` — commit {m['commit']}, {m['when']}, "
+        f"{m['cores']} cores, {m['memory_gib']} GiB, {m['cpu']}\n\n{table}\n{end}"
+    )
+    if start in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip("\n") + f"\n\n## {name}\n\n{section}\n"
+    readme.write_text(text)
+    return out

@@ -1,0 +1,86 @@
+"""OpenTelemetry setup, once per process, and trace-context carry over Kafka headers.
+
+Traces go to Jaeger over OTLP/gRPC (Jaeger ingests OTLP natively; the old
+Jaeger-specific exporter is retired). Sampling is parent-based with a ratio from
+settings, so a trace started at ingest is kept or dropped as a whole downstream.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from collections.abc import Iterable, Sequence
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from fleetpulse.settings import Settings
+
+__all__ = [
+    "context_from_headers",
+    "context_from_traceparent",
+    "setup_tracing",
+    "traceparent_header",
+]
+
+_lock = threading.Lock()
+_providers: dict[str, TracerProvider] = {}
+_propagator = TraceContextTextMapPropagator()
+
+
+def setup_tracing(settings: Settings, service_name: str) -> TracerProvider:
+    """Install (once per process and service) a tracer provider exporting to OTLP.
+
+    Spans are flushed when the process exits normally; call ``provider.shutdown()``
+    earlier for a clean flush on a controlled stop.
+    """
+    with _lock:
+        provider = _providers.get(service_name)
+        if provider is not None:
+            return provider
+        provider = TracerProvider(
+            resource=Resource.create({"service.name": service_name}),
+            sampler=ParentBased(TraceIdRatioBased(settings.trace_sample_ratio)),
+        )
+        exporter = OTLPSpanExporter(endpoint=settings.otlp_grpc_endpoint, insecure=True)
+        provider.add_span_processor(
+            BatchSpanProcessor(exporter, schedule_delay_millis=500, max_export_batch_size=512)
+        )
+        if not _providers:
+            trace.set_tracer_provider(provider)
+        _providers[service_name] = provider
+        atexit.register(provider.shutdown)
+        return provider
+
+
+def traceparent_header(span: trace.Span) -> bytes | None:
+    """The W3C ``traceparent`` of ``span``, or None when it is not a recorded/valid span."""
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier, context=trace.set_span_in_context(span))
+    value = carrier.get("traceparent")
+    return value.encode() if value else None
+
+
+def context_from_traceparent(traceparent: str | None) -> Context | None:
+    """A parent context from a ``traceparent`` string (None when absent or malformed)."""
+    if not traceparent:
+        return None
+    ctx = _propagator.extract({"traceparent": traceparent})
+    return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
+
+
+def context_from_headers(headers: Sequence[tuple[str, bytes]] | Iterable[tuple[str, bytes]]) -> str:
+    """The ``traceparent`` header of a Kafka message as a string ('' when absent).
+
+    Carried as a plain string through the dataflow: items are pickled between workers.
+    """
+    for key, value in headers:
+        if key == "traceparent" and value:
+            return value.decode("ascii", "replace")
+    return ""

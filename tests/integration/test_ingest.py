@@ -1,0 +1,194 @@
+"""Ingest against real Kafka: durable 202s, exact rejections, 503 while the broker is away."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgspec
+import pytest
+from litestar.testing import TestClient
+
+from api.app import create_app
+from api.auth import hash_token, new_token
+from fleetpulse.schema import decode_report, encode
+from fleetpulse.settings import Settings
+from tests.integration.kafka_util import consume_all
+
+INGEST = new_token()
+READ = new_token()
+
+
+def report(robot_id: str = "amr-7", seq: int = 1, **over: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "robot_id": robot_id,
+        "boot": 0,
+        "seq": seq,
+        "ts": "2026-11-26T10:00:00.250+01:00",
+        "status": "moving",
+        "battery": 87.5,
+        "pose": {"x": 1.5, "y": -2.0, "theta": 0.25},
+        "speed": 0.8,
+        "errors": [],
+        "site": "plant-1",
+    }
+    body.update(over)
+    return body
+
+
+def ingest_settings(settings: Settings, topic: str, **over: Any) -> Settings:
+    tokens = f"ingest:{hash_token(INGEST)},read:{hash_token(READ)}"
+    return msgspec.structs.replace(settings, topic_reports=topic, api_tokens=tokens, **over)
+
+
+@pytest.fixture
+def topic(make_topic: Callable[..., str]) -> str:
+    return make_topic(3)
+
+
+@pytest.fixture
+def client(settings: Settings, topic: str) -> Iterator[TestClient[Any]]:
+    app = create_app(ingest_settings(settings, topic), query=False)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        c.headers["Authorization"] = f"Bearer {INGEST}"
+        yield c
+
+
+def test_posted_report_is_on_the_topic_with_key_value_and_headers(
+    client: TestClient[Any], settings: Settings, topic: str
+) -> None:
+    before_ms = int(time.time() * 1000)
+    r = client.post("/v1/reports", json=report())
+    assert r.status_code == 202, r.text
+    assert r.json() == {"accepted": 1}
+
+    (msg,) = consume_all(settings, topic, expect=1)
+    assert msg.key() == b"amr-7"
+    assert msg.value() == encode(decode_report(json.dumps(report())))
+    assert decode_report(msg.value()).ts.isoformat() == "2026-11-26T10:00:00.250000+01:00"
+    headers = dict(msg.headers())
+    # version 00, trace id, span id, flags: sampled (01), with the random-trace-id bit (03)
+    assert re.fullmatch(rb"00-[0-9a-f]{32}-[0-9a-f]{16}-0[13]", headers["traceparent"])
+    assert before_ms <= int(headers["ingest_ms"]) <= int(time.time() * 1000)
+
+
+def test_batch_of_1000_arrives_complete(
+    client: TestClient[Any], settings: Settings, topic: str
+) -> None:
+    batch = [report(f"amr-{i % 50}", seq=i) for i in range(1000)]
+    r = client.post("/v1/reports/batch", json=batch)
+    assert r.status_code == 202, r.text
+    assert r.json() == {"accepted": 1000}
+    msgs = consume_all(settings, topic, expect=1000)
+    assert len(msgs) == 1000
+    got = sorted((m.key().decode(), decode_report(m.value()).seq) for m in msgs)
+    assert got == sorted((f"amr-{i % 50}", i) for i in range(1000))
+    # Key = robot_id, so one robot's reports share a partition and keep their order.
+    by_robot: dict[bytes, set[int]] = {}
+    for m in msgs:
+        by_robot.setdefault(m.key(), set()).add(m.partition())
+    assert all(len(parts) == 1 for parts in by_robot.values())
+
+
+def _raw(text: str) -> bytes:
+    return text.encode()
+
+
+GOOD = json.dumps(report())
+BAD_CASES: list[tuple[str, str, Any, dict[str, str], int, str, list[str], str]] = [
+    # (id, route, body, extra headers, status, error, fields, detail substring)
+    ("malformed-json", "/v1/reports", _raw('{"robot_id": '), {}, 422, "invalid_json", [], "not valid JSON"),
+    ("seq-as-string", "/v1/reports", report(seq="3"), {}, 422, "invalid_report", ["seq"], "Expected `int`"),
+    ("nan", "/v1/reports", _raw(GOOD.replace("87.5", "NaN")), {}, 422, "invalid_json", [], "malformed"),
+    ("infinity", "/v1/reports", _raw(GOOD.replace("87.5", "Infinity")), {}, 422, "invalid_json", [], "malformed"),
+    ("huge-number-is-inf", "/v1/reports", _raw(GOOD.replace('"x": 1.5', '"x": 1e999')), {}, 422, "invalid_report", ["pose.x"], "out of range"),
+    ("battery-101", "/v1/reports", report(battery=101), {}, 422, "invalid_report", ["battery"], "<= 100.0"),
+    ("battery-negative", "/v1/reports", report(battery=-0.1), {}, 422, "invalid_report", ["battery"], ">= 0.0"),
+    ("negative-seq", "/v1/reports", report(seq=-1), {}, 422, "invalid_report", ["seq"], ">= 0"),
+    ("negative-boot", "/v1/reports", report(boot=-1), {}, 422, "invalid_report", ["boot"], ">= 0"),
+    ("robot-id-brace", "/v1/reports", report("amr{7}"), {}, 422, "invalid_report", ["robot_id"], "matching regex"),
+    ("robot-id-star", "/v1/reports", report("amr*"), {}, 422, "invalid_report", ["robot_id"], "matching regex"),
+    ("robot-id-space", "/v1/reports", report("amr 7"), {}, 422, "invalid_report", ["robot_id"], "matching regex"),
+    ("robot-id-non-ascii", "/v1/reports", report("amr-ü"), {}, 422, "invalid_report", ["robot_id"], "matching regex"),
+    ("robot-id-65-chars", "/v1/reports", report("a" * 65), {}, 422, "invalid_report", ["robot_id"], "matching regex"),
+    ("robot-id-empty", "/v1/reports", report(""), {}, 422, "invalid_report", ["robot_id"], "matching regex"),
+    ("unknown-field", "/v1/reports", report(color="red"), {}, 422, "invalid_report", ["color"], "unknown field"),
+    ("missing-seq", "/v1/reports", {k: v for k, v in report().items() if k != "seq"}, {}, 422, "invalid_report", ["seq"], "missing required field"),
+    ("ts-without-offset", "/v1/reports", report(ts="2026-11-26T10:00:00"), {}, 422, "invalid_report", ["ts"], "timezone"),
+    ("ts-not-a-time", "/v1/reports", report(ts="yesterday"), {}, 422, "invalid_report", ["ts"], "Invalid RFC3339"),
+    ("status-unknown", "/v1/reports", report(status="flying"), {}, 422, "invalid_report", ["status"], "Invalid enum value 'flying'"),
+    ("17-errors", "/v1/reports", report(errors=["e"] * 17), {}, 422, "invalid_report", ["errors"], "length <= 16"),
+    ("error-65-chars", "/v1/reports", report(errors=["e" * 65]), {}, 422, "invalid_report", ["errors[0]"], "length <= 64"),
+    ("pose-missing-theta", "/v1/reports", report(pose={"x": 1, "y": 2}), {}, 422, "invalid_report", ["pose.theta"], "missing required field"),
+    ("speed-negative", "/v1/reports", report(speed=-1), {}, 422, "invalid_report", ["speed"], ">= 0.0"),
+    ("site-with-space", "/v1/reports", report(site="plant 1"), {}, 422, "invalid_report", ["site"], "matching regex"),
+    ("array-to-single-route", "/v1/reports", [report()], {}, 422, "invalid_report", [], "Expected `object`, got `array`"),
+    ("body-over-limit", "/v1/reports/batch", _raw("[" + ",".join([GOOD] * 5000) + "]"), {}, 413, "body_too_large", [], "FLEETPULSE_MAX_BODY_BYTES"),
+    ("empty-batch", "/v1/reports/batch", [], {}, 422, "empty_batch", [], "no reports"),
+    ("batch-one-bad-item", "/v1/reports/batch", [report(seq=1), report(seq=2), report(seq=3, battery=101)], {}, 422, "invalid_report", ["[2].battery"], "item 2 of the batch"),
+    ("batch-1001", "/v1/reports/batch", [report(seq=i) for i in range(1001)], {}, 413, "batch_too_large", [], "at most 1000"),
+    ("batch-not-array", "/v1/reports/batch", report(), {}, 422, "invalid_report", [], "Expected `array`, got `object`"),
+    ("wrong-content-type", "/v1/reports", _raw(GOOD), {"Content-Type": "text/plain"}, 415, "unsupported_media_type", [], "text/plain"),
+    ("missing-content-type", "/v1/reports", _raw(GOOD), {"Content-Type": ""}, 415, "unsupported_media_type", [], "missing"),
+    ("missing-token", "/v1/reports", report(), {"Authorization": ""}, 401, "unauthorized", [], "missing bearer token"),
+    ("invalid-token", "/v1/reports", report(), {"Authorization": "Bearer fp_not-a-real-token"}, 401, "unauthorized", [], "unknown bearer token"),
+    ("basic-auth", "/v1/reports", report(), {"Authorization": "Basic YTpi"}, 401, "unauthorized", [], "Bearer <token>"),
+    ("wrong-scope", "/v1/reports", report(), {"Authorization": f"Bearer {READ}"}, 403, "forbidden", [], "needs ingest"),
+    ("wrong-scope-batch", "/v1/reports/batch", [report()], {"Authorization": f"Bearer {READ}"}, 403, "forbidden", [], "needs ingest"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "headers", "status", "error", "fields", "detail"),
+    [pytest.param(*case[1:], id=case[0]) for case in BAD_CASES],
+)
+def test_bad_input_is_rejected_with_a_clear_error(
+    client: TestClient[Any],
+    route: str,
+    body: Any,
+    headers: dict[str, str],
+    status: int,
+    error: str,
+    fields: list[str],
+    detail: str,
+) -> None:
+    if isinstance(body, bytes):
+        headers = {"Content-Type": "application/json", **headers}
+        r = client.post(route, content=body, headers=headers)
+    else:
+        r = client.post(route, json=body, headers=headers)
+    assert r.status_code == status, r.text
+    answer = r.json()
+    assert set(answer) == {"error", "detail", "fields"}
+    assert answer["error"] == error
+    assert answer["fields"] == fields
+    assert detail in answer["detail"]
+    if status == 401:
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_rejected_input_never_reaches_the_topic(
+    client: TestClient[Any], settings: Settings, topic: str
+) -> None:
+    assert len(BAD_CASES) >= 25
+    for _id, route, body, headers, status, *_rest in BAD_CASES:
+        if isinstance(body, bytes):
+            r = client.post(
+                route, content=body, headers={"Content-Type": "application/json", **headers}
+            )
+        else:
+            r = client.post(route, json=body, headers=headers)
+        assert r.status_code == status
+    sentinel = report("sentinel", seq=99)
+    assert client.post("/v1/reports", json=sentinel).status_code == 202
+    msgs = consume_all(settings, topic, expect=1)
+    assert [m.key() for m in msgs] == [b"sentinel"]
+
+
+def test_health_and_readiness(client: TestClient[Any]) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    r = client.get("/readyz")
+    assert (r.status_code, r.json()) == (200, {"status": "ready"})
