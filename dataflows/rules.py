@@ -1,0 +1,52 @@
+"""The few settings the per-robot logic needs, as one small frozen Struct.
+
+The pure logic (``dataflows.robot``, ``dataflows.windows``) takes a :class:`Rules`
+rather than the whole :class:`~fleetpulse.settings.Settings`, so tests can state
+exactly the thresholds they exercise and the Bytewax wiring passes one object down.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from fleetpulse.errors import ConfigError
+from fleetpulse.settings import Settings
+
+__all__ = ["Rules"]
+
+
+class Rules(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """Thresholds and timings of the per-robot state machine and its windows."""
+
+    offline_after_s: float  # processing time without an applied report before "offline"
+    low_battery_pct: float  # low_battery fires at or below this level
+    battery_ok_pct: float  # a low robot clears at or above this level (hysteresis)
+    window_s: int  # event-time tumbling window length, seconds (epoch-aligned)
+    allowed_lateness_s: float  # how far (event time) the watermark trails the newest report
+
+    def __post_init__(self) -> None:
+        # Settings bounds each value alone; the pairs below only make sense together.
+        if self.battery_ok_pct <= self.low_battery_pct:
+            # With ok <= low a level between (or equal to) both would raise and clear on
+            # every report: the hysteresis would flap instead of damping.
+            raise ConfigError(
+                f"battery_ok_pct ({self.battery_ok_pct:g}) must be above low_battery_pct "
+                f"({self.low_battery_pct:g}); set FLEETPULSE_BATTERY_OK_PCT higher than "
+                "FLEETPULSE_LOW_BATTERY_PCT"
+            )
+        if self.offline_after_s <= 0 or self.window_s < 1 or self.allowed_lateness_s < 0:
+            raise ConfigError(
+                "offline_after_s must be > 0, window_s >= 1 and allowed_lateness_s >= 0; "
+                f"got {self.offline_after_s:g}, {self.window_s}, {self.allowed_lateness_s:g}"
+            )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Rules:
+        """The rules a dataflow built from ``settings`` runs with (raises ConfigError)."""
+        return cls(
+            offline_after_s=settings.offline_after_s,
+            low_battery_pct=settings.low_battery_pct,
+            battery_ok_pct=settings.battery_ok_pct,
+            window_s=settings.window_s,
+            allowed_lateness_s=settings.allowed_lateness_s,
+        )
