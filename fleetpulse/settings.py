@@ -23,7 +23,7 @@ from msgspec import Meta
 
 from fleetpulse.errors import ConfigError
 
-__all__ = ["ENV_PREFIX", "Settings", "load_settings", "markdown_table"]
+__all__ = ["ENV_PREFIX", "Settings", "env_name", "load_settings", "markdown_table", "to_env"]
 
 ENV_PREFIX = "FLEETPULSE_"
 
@@ -195,6 +195,17 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 def env_name(field: str) -> str:
     """The environment variable that sets ``field``."""
     return ENV_PREFIX + field.upper()
+
+
+def to_env(settings: Settings) -> dict[str, str]:
+    """The ``FLEETPULSE_*`` variables that reproduce ``settings`` in another process."""
+    env: dict[str, str] = {}
+    for name in settings.__struct_fields__:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        env[env_name(name)] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
 
 
 def _fields() -> dict[str, msgspec.inspect.Field]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fleetpulse.errors import ConfigError
-from fleetpulse.settings import Settings, load_settings, markdown_table
+from fleetpulse.settings import Settings, load_settings, markdown_table, to_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -124,3 +124,14 @@ def test_every_field_is_documented_and_the_readme_table_is_current() -> None:
     assert all(not r.endswith("|  |") for r in rows), "a setting has no description"
     readme = (REPO / "README.md").read_text()
     assert table in readme, "README settings table is stale: run `just settings-table`"
+
+
+def test_to_env_reproduces_the_settings_in_another_process() -> None:
+    s = load_settings(
+        {
+            "FLEETPULSE_KAFKA_BOOTSTRAP": "k:1",
+            "FLEETPULSE_REDIS_READ_FROM_REPLICAS": "true",
+            "FLEETPULSE_TRACE_SAMPLE_RATIO": "0.125",
+        }
+    )
+    assert load_settings(to_env(s)) == s
