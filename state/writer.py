@@ -1,0 +1,217 @@
+"""The sink's side of the store: idempotent batch writes of states, windows and alerts.
+
+What makes a replayed batch change nothing (the rules live in :mod:`state.scripts`):
+
+- live state is applied only if its report's ``(boot, seq)`` is newer than the
+  stored one, or equal and it marks an online robot offline (the dataflow's offline
+  detection, which has no new report). Offline -> online at an equal order is
+  ignored: a robot comes back online with its next, newer report, and accepting it
+  would let a replay of an older batch flip the robot back. Only a newer report is
+  pushed to the history, so replays add no duplicates; counters and indexes move
+  only when a state is applied, in the same script.
+- windows are stored by their start: rewriting one is a no-op or an overwrite.
+- alerts are stored by ``alert.id`` per robot; a known id is a duplicate and is not
+  appended to the alert or change streams again.
+
+A batch costs one round trip: one pipeline holding one EVALSHA per chunk of
+``max_per_call`` items per kind (chunks bound how long one script blocks Redis).
+Scripts are loaded once (SCRIPT LOAD) and called by SHA; after a Redis restart or a
+Sentinel failover the server may have forgotten them, so on NOSCRIPT they are loaded
+again and the whole batch is sent again — safe, because every write is idempotent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import msgspec
+import redis
+from redis.exceptions import NoScriptError
+
+from fleetpulse.schema import Alert, LiveState, WindowStats, encode
+from fleetpulse.settings import Settings
+from state import scripts
+from state.keys import ALERTS_PER_ROBOT, WINDOWS_PER_ROBOT, Keys, epoch_us
+
+__all__ = ["RedisStateWriter", "StateWriter", "WriteResult"]
+
+
+class WriteResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What one :meth:`StateWriter.write` changed; a replayed batch is all ignored."""
+
+    states_applied: int = 0
+    states_ignored: int = 0  # not newer, and not an online -> offline mark
+    windows_applied: int = 0
+    windows_ignored: int = 0  # identical to the stored window (or older than all kept)
+    alerts_added: int = 0
+    alerts_duplicate: int = 0  # already stored under the same id
+
+    @property
+    def applied(self) -> int:
+        """Everything that changed the store."""
+        return self.states_applied + self.windows_applied + self.alerts_added
+
+    @property
+    def ignored(self) -> int:
+        """Everything that was already there."""
+        return self.states_ignored + self.windows_ignored + self.alerts_duplicate
+
+
+class StateWriter(Protocol):
+    """Where the dataflow's sink puts its results. Writes must be idempotent."""
+
+    def write(
+        self,
+        states: Sequence[LiveState],
+        windows: Sequence[WindowStats],
+        alerts: Sequence[Alert],
+    ) -> WriteResult:
+        """Apply one batch; replaying the same batch must change nothing."""
+        ...
+
+
+class _Script:
+    """A Lua script known by its SHA1, loaded on demand."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+    def load(self, client: redis.Redis) -> None:
+        sha = client.script_load(self.source)
+        if sha != self.sha:  # would mean the server hashes differently: never call by SHA
+            raise RuntimeError(f"Redis returned SHA {sha!r} for a script hashed {self.sha}")
+
+
+_STATES = _Script(scripts.STATES)
+_WINDOWS = _Script(scripts.WINDOWS)
+_ALERTS = _Script(scripts.ALERTS)
+
+_Call = tuple[_Script, list[Any]]  # script, [numkeys, *keys, *argv]
+
+
+class RedisStateWriter:
+    """:class:`StateWriter` on Redis: conditional upserts in Lua, one round trip a batch."""
+
+    def __init__(self, client: redis.Redis, settings: Settings, *, max_per_call: int = 500) -> None:
+        """Load the scripts into ``client``'s server (the master) once.
+
+        ``max_per_call`` bounds the items one script call carries, so a huge batch
+        does not block Redis for long; all calls still go in one pipeline.
+        """
+        if max_per_call < 1:
+            raise ValueError(f"max_per_call must be >= 1, got {max_per_call}")
+        self._client = client
+        self._keys = Keys(settings.redis_prefix)
+        self._history_len = settings.history_len
+        self._changes_len = settings.changes_len
+        self._alerts_len = settings.alerts_len
+        self._low_battery = settings.low_battery_pct
+        self._chunk = max_per_call
+        self._load_scripts()
+
+    def _load_scripts(self) -> None:
+        for script in (_STATES, _WINDOWS, _ALERTS):
+            script.load(self._client)
+
+    def write(
+        self,
+        states: Sequence[LiveState],
+        windows: Sequence[WindowStats],
+        alerts: Sequence[Alert],
+    ) -> WriteResult:
+        """Apply a batch: newer states, new or changed windows, alerts not seen before.
+
+        States go first, so a state change precedes the alerts it raised in the
+        change stream.
+        """
+        calls: list[tuple[str, _Call]] = []
+        for i in range(0, len(states), self._chunk):
+            calls.append(("states", self._states_call(states[i : i + self._chunk])))
+        for i in range(0, len(windows), self._chunk):
+            calls.append(("windows", self._windows_call(windows[i : i + self._chunk])))
+        for i in range(0, len(alerts), self._chunk):
+            calls.append(("alerts", self._alerts_call(alerts[i : i + self._chunk])))
+        if not calls:
+            return WriteResult()
+        try:
+            replies = self._send([call for _, call in calls])
+        except NoScriptError:
+            self._load_scripts()
+            replies = self._send([call for _, call in calls])
+        totals = {"states": [0, 0], "windows": [0, 0], "alerts": [0, 0]}
+        for (kind, _), (applied, ignored) in zip(calls, replies, strict=True):
+            totals[kind][0] += int(applied)
+            totals[kind][1] += int(ignored)
+        return WriteResult(
+            states_applied=totals["states"][0],
+            states_ignored=totals["states"][1],
+            windows_applied=totals["windows"][0],
+            windows_ignored=totals["windows"][1],
+            alerts_added=totals["alerts"][0],
+            alerts_duplicate=totals["alerts"][1],
+        )
+
+    def _send(self, calls: list[_Call]) -> list[Any]:
+        # No MULTI: each script is atomic on its own, and a batch cut short by a crash
+        # is completed by the replay, which the scripts make harmless.
+        pipe = self._client.pipeline(transaction=False)
+        for script, args in calls:
+            pipe.evalsha(script.sha, *args)
+        return pipe.execute()
+
+    def _states_call(self, states: Sequence[LiveState]) -> _Call:
+        k = self._keys
+        keys: list[str] = [k.summary, k.all, k.online, k.offline, k.battery, k.changes]
+        argv: list[str | bytes | int] = [
+            k.status_prefix,
+            k.site_prefix,
+            self._history_len,
+            self._changes_len,
+            len(states),
+        ]
+        for state in states:
+            r = state.report
+            keys += (k.robot(r.robot_id), k.history(r.robot_id))
+            argv += (
+                r.robot_id,
+                r.boot,
+                r.seq,
+                "1" if state.online else "0",
+                r.status,
+                r.site or "",
+                repr(r.battery),  # shortest text that reads back to the same float
+                "1" if r.battery <= self._low_battery else "0",
+                encode(state),
+                encode(r),
+            )
+        return _STATES, [len(keys), *keys, *argv]
+
+    def _windows_call(self, windows: Sequence[WindowStats]) -> _Call:
+        k = self._keys
+        keys: list[str] = []
+        argv: list[str | bytes | int] = [WINDOWS_PER_ROBOT, len(windows)]
+        for w in windows:
+            keys += (k.windows(w.robot_id), k.window_index(w.robot_id))
+            argv += (epoch_us(w.window_start), encode(w))
+        return _WINDOWS, [len(keys), *keys, *argv]
+
+    def _alerts_call(self, alerts: Sequence[Alert]) -> _Call:
+        k = self._keys
+        keys: list[str] = [k.alerts, k.changes]
+        argv: list[str | bytes | int] = [
+            self._alerts_len,
+            self._changes_len,
+            ALERTS_PER_ROBOT,
+            len(alerts),
+        ]
+        for a in alerts:
+            keys += (
+                k.robot_alerts(a.robot_id),
+                k.robot_alert_index(a.robot_id),
+                k.alerts_of_kind(a.kind),
+            )
+            argv += (a.id, epoch_us(a.at), encode(a))
+        return _ALERTS, [len(keys), *keys, *argv]
