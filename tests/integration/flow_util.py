@@ -1,0 +1,149 @@
+"""Run the fleet dataflow as users do (``python -m bytewax.run``) and feed it reports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
+
+from deploy.local.services import ensure_topics
+from fleetpulse.settings import Settings, to_env
+
+T = TypeVar("T")
+FLOW = "dataflows.fleet:build_flow()"
+BASE_TS = 1_795_700_000  # an event-time origin aligned to whole minutes
+
+
+def isolated(settings: Settings, tmp: Path, partitions: int = 12, **over: Any) -> Settings:
+    """Settings with their own topics, Redis prefix and recovery folder."""
+    tag = uuid.uuid4().hex[:10]
+    s = msgspec.structs.replace(
+        settings,
+        topic_reports=f"test.{tag}.reports",
+        topic_dlq=f"test.{tag}.dlq",
+        topic_alerts=f"test.{tag}.alerts",
+        redis_prefix=f"t{tag}",
+        recovery_dir=str(tmp / f"recovery-{tag}"),
+        kafka_partitions=partitions,
+        snapshot_interval_s=1.0,
+        **over,
+    )
+    admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap_servers})
+    ensure_topics(admin, [s.topic_reports, s.topic_dlq, s.topic_alerts], partitions, 1)
+    return s
+
+
+def report(
+    robot: str, seq: int, *, boot: int = 0, t: float | None = None, **over: Any
+) -> dict[str, Any]:
+    ts = BASE_TS + (seq if t is None else t)
+    body: dict[str, Any] = {
+        "robot_id": robot,
+        "boot": boot,
+        "seq": seq,
+        "ts": datetime.fromtimestamp(ts, UTC).isoformat(),
+        "status": "moving",
+        "battery": max(0.0, 100.0 - seq * 0.25),
+        "pose": {"x": seq * 0.5, "y": 0.0, "theta": 0.0},
+        "speed": 0.5,
+        "errors": [],
+        "site": "plant-1",
+    }
+    body.update(over)
+    return body
+
+
+def produce(settings: Settings, items: Iterable[tuple[bytes | None, bytes]]) -> int:
+    """Write (key, value) pairs to the reports topic; returns how many."""
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "linger.ms": 20})
+    n = 0
+    for key, value in items:
+        while True:
+            try:
+                producer.produce(settings.topic_reports, key=key, value=value)
+                break
+            except BufferError:
+                producer.poll(0.1)
+        n += 1
+        if n % 1000 == 0:
+            producer.poll(0)
+    assert producer.flush(30) == 0
+    return n
+
+
+def encoded(reports: Iterable[dict[str, Any]]) -> list[tuple[bytes | None, bytes]]:
+    return [(r["robot_id"].encode(), msgspec.json.encode(r)) for r in reports]
+
+
+class FlowProcess:
+    """``python -m bytewax.run dataflows.fleet:build_flow()`` in its own process group."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        log: Path,
+        args: Sequence[str] = (),
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        env = {**os.environ, **to_env(settings), **(extra_env or {})}
+        for var in ("BYTEWAX_RECOVERY_DIRECTORY", "BYTEWAX_SNAPSHOT_INTERVAL"):
+            env.pop(var, None)
+        self.log = log
+        self._log = log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bytewax.run", FLOW, *args],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def kill9(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self._log.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def wait_until(
+    what: str, check: Callable[[], T | None], timeout_s: float, flows: Sequence[FlowProcess] = ()
+) -> T:
+    """Poll ``check`` until it returns something truthy; fail with the flow's log otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        for f in flows:
+            if not f.alive():
+                raise AssertionError(f"the dataflow exited while waiting for {what}:\n{f.output()}")
+        if time.monotonic() > deadline:
+            logs = "\n".join(f.output() for f in flows)
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}\n{logs}")
+        time.sleep(0.1)
