@@ -70,6 +70,14 @@ serve-ingest:
 serve-query:
     {{py}} -m api.serve query
 
+# run the fleet dataflow (recovery on: FLEETPULSE_RECOVERY_DIR); ARGS go to bytewax.run, e.g. `-w 2`
+dataflow *ARGS:
+    {{py}} -m bytewax.run "dataflows.fleet:build_flow()" {{ARGS}}
+
+# dataflow benchmark: drain rate and freshness for 1 and 2 processes (writes bench/results)
+bench-dataflow *ARGS: stack-up
+    {{py}} -m bench.dataflow {{ARGS}}
+
 # ingest benchmark: accepted reports/s, p50/p99, single and batch posts (writes bench/results)
 bench-ingest *ARGS: stack-up
     {{py}} -m bench.ingest {{ARGS}}

@@ -22,7 +22,7 @@ from opentelemetry.trace import SpanKind
 
 from dataflows.kafka_out import CheckedProducer, OutMessage
 from dataflows.records import DeadLetter, Out
-from fleetpulse.schema import Alert, LiveState, WindowStats, encode
+from fleetpulse.schema import Alert, LiveState, RobotReport, WindowStats, encode
 from fleetpulse.settings import Settings
 from observability.tracing import context_from_traceparent, setup_tracing
 from state.connect import connect
@@ -50,20 +50,30 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
         self.tracer = setup_tracing(settings, "fleetpulse-dataflow").get_tracer("fleetpulse.sink")
 
     def write_batch(self, items: list[tuple[str, Out]]) -> None:
-        states: list[LiveState] = []
+        # A robot's many states in one batch coalesce into its newest (items arrive in
+        # the order the robot's step emitted them); the reports applied on the way go
+        # to its history, so a backlog costs one state write per robot, not per report.
+        newest: dict[str, LiveState] = {}
+        history: dict[str, list[RobotReport]] = {}
         windows: list[WindowStats] = []
         alerts: list[Alert] = []
         dead: list[DeadLetter] = []
         traced: list[str] = []
-        for _robot, out in items:
-            states += out.states
+        for robot, out in items:
+            if out.states:
+                newest[robot] = out.states[-1]
+                applied = history.setdefault(robot, [])
+                for st in out.states:
+                    if not applied or applied[-1].order != st.report.order:
+                        applied.append(st.report)
             windows += out.windows
             alerts += out.alerts
             dead += out.dead
             traced += out.traced
+        states = list(newest.values())
         if states or windows or alerts:
             started_ns = time.time_ns()
-            result = self.writer.write(states, windows, alerts)
+            result = self.writer.write(states, windows, alerts, history)
             ended_ns = time.time_ns()
             self._trace_writes(traced, started_ns, ended_ns, len(states), result.states_applied)
         self.kafka.send(self._kafka_messages(alerts, dead))

@@ -20,7 +20,10 @@ STATE_FIELDS = 10
 # KEYS: 1 summary, 2 idx:all, 3 idx:online, 4 idx:offline, 5 idx:battery, 6 changes,
 #       then per state: robot hash, history list.
 # ARGV: 1 status-index prefix, 2 site-index prefix, 3 history_len, 4 changes_len, 5 n,
-#       then per state: id, boot, seq, online, status, site, battery, low, state, report.
+#       then per state: id, boot, seq, online, status, site, battery, low, state, history.
+# history: the reports applied since the last write, oldest first, one per line as
+# "boot seq json" (JSON never holds a raw newline); those newer than the stored order
+# enter the history list, so a replayed batch adds nothing.
 STATES = """
 local summary, all_idx, on_idx, off_idx, bat_idx, changes =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
@@ -41,13 +44,14 @@ for i = 0, n - 1 do
   local a = 6 + i * 10
   local rid, boot, seq = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local online, status, site = ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
-  local battery, low, state, report = ARGV[a + 6], ARGV[a + 7], ARGV[a + 8], ARGV[a + 9]
+  local battery, low, state, history = ARGV[a + 6], ARGV[a + 7], ARGV[a + 8], ARGV[a + 9]
   local rkey, hkey = KEYS[7 + i * 2], KEYS[8 + i * 2]
   local old = redis.call('HMGET', rkey, 'boot', 'seq', 'online', 'status', 'site', 'low')
   local oonline, ostatus, osite, olow = old[3], old[4], old[5], old[6]
   local newer, flip = true, false
+  local ob, os = -1, -1
   if old[1] then
-    local ob, os = tonumber(old[1]), tonumber(old[2])
+    ob, os = tonumber(old[1]), tonumber(old[2])
     newer = boot > ob or (boot == ob and seq > os)
     -- The dataflow marks a robot offline without a new report. Only that direction
     -- applies at an equal (boot, seq): back online always comes with a newer report,
@@ -104,9 +108,15 @@ for i = 0, n - 1 do
       if low == '1' then bump('low', 1) end
     end
     redis.call('ZADD', bat_idx, battery, rid)
-    -- Only a newer report enters the history; a flip or a replay never does.
+    -- Only newer reports enter the history; a flip or a replay never does.
     if newer then
-      redis.call('LPUSH', hkey, report)
+      for line in string.gmatch(history, '[^\\n]+') do
+        local hb, hs, json = string.match(line, '^(%d+) (%d+) (.*)$')
+        hb, hs = tonumber(hb), tonumber(hs)
+        if hb > ob or (hb == ob and hs > os) then
+          redis.call('LPUSH', hkey, json)
+        end
+      end
       redis.call('LTRIM', hkey, 0, hist_last)
     end
     redis.call('XADD', changes, 'MAXLEN', '~', changes_len, '*',

@@ -23,14 +23,14 @@ again and the whole batch is sent again — safe, because every write is idempot
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import msgspec
 import redis
 from redis.exceptions import NoScriptError
 
-from fleetpulse.schema import Alert, LiveState, WindowStats, encode
+from fleetpulse.schema import Alert, LiveState, RobotReport, WindowStats, encode
 from fleetpulse.settings import Settings
 from state import scripts
 from state.keys import ALERTS_PER_ROBOT, WINDOWS_PER_ROBOT, Keys, epoch_us
@@ -67,6 +67,7 @@ class StateWriter(Protocol):
         states: Sequence[LiveState],
         windows: Sequence[WindowStats],
         alerts: Sequence[Alert],
+        history: Mapping[str, Sequence[RobotReport]] | None = None,
     ) -> WriteResult:
         """Apply one batch; replaying the same batch must change nothing."""
         ...
@@ -121,15 +122,20 @@ class RedisStateWriter:
         states: Sequence[LiveState],
         windows: Sequence[WindowStats],
         alerts: Sequence[Alert],
+        history: Mapping[str, Sequence[RobotReport]] | None = None,
     ) -> WriteResult:
         """Apply a batch: newer states, new or changed windows, alerts not seen before.
 
         States go first, so a state change precedes the alerts it raised in the
-        change stream.
+        change stream. ``history`` may give, per robot, every report applied since
+        the last write (oldest first, ending with the state's own report), so a
+        caller can coalesce a robot's many states in one batch into its newest one
+        without losing history; by default a state's history is its own report.
         """
         calls: list[tuple[str, _Call]] = []
         for i in range(0, len(states), self._chunk):
-            calls.append(("states", self._states_call(states[i : i + self._chunk])))
+            chunk = states[i : i + self._chunk]
+            calls.append(("states", self._states_call(chunk, history or {})))
         for i in range(0, len(windows), self._chunk):
             calls.append(("windows", self._windows_call(windows[i : i + self._chunk])))
         for i in range(0, len(alerts), self._chunk):
@@ -162,7 +168,9 @@ class RedisStateWriter:
             pipe.evalsha(script.sha, *args)
         return pipe.execute()
 
-    def _states_call(self, states: Sequence[LiveState]) -> _Call:
+    def _states_call(
+        self, states: Sequence[LiveState], history: Mapping[str, Sequence[RobotReport]]
+    ) -> _Call:
         k = self._keys
         keys: list[str] = [k.summary, k.all, k.online, k.offline, k.battery, k.changes]
         argv: list[str | bytes | int] = [
@@ -185,7 +193,10 @@ class RedisStateWriter:
                 repr(r.battery),  # shortest text that reads back to the same float
                 "1" if r.battery <= self._low_battery else "0",
                 encode(state),
-                encode(r),
+                b"\n".join(
+                    b"%d %d %s" % (h.boot, h.seq, encode(h))
+                    for h in history.get(r.robot_id, (r,))[-self._history_len :]
+                ),
             )
         return _STATES, [len(keys), *keys, *argv]
 

@@ -400,6 +400,21 @@ class TestStateContract:
             live("amr-7", 7).report,
         ]
 
+    def test_coalesced_state_carries_its_history_once(self, store: Store) -> None:
+        w, r = store.writer, store.reader
+        reports = [live("amr-c", seq).report for seq in range(1, 6)]
+        # Three applied reports coalesced into the newest state: all three in history.
+        res = w.write([live("amr-c", 3)], [], [], history={"amr-c": reports[:3]})
+        assert res.states_applied == 1
+        assert [h.seq for h in r.history("amr-c")] == [3, 2, 1]
+        before = store.dump()
+        w.write([live("amr-c", 3)], [], [], history={"amr-c": reports[:3]})
+        assert store.dump() == before  # a replay adds nothing
+        # A replay that overlaps what is stored adds only the newer reports.
+        w.write([live("amr-c", 5)], [], [], history={"amr-c": reports[1:]})
+        assert [h.seq for h in r.history("amr-c")] == [5, 4, 3, 2, 1]
+        assert r.get("amr-c") == live("amr-c", 5)
+
     @hsettings(
         max_examples=40,
         deadline=None,

@@ -1,0 +1,225 @@
+"""Dataflow benchmark: drain rate and freshness, for 1 and 2 Bytewax processes.
+
+    python -m bench.dataflow [--robots 1000] [--reports 200000] [--rate 2000] [--seconds 15]
+
+Drain: the reports topic (12 partitions) is filled first; the flow is started and
+timed until every robot's live state in Redis is its last report. Two figures: from
+process start (includes Python and Bytewax start-up) and from the first state written.
+
+Freshness: with the flow running, reports are produced at a steady rate; each one's
+Kafka append time (its CreateTime) is compared with the moment its state change was
+written to Redis (the change stream's entry id is Redis's clock in ms, same machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from confluent_kafka import KafkaError, Message, Producer
+
+from bench.common import progress, write_results
+from deploy.local.stack import Stack
+from fleetpulse.settings import Settings, load_settings
+from state.connect import connect
+from state.reader import RedisStateReader, StateChanged, decode_change
+from tests.integration.flow_util import FlowProcess, isolated, produce, report
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _start(s: Settings, procs: int, tmp: Path, name: str) -> list[FlowProcess]:
+    if procs == 1:
+        return [FlowProcess(s, tmp / f"{name}.log")]
+    addresses = ";".join(f"127.0.0.1:{_free_port()}" for _ in range(procs))
+    return [
+        FlowProcess(s, tmp / f"{name}-{i}.log", ["-i", str(i), "-a", addresses])
+        for i in range(procs)
+    ]
+
+
+def _stop(flows: list[FlowProcess]) -> None:
+    for f in flows:
+        f.stop()
+
+
+def _all_final(reader: RedisStateReader, robots: int, last_seq: int) -> int:
+    """How many robots show their last report."""
+    done, cursor = 0, None
+    while True:
+        page, cursor = reader.list_robots(cursor=cursor, limit=1000)
+        done += sum(1 for st in page if st.report.seq == last_seq)
+        if cursor is None:
+            return done
+
+
+def drain(base: Settings, tmp: Path, procs: int, robots: int, reports: int) -> dict[str, Any]:
+    s = isolated(base, tmp)
+    per_robot = reports // robots
+    progress(f"drain, {procs} process(es): filling {robots * per_robot} reports")
+    items = (
+        (f"amr-{r:04d}".encode(), msgspec.json.encode(report(f"amr-{r:04d}", seq)))
+        for seq in range(per_robot)
+        for r in range(robots)
+    )
+    total = produce(s, items)
+    reader = RedisStateReader(connect(s), s)
+    started = time.monotonic()
+    flows = _start(s, procs, tmp, f"drain{procs}")
+    first: float | None = None
+    try:
+        while True:
+            done = _all_final(reader, robots, per_robot - 1)
+            now = time.monotonic()
+            if first is None and reader.summary().total > 0:
+                first = now
+            if done == robots:
+                break
+            if not all(f.alive() for f in flows):
+                raise SystemExit("the dataflow exited:\n" + flows[0].output())
+            if now - started > 600:
+                raise SystemExit(f"drain did not finish in 600 s ({done}/{robots} robots final)")
+            time.sleep(0.05)
+        ended = time.monotonic()
+    finally:
+        _stop(flows)
+    assert first is not None
+    result = {
+        "processes": procs,
+        "reports": total,
+        "robots": robots,
+        "seconds_from_start": round(ended - started, 2),
+        "seconds_from_first_write": round(ended - first, 2),
+        "reports_per_s_from_start": round(total / (ended - started)),
+        "reports_per_s_from_first_write": round(total / (ended - first)),
+    }
+    progress(f"  -> {result['reports_per_s_from_first_write']} reports/s after the first write")
+    return result
+
+
+def freshness(base: Settings, tmp: Path, procs: int, rate: int, seconds: int) -> dict[str, Any]:
+    s = isolated(base, tmp)
+    reader = RedisStateReader(connect(s), s)
+    flows = _start(s, procs, tmp, f"fresh{procs}")
+    created: dict[tuple[str, int], int] = {}
+    seen: dict[tuple[str, int], int] = {}
+    stop = threading.Event()
+    try:
+        produce(s, [(b"warm-up", msgspec.json.encode(report("warm-up", 0)))])
+        deadline = time.monotonic() + 60
+        while reader.get("warm-up") is None:
+            if time.monotonic() > deadline:
+                raise SystemExit("the dataflow did not start:\n" + flows[0].output())
+            time.sleep(0.1)
+        after = reader.latest_change_id()
+
+        def follow() -> None:
+            nonlocal after
+            while not stop.is_set():
+                for entry_id, payload in reader.changes(after, 1000, block_ms=200):
+                    after = entry_id
+                    event = decode_change(payload)
+                    if isinstance(event, StateChanged):
+                        key = (event.state.report.robot_id, event.state.report.seq)
+                        seen.setdefault(key, int(entry_id.split("-")[0]))
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+
+        def delivered(key: tuple[str, int]) -> Callable[[KafkaError | None, Message], None]:
+            def on_delivery(err: KafkaError | None, msg: Message) -> None:
+                if err is None:
+                    created[key] = msg.timestamp()[1]
+
+            return on_delivery
+
+        producer = Producer({"bootstrap.servers": s.kafka_bootstrap_servers, "linger.ms": 1})
+        robots = 1000
+        progress(f"freshness, {procs} process(es): {rate} reports/s for {seconds}s")
+        t0 = time.monotonic()
+        n = 0
+        while time.monotonic() - t0 < seconds:
+            due = int((time.monotonic() - t0) * rate)
+            while n < due:
+                robot, seq = f"amr-{n % robots:04d}", n // robots + 1
+                producer.produce(
+                    s.topic_reports,
+                    key=robot.encode(),
+                    value=msgspec.json.encode(report(robot, seq)),
+                    on_delivery=delivered((robot, seq)),
+                )
+                n += 1
+            producer.poll(0.001)
+        producer.flush(30)
+        deadline = time.monotonic() + 30
+        while len(seen) < len(created) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        _stop(flows)
+    lat = sorted(seen[k] - created[k] for k in created if k in seen)
+    if not lat:
+        raise SystemExit("no state change was observed")
+    result = {
+        "processes": procs,
+        "rate": rate,
+        "sent": len(created),
+        "observed": len(lat),
+        "p50_ms": lat[len(lat) // 2],
+        "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+        "max_ms": lat[-1],
+    }
+    progress(f"  -> p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, max {lat[-1]} ms")
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--robots", type=int, default=1000)
+    parser.add_argument("--reports", type=int, default=200_000)
+    parser.add_argument("--rate", type=int, default=2000)
+    parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+    settings = load_settings()
+    Stack(settings).up()
+    settings = msgspec.structs.replace(settings, trace_sample_ratio=0.0, offline_after_s=600.0)
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        drains = [drain(settings, tmp, p, args.robots, args.reports) for p in args.procs]
+        fresh = [freshness(settings, tmp, p, args.rate, args.seconds) for p in args.procs]
+    table = "| measure | processes | figure |\n| --- | --- | --- |\n"
+    for d in drains:
+        table += (
+            f"| drain {d['reports']} reports, {d['robots']} robots | {d['processes']} | "
+            f"{d['reports_per_s_from_first_write']} reports/s after the first write "
+            f"({d['reports_per_s_from_start']}/s incl. start-up) |\n"
+        )
+    for f in fresh:
+        table += (
+            f"| freshness at {f['rate']} reports/s (append → Redis) | {f['processes']} | "
+            f"p50 {f['p50_ms']} ms, p99 {f['p99_ms']} ms, max {f['max_ms']} ms "
+            f"({f['observed']}/{f['sent']} seen) |\n"
+        )
+    command = "just bench-dataflow  (python -m bench.dataflow " + " ".join(sys.argv[1:]) + ")"
+    out = write_results("dataflow", {"drain": drains, "freshness": fresh}, table, command)
+    print(table)
+    progress(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
