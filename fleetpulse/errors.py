@@ -3,6 +3,7 @@
     FleetpulseError
     ├── ConfigError          a setting is missing, unknown or out of range
     ├── StackError           a local-stack service could not be provisioned or started
+    ├── InvalidQuery         a query parameter is out of range or malformed (API: 422)
     └── IngestError          a report could not be made durable
         ├── BrokerUnavailable    Kafka did not confirm in time, or the producer queue is full
         └── ReportRejected       Kafka refused the report for good (too large, bad topic, ...)
@@ -18,6 +19,7 @@ __all__ = [
     "ConfigError",
     "FleetpulseError",
     "IngestError",
+    "InvalidQuery",
     "ReportRejected",
     "StackError",
 ]
@@ -33,6 +35,15 @@ class ConfigError(FleetpulseError):
 
 class StackError(FleetpulseError):
     """A service of the local stack could not be provisioned, started or reached."""
+
+
+class InvalidQuery(FleetpulseError, ValueError):  # noqa: N818
+    """A query parameter (cursor, limit, stream id, time) is malformed or out of range."""
+
+    def __init__(self, parameter: str, detail: str) -> None:
+        super().__init__(f"{parameter}: {detail}")
+        self.parameter = parameter
+        self.detail = detail
 
 
 class IngestError(FleetpulseError):
