@@ -14,6 +14,7 @@ from typing import Any
 
 from litestar import Litestar, Response, get
 from litestar.connection import ASGIConnection
+from litestar.datastructures import State
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi.config import OpenAPIConfig
 from litestar.router import Router
@@ -24,6 +25,8 @@ from api.errors import ApiError, exception_handlers
 from api.ingest import ingest_routes
 from api.producer import ReportProducer
 from fleetpulse.settings import Settings
+from observability.http import ObservabilityMiddleware
+from observability.metrics import ApiMetrics
 from observability.tracing import setup_tracing
 
 __all__ = ["create_app"]
@@ -50,19 +53,21 @@ def create_app(
 ) -> Litestar:
     """Build the app. Raises ConfigError for bad token settings before serving anything."""
     tokens = TokenStore.parse(settings.api_tokens)
+    metrics = ApiMetrics()
+    api_tracer = setup_tracing(settings, "fleetpulse-api").get_tracer("fleetpulse.api")
+    ingest_tracer = setup_tracing(settings, "fleetpulse-ingest").get_tracer("fleetpulse.ingest")
     handlers: list[ControllerRouterHandler] = []
     owned_producer = producer is None and ingest
     state: dict[str, ReportProducer] = {}
 
     if ingest:
-        tracer = setup_tracing(settings, "fleetpulse-ingest").get_tracer("fleetpulse.ingest")
         if producer is None:
             producer = ReportProducer(settings)
         state["producer"] = producer
         handlers.append(
             Router(
                 "/",
-                route_handlers=ingest_routes(settings, producer, tracer),
+                route_handlers=ingest_routes(settings, producer, ingest_tracer, metrics),
                 guards=[_guard(tokens, "ingest")],
             )
         )
@@ -84,7 +89,12 @@ def create_app(
             return Response({"status": "unready", **problems}, status_code=503)
         return Response({"status": "ready"}, status_code=200)
 
-    handlers += [healthz, readyz]
+    @get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4")
+    async def metrics_route() -> Response[bytes]:
+        """Requests, latency, accepted and rejected reports, in Prometheus text format."""
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    handlers += [healthz, readyz, metrics_route]
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -100,4 +110,6 @@ def create_app(
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="fleetpulse", version="1.0.0", path="/schema"),
         lifespan=[lifespan],
+        middleware=[ObservabilityMiddleware(api_tracer, metrics, ingest_tracer)],
+        state=State({"metrics": metrics}),
     )

@@ -52,7 +52,11 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
 
-def error_response(exc: ApiError) -> Response[ErrorBody]:
+def error_response(exc: ApiError, request: AnyRequest | None = None) -> Response[ErrorBody]:
+    """The answer for ``exc``; counted by its code in the app's metrics, if it has any."""
+    metrics = getattr(request.app.state, "metrics", None) if request is not None else None
+    if metrics is not None:
+        metrics.rejected.labels(exc.body.error).inc()
     return Response(exc.body, status_code=exc.status, headers=exc.headers)
 
 
@@ -90,35 +94,37 @@ _HTTP_CODES = {
 }
 
 
-def _on_api_error(_: AnyRequest, exc: ApiError) -> Response[ErrorBody]:
-    return error_response(exc)
+def _on_api_error(request: AnyRequest, exc: ApiError) -> Response[ErrorBody]:
+    return error_response(exc, request)
 
 
-def _on_http(_: AnyRequest, exc: HTTPException) -> Response[ErrorBody]:
+def _on_http(request: AnyRequest, exc: HTTPException) -> Response[ErrorBody]:
     if isinstance(exc, ValidationException):
         fields = [str(e.get("key", "")) for e in (exc.extra or []) if isinstance(e, dict)]
-        return error_response(ApiError(422, "invalid_parameter", str(exc.detail), fields))
+        return error_response(ApiError(422, "invalid_parameter", str(exc.detail), fields), request)
     status = exc.status_code
     detail = str(exc.detail)
     if status == 413:
         detail = "request body is larger than FLEETPULSE_MAX_BODY_BYTES allows"
     return error_response(
-        ApiError(status, _HTTP_CODES.get(status, "error"), detail, headers=exc.headers)
+        ApiError(status, _HTTP_CODES.get(status, "error"), detail, headers=exc.headers), request
     )
 
 
-def _on_domain(_: AnyRequest, exc: FleetpulseError) -> Response[ErrorBody]:
+def _on_domain(request: AnyRequest, exc: FleetpulseError) -> Response[ErrorBody]:
     if isinstance(exc, BrokerUnavailable):
-        return error_response(ApiError(503, "unavailable", str(exc), headers={"Retry-After": "1"}))
+        unavailable = ApiError(503, "unavailable", str(exc), headers={"Retry-After": "1"})
+        return error_response(unavailable, request)
     if isinstance(exc, ReportRejected):
-        return error_response(ApiError(422, "rejected", str(exc)))
+        return error_response(ApiError(422, "rejected", str(exc)), request)
     log.exception("unexpected domain error")
-    return error_response(ApiError(500, "internal_error", "internal error"))
+    return error_response(ApiError(500, "internal_error", "internal error"), request)
 
 
-def _on_crash(_: AnyRequest, exc: Exception) -> Response[ErrorBody]:
+def _on_crash(request: AnyRequest, exc: Exception) -> Response[ErrorBody]:
     log.exception("unhandled error", exc_info=exc)
-    return error_response(ApiError(500, "internal_error", "internal error; see the server log"))
+    crash = ApiError(500, "internal_error", "internal error; see the server log")
+    return error_response(crash, request)
 
 
 exception_handlers = {

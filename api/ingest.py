@@ -22,6 +22,7 @@ from api.errors import AnyRequest, ApiError, schema_error
 from api.producer import OutgoingReport, ReportProducer
 from fleetpulse.schema import RobotReport, decode_report, decode_reports, encode
 from fleetpulse.settings import Settings
+from observability.metrics import ApiMetrics
 from observability.tracing import traceparent_header
 
 __all__ = ["Accepted", "ingest_routes"]
@@ -44,7 +45,7 @@ def _require_json(request: AnyRequest) -> None:
 
 
 def ingest_routes(
-    settings: Settings, producer: ReportProducer, tracer: trace.Tracer
+    settings: Settings, producer: ReportProducer, tracer: trace.Tracer, metrics: ApiMetrics
 ) -> list[ControllerRouterHandler]:
     """The POST routes, bound to one producer."""
 
@@ -70,6 +71,7 @@ def ingest_routes(
                 (r.robot_id.encode(), encode(r), headers) for r in reports
             ]
             await producer.send(outgoing)
+            metrics.accepted.inc(len(reports))
 
     @post("/v1/reports", status_code=202, summary="Post one robot report")
     async def post_report(request: AnyRequest) -> Accepted:

@@ -11,32 +11,42 @@ the settings once for that process.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 from litestar import Litestar
 
 from api.app import create_app
 from api.auth import TokenStore
 from fleetpulse.errors import FleetpulseError
-from fleetpulse.settings import load_settings
+from fleetpulse.settings import Settings, load_settings
+from observability.logs import setup_logging
 
 __all__ = ["all_app", "ingest_app", "main", "query_app"]
 
 
+def _settings(service: str) -> Settings:
+    settings = load_settings()
+    setup_logging(settings, service)
+    return settings
+
+
 def ingest_app() -> Litestar:
     """Factory for the ingest server's workers."""
-    return create_app(load_settings(), query=False)
+    return create_app(_settings("fleetpulse-ingest"), query=False)
 
 
 def query_app() -> Litestar:
     """Factory for the query server's workers."""
-    return create_app(load_settings(), ingest=False)
+    return create_app(_settings("fleetpulse-api"), ingest=False)
 
 
 def all_app() -> Litestar:
     """Factory for a server with every route."""
-    return create_app(load_settings())
+    return create_app(_settings("fleetpulse-api"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,6 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from granian.server import Server
 
     port = settings.ingest_port if args.role == "ingest" else settings.query_port
+    if settings.api_workers > 1:
+        # Workers are processes: their metrics add up through files in this folder.
+        metrics_dir = Path(tempfile.mkdtemp(prefix=f"fleetpulse-{args.role}-metrics-"))
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     server = Server(
         f"api.serve:{args.role}_app",
         address=settings.api_host,

@@ -47,6 +47,7 @@ from dataflows.rules import Rules
 from dataflows.sink import FleetSink
 from fleetpulse.schema import ROBOT_ID_PATTERN, decode_report
 from fleetpulse.settings import Settings, load_settings
+from observability.logs import setup_logging
 from observability.tracing import context_from_traceparent, setup_tracing, traceparent_header
 
 __all__ = ["build_flow"]
@@ -180,7 +181,9 @@ def build_flow(settings: Settings | None = None, *, tail: bool = True) -> Datafl
     ``tail=False`` stops at the end of the topic (tests, replays); the default keeps
     waiting for new reports.
     """
-    settings = load_settings() if settings is None else settings
+    if settings is None:  # the entry point: python -m bytewax.run "...:build_flow()"
+        settings = load_settings()
+        setup_logging(settings, "fleetpulse-dataflow")
     _recovery_on_by_default(settings)
     rules = Rules.from_settings(settings)
     flow = Dataflow("fleetpulse")

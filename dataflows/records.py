@@ -27,6 +27,15 @@ class DeadLetter(msgspec.Struct, frozen=True, gc=False):
     offset: int
     late: bool = False  # a valid report, too late for its window (counted separately)
 
+    @property
+    def kind(self) -> str:
+        """The metric label: late, key (no usable robot key), kafka (a consume error) or invalid."""
+        if self.late:
+            return "late"
+        if self.reason.startswith("kafka error"):
+            return "kafka"
+        return "key" if self.reason.startswith(("message key", "key ")) else "invalid"
+
 
 class Out(msgspec.Struct, kw_only=True, gc=False):
     """What one robot's step hands the sink: writes, dead letters, trace and timing."""

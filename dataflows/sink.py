@@ -14,6 +14,8 @@ while unsampled reports cost no span at all.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from typing import Any
 
@@ -24,11 +26,25 @@ from dataflows.kafka_out import CheckedProducer, OutMessage
 from dataflows.records import DeadLetter, Out
 from fleetpulse.schema import Alert, LiveState, RobotReport, WindowStats, encode
 from fleetpulse.settings import Settings
+from observability.metrics import dataflow_metrics
 from observability.tracing import context_from_traceparent, setup_tracing
 from state.connect import connect
 from state.writer import RedisStateWriter
 
-__all__ = ["FleetSink"]
+__all__ = ["FleetSink", "process_id"]
+
+
+def process_id() -> int:
+    """This process's index in a Bytewax cluster (``-i`` / BYTEWAX_PROCESS_ID), 0 alone."""
+    value = os.environ.get("BYTEWAX_PROCESS_ID")
+    argv = sys.argv
+    for i, arg in enumerate(argv[:-1]):
+        if arg in ("-i", "--process-id"):
+            value = argv[i + 1]
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
 
 
 class FleetSink(DynamicSink[tuple[str, Out]]):
@@ -48,11 +64,16 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
         self.writer = RedisStateWriter(connect(settings), settings)
         self.kafka = CheckedProducer(settings)
         self.tracer = setup_tracing(settings, "fleetpulse-dataflow").get_tracer("fleetpulse.sink")
+        self.metrics = dataflow_metrics(
+            settings.metrics_host, settings.dataflow_metrics_port, process_id()
+        )
 
     def write_batch(self, items: list[tuple[str, Out]]) -> None:
         # A robot's many states in one batch coalesce into its newest (items arrive in
         # the order the robot's step emitted them); the reports applied on the way go
         # to its history, so a backlog costs one state write per robot, not per report.
+        m = self.metrics
+        appended: list[int] = []
         newest: dict[str, LiveState] = {}
         history: dict[str, list[RobotReport]] = {}
         windows: list[WindowStats] = []
@@ -70,13 +91,26 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
             alerts += out.alerts
             dead += out.dead
             traced += out.traced
+            appended += out.appended_ms
+            m.applied.inc(out.applied)
+            m.stale.inc(out.stale)
+            m.duplicate.inc(out.duplicate)
         states = list(newest.values())
         if states or windows or alerts:
             started_ns = time.time_ns()
             result = self.writer.write(states, windows, alerts, history)
             ended_ns = time.time_ns()
+            m.writes.inc()
+            written_ms = ended_ns // 1_000_000
+            for append_ms in appended:
+                if append_ms > 0:
+                    m.freshness.observe(max(0, written_ms - append_ms) / 1000)
             self._trace_writes(traced, started_ns, ended_ns, len(states), result.states_applied)
         self.kafka.send(self._kafka_messages(alerts, dead))
+        for a in alerts:
+            m.alerts.labels(a.kind).inc()
+        for d in dead:
+            m.dead.labels(d.kind).inc()
 
     def _trace_writes(
         self, traced: list[str], start_ns: int, end_ns: int, batch: int, applied: int

@@ -167,6 +167,17 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     backup_interval_s: Annotated[
         float, _doc("How long old snapshots are kept for other workers to resume.", ge=0)
     ] = 0.0
+    dataflow_metrics_port: Annotated[
+        int,
+        _doc(
+            "Port of the dataflow's /metrics; process N of a cluster uses this + N; 0: off.",
+            ge=0,
+            le=65535,
+        ),
+    ] = 9464
+    metrics_host: Annotated[str, _doc("Address the dataflow's /metrics binds to.")] = (
+        "127.0.0.1"
+    )
     consumer_group: Annotated[str, _doc("Kafka consumer group label of the dataflow.")] = (
         "fleetpulse-dataflow"
     )

@@ -1,0 +1,132 @@
+"""Prometheus metrics of the API and the dataflow, each in a registry of its own.
+
+Every metric object belongs to a registry made by its owner (an app, a dataflow
+process), so two apps in one test process never share counters. With several API
+worker processes, ``PROMETHEUS_MULTIPROC_DIR`` (set by ``api.serve``) makes the
+values add up across workers when ``/metrics`` is scraped.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+__all__ = ["ApiMetrics", "DataflowMetrics", "dataflow_metrics", "render"]
+
+# Latency buckets for HTTP (s): a 202 waits for Kafka's acks=all, a few ms to seconds.
+_HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Freshness buckets (s): Kafka append -> Redis write.
+_FRESH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ApiMetrics:
+    """Requests and latency by route, accepted reports, errors by reason (503s included)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "fleetpulse_api_requests",
+            "HTTP requests answered, by route template, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "fleetpulse_api_request_seconds",
+            "Time to answer an HTTP request, by route template and method.",
+            ["route", "method"],
+            buckets=_HTTP_BUCKETS,
+            registry=r,
+        )
+        self.accepted = Counter(
+            "fleetpulse_ingest_reports_accepted",
+            "Reports acknowledged by Kafka and answered 202.",
+            registry=r,
+        )
+        self.rejected = Counter(
+            "fleetpulse_api_rejected",
+            "Requests answered with an error, by error code (e.g. invalid_report, unavailable).",
+            ["reason"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        """The exposition text of this app (of every worker in multiprocess mode)."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+            return generate_latest(merged)
+        return generate_latest(self.registry)
+
+
+class DataflowMetrics:
+    """What the dataflow did with the reports, and how fresh its writes are."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.registry = registry
+        self.applied = Counter(
+            "fleetpulse_flow_reports_applied", "Reports applied to live state.", registry=r
+        )
+        self.stale = Counter(
+            "fleetpulse_flow_reports_stale",
+            "Reports older in (boot, seq) than the robot's newest, dropped.",
+            registry=r,
+        )
+        self.duplicate = Counter(
+            "fleetpulse_flow_reports_duplicate",
+            "Reports equal in (boot, seq) to the robot's newest, dropped.",
+            registry=r,
+        )
+        self.dead = Counter(
+            "fleetpulse_flow_dead_letters",
+            "Messages sent to the DLQ, by reason (invalid, key, late).",
+            ["reason"],
+            registry=r,
+        )
+        self.alerts = Counter(
+            "fleetpulse_flow_alerts", "Alerts raised, by kind.", ["kind"], registry=r
+        )
+        self.freshness = Histogram(
+            "fleetpulse_flow_freshness_seconds",
+            "Kafka append time of an applied report -> its state written to Redis.",
+            buckets=_FRESH_BUCKETS,
+            registry=r,
+        )
+        self.writes = Counter(
+            "fleetpulse_flow_redis_batches", "Batches written to Redis.", registry=r
+        )
+
+
+_lock = threading.Lock()
+_flow_metrics: DataflowMetrics | None = None
+
+
+def dataflow_metrics(host: str, port: int, process_id: int) -> DataflowMetrics:
+    """This process's dataflow metrics, served once on ``host:port + process_id`` (port 0: not).
+
+    They live in the default registry, beside Bytewax's own Kafka consumer-lag gauge
+    (``bytewax_kafka_consumer_lag``), so one scrape shows both.
+    """
+    global _flow_metrics
+    with _lock:
+        if _flow_metrics is None:
+            _flow_metrics = DataflowMetrics(REGISTRY)
+            if port:
+                start_http_server(port + process_id, addr=host, registry=REGISTRY)
+        return _flow_metrics
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """Exposition text of ``registry``."""
+    return generate_latest(registry)
