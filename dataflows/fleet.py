@@ -90,6 +90,14 @@ def _dead(m: KafkaSourceMessage[bytes | None, bytes | None], reason: str) -> Dea
     )
 
 
+def _sampled(traceparent: str) -> bool:
+    """Whether a W3C traceparent's flags say "sampled" (bit 0); unsampled costs no span."""
+    try:
+        return len(traceparent) == 55 and bool(int(traceparent[53:55], 16) & 1)
+    except ValueError:
+        return False
+
+
 class RobotLogic(StatefulBatchLogic[Raw | DeadLetter, Out, bytes]):
     """One robot's state in Bytewax: the pure logic of ``dataflows.robot`` plus I/O glue."""
 
@@ -123,7 +131,7 @@ class RobotLogic(StatefulBatchLogic[Raw | DeadLetter, Out, bytes]):
             reason = f"key {robot!r} does not match robot_id {report.robot_id!r}"
             out.dead.append(DeadLetter(robot.encode(), value, reason, partition, offset))
             return
-        parent = context_from_traceparent(traceparent) if traceparent.endswith("1") else None
+        parent = context_from_traceparent(traceparent) if _sampled(traceparent) else None
         if parent is None:
             self.state, emits = on_report(self.state, report, now, self.rules)
         else:
