@@ -9,9 +9,9 @@ py := justfile_directory() / ".venv/bin/python"
 default:
     @just --list --unsorted
 
-# the whole product locally: the stack (Kafka, Redis, Jaeger), then what runs on it
-main: stack-up
-    @{{py}} -m deploy.local.stack status
+# the whole product locally: stack, dataflow (2 workers), ingest + query API, 10 simulated robots
+main *ARGS:
+    {{py}} -m deploy.local.main {{ARGS}}
 
 # what CI runs: lint, types, then the whole test suite against the real stack
 check: lint types test

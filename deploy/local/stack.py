@@ -49,20 +49,28 @@ class Stack:
     def pidfile(self, svc: Service) -> PidFile:
         return PidFile(self.root / "run" / f"{svc.name}.pid")
 
-    def up(self, names: Sequence[str] = ()) -> None:
-        """Provision and start every service (or those named) and wait until each is healthy."""
-        chosen = [self.service(n) for n in names] if names else self.services
-        for svc in chosen:
-            self._up_one(svc)
+    def up(self, names: Sequence[str] = ()) -> list[str]:
+        """Provision and start every service (or those named) and wait until each is healthy.
 
-    def _up_one(self, svc: Service) -> None:
+        Returns the names of the services this call started (not those already running).
+        """
+        chosen = [self.service(n) for n in names] if names else self.services
+        return [svc.name for svc in chosen if self._up_one(svc)]
+
+    def stop(self, names: Sequence[str]) -> None:
+        """Stop the named services (only processes this stack started), newest first."""
+        for svc in reversed([self.service(n) for n in names]):
+            pid = self.pidfile(svc).stop()
+            print(f"{svc.name:7} stopped (pid {pid})" if pid else f"{svc.name:7} not running")
+
+    def _up_one(self, svc: Service) -> bool:
         pidfile = self.pidfile(svc)
         pid = pidfile.running_pid()
         if pid is not None:
             self._wait_healthy(svc, pid)
             svc.after_start()
             print(f"{svc.name:7} already running (pid {pid})")
-            return
+            return False
         for setting, port in svc.ports().items():
             if port_in_use(port):
                 raise StackError(
@@ -78,6 +86,7 @@ class Stack:
         svc.after_start()
         took = time.monotonic() - started
         print(f"{svc.name:7} started (pid {pid}, port {svc.port}) in {took:.1f}s")
+        return True
 
     def _wait_healthy(self, svc: Service, pid: int) -> None:
         deadline = time.monotonic() + self.settings.stack_start_timeout_s
@@ -101,9 +110,7 @@ class Stack:
 
     def down(self) -> None:
         """Stop the processes this stack started, newest first; nothing else is touched."""
-        for svc in reversed(self.services):
-            pid = self.pidfile(svc).stop()
-            print(f"{svc.name:7} stopped (pid {pid})" if pid else f"{svc.name:7} not running")
+        self.stop([svc.name for svc in self.services])
 
     def status(self) -> list[tuple[str, int | None, int, bool]]:
         """(name, pid or None, port, healthy) for every service."""
