@@ -78,6 +78,10 @@ dataflow *ARGS:
 bench-dataflow *ARGS: stack-up
     {{py}} -m bench.dataflow {{ARGS}}
 
+# drain side by side: Bytewax flow (1, 2 processes), a raw loop, Quix Streams (writes bench/results)
+bench-drain *ARGS: stack-up
+    {{py}} -m bench.drain {{ARGS}}
+
 # ingest benchmark: accepted reports/s, p50/p99, single and batch posts (writes bench/results)
 bench-ingest *ARGS: stack-up
     {{py}} -m bench.ingest {{ARGS}}

@@ -72,40 +72,46 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
         # A robot's many states in one batch coalesce into its newest (items arrive in
         # the order the robot's step emitted them); the reports applied on the way go
         # to its history, so a backlog costs one state write per robot, not per report.
-        m = self.metrics
-        appended: list[int] = []
         newest: dict[str, LiveState] = {}
         history: dict[str, list[RobotReport]] = {}
+        appended: dict[str, int] = {}  # Kafka append time of each robot's newest report
         windows: list[WindowStats] = []
         alerts: list[Alert] = []
         dead: list[DeadLetter] = []
         traced: list[str] = []
+        applied = stale = duplicate = 0
         for robot, out in items:
             if out.states:
                 newest[robot] = out.states[-1]
-                applied = history.setdefault(robot, [])
+                robot_history = history.setdefault(robot, [])
                 for st in out.states:
-                    if not applied or applied[-1].order != st.report.order:
-                        applied.append(st.report)
+                    if not robot_history or robot_history[-1].order != st.report.order:
+                        robot_history.append(st.report)
+            if out.appended_ms:
+                appended[robot] = out.appended_ms[-1]
             windows += out.windows
             alerts += out.alerts
             dead += out.dead
             traced += out.traced
-            appended += out.appended_ms
-            m.applied.inc(out.applied)
-            m.stale.inc(out.stale)
-            m.duplicate.inc(out.duplicate)
+            applied += out.applied
+            stale += out.stale
+            duplicate += out.duplicate
         states = list(newest.values())
+        m = self.metrics
         if states or windows or alerts:
             started_ns = time.time_ns()
             result = self.writer.write(states, windows, alerts, history)
             ended_ns = time.time_ns()
             m.writes.inc()
+            # Freshness of what became visible: each robot's newest applied report.
             written_ms = ended_ns // 1_000_000
-            for append_ms in appended:
+            for append_ms in appended.values():
                 if append_ms > 0:
                     m.freshness.observe(max(0, written_ms - append_ms) / 1000)
             self._trace_writes(traced, started_ns, ended_ns, len(states), result.states_applied)
+        m.applied.inc(applied)
+        m.stale.inc(stale)
+        m.duplicate.inc(duplicate)
         self.kafka.send(self._kafka_messages(alerts, dead))
         for a in alerts:
             m.alerts.labels(a.kind).inc()
