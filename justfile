@@ -58,6 +58,10 @@ stack-logs *ARGS:
 stack-reset:
     @{{py}} -m deploy.local.stack reset
 
+# the robot fleet simulator (e.g. `just sim --robots 50 --rate 2 --token fp_...`); see --help
+sim *ARGS:
+    {{py}} -m sim {{ARGS}}
+
 # make an API token: prints it and its FLEETPULSE_API_TOKENS entry (SCOPE: ingest or read)
 token SCOPE="ingest":
     @{{py}} -m api.auth new --scope {{SCOPE}}

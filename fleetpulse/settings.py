@@ -131,6 +131,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
             "`just token` makes one. Empty: every request is refused.",
         ),
     ] = ""
+    sim_token: Annotated[
+        str, _doc("Bearer token (ingest scope) the simulator posts with; `--token` overrides.")
+    ] = ""
     produce_timeout_s: Annotated[
         Seconds, _doc("How long ingest waits for Kafka to confirm before answering 503.")
     ] = 5.0
