@@ -1,0 +1,202 @@
+"""Freshness end to end: HTTP 202 -> the robot's state visible in Redis, at steady rates.
+
+    python -m bench.freshness [--rates 2000 10000] [--seconds 15] [--procs 2]
+
+The ingest server (granian, 2 workers) and the dataflow run as users run them. A
+load loop posts batches every 10 ms to hold the rate (20 reports a batch at 2,000/s,
+100 at 10,000/s, across 1,000 robots) and notes when each batch's 202 arrived. A
+follower reads Redis's change stream, whose entry ids are Redis's own clock (same
+machine), and notes when each (robot, seq) became visible. Freshness is the
+difference; it can be negative when the state lands before the 202 reaches the client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+
+from api.auth import hash_token, new_token
+from bench.common import progress, write_results
+from bench.dataflow import _free_port, _start, _stop
+from deploy.local.stack import Stack
+from fleetpulse.settings import Settings, load_settings, to_env
+from state.connect import connect
+from state.reader import RedisStateReader, StateChanged, decode_change
+from tests.integration.flow_util import isolated, report
+
+ROBOTS = 1000
+TICK_S = 0.01
+
+
+def _serve_ingest(s: Settings, token: str, port: int) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        **to_env(s),
+        "FLEETPULSE_INGEST_PORT": str(port),
+        "FLEETPULSE_API_TOKENS": f"ingest:{hash_token(token)}",
+        "FLEETPULSE_API_WORKERS": "2",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api.serve", "ingest"], env=env, stdout=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("ingest server did not become ready")
+
+
+async def _load(url: str, token: str, rate: int, seconds: float, acked: dict[Any, int]) -> int:
+    """Post ``rate`` reports/s in 10 ms batches; note each report's 202 time (ms)."""
+    per_tick = max(1, round(rate * TICK_S))
+    sent = 0
+    limits = httpx.Limits(max_connections=32)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(limits=limits, headers=headers, timeout=10) as client:
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def post(batch: list[dict[str, Any]]) -> None:
+            r = await client.post(f"{url}/v1/reports/batch", content=msgspec.json.encode(batch),
+                                  headers={"Content-Type": "application/json"})  # fmt: skip
+            now_ms = int(time.time() * 1000)
+            if r.status_code == 202:
+                for rep in batch:
+                    acked[(rep["robot_id"], rep["seq"])] = now_ms
+
+        start = time.monotonic()
+        tick = 0
+        while time.monotonic() - start < seconds:
+            batch = []
+            for _ in range(per_tick):
+                robot = f"amr-{sent % ROBOTS:04d}"
+                batch.append(report(robot, sent // ROBOTS + 1))
+                sent += 1
+            task = asyncio.create_task(post(batch))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            tick += 1
+            await asyncio.sleep(max(0.0, start + tick * TICK_S - time.monotonic()))
+        await asyncio.gather(*tasks)
+    return sent
+
+
+def measure(base: Settings, tmp: Path, rate: int, seconds: float, procs: int) -> dict[str, Any]:
+    s = isolated(base, tmp)
+    token = new_token()
+    port = _free_port()
+    reader = RedisStateReader(connect(s), s)
+    flows = _start(s, procs, tmp, f"fresh{rate}")
+    server = _serve_ingest(s, token, port)
+    seen: dict[Any, int] = {}
+    acked: dict[Any, int] = {}
+    stop = threading.Event()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        warm = [report("warm-up", 0)]
+        httpx.post(f"{url}/v1/reports/batch", json=warm, timeout=10,
+                   headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+        deadline = time.monotonic() + 60
+        while reader.get("warm-up") is None:
+            if time.monotonic() > deadline:
+                raise SystemExit("the dataflow did not start:\n" + flows[0].output())
+            time.sleep(0.1)
+        after = reader.latest_change_id()
+
+        def follow() -> None:
+            nonlocal after
+            while not stop.is_set():
+                for entry_id, payload in reader.changes(after, 1000, block_ms=200):
+                    after = entry_id
+                    event = decode_change(payload)
+                    if isinstance(event, StateChanged):
+                        r = event.state.report
+                        seen.setdefault((r.robot_id, r.seq), int(entry_id.split("-")[0]))
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        progress(f"freshness at {rate} reports/s for {seconds:g}s, {procs} dataflow process(es)")
+        sent = asyncio.run(_load(url, token, rate, seconds, acked))
+        deadline = time.monotonic() + 30
+        while len(set(acked) - set(seen)) > 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        server.send_signal(signal.SIGINT)
+        server.wait(20)
+        _stop(flows)
+    # A robot's states coalesce within one sink batch: a report superseded before it was
+    # written is visible through its successor, so it counts when that one became visible.
+    lat: list[int] = []
+    for (robot, seq), t_acked in acked.items():
+        t_seen = seen.get((robot, seq))
+        nxt = seq + 1
+        while t_seen is None and nxt <= seq + 50:
+            t_seen = seen.get((robot, nxt))
+            nxt += 1
+        if t_seen is not None:
+            lat.append(t_seen - t_acked)
+    lat.sort()
+    if not lat:
+        raise SystemExit("no report became visible")
+    result = {
+        "rate": rate,
+        "seconds": seconds,
+        "dataflow_processes": procs,
+        "sent": sent,
+        "acked": len(acked),
+        "visible": len(lat),
+        "p50_ms": lat[len(lat) // 2],
+        "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+        "max_ms": lat[-1],
+    }
+    progress(f"  -> p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, max {lat[-1]} ms")
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rates", type=int, nargs="+", default=[2000, 10000])
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--procs", type=int, default=2)
+    args = parser.parse_args()
+    settings = load_settings()
+    Stack(settings).up()
+    settings = msgspec.structs.replace(
+        settings, trace_sample_ratio=0.0, offline_after_s=3600.0, dataflow_metrics_port=0
+    )
+    with tempfile.TemporaryDirectory() as tmpdir:
+        rows = [measure(settings, Path(tmpdir), r, args.seconds, args.procs) for r in args.rates]
+    table = (
+        "| rate (reports/s) | dataflow processes | acked | visible | p50 ms | p99 ms | max ms |\n"
+    )
+    table += "| --- | --- | --- | --- | --- | --- | --- |\n"
+    for r in rows:
+        table += (
+            f"| {r['rate']} | {r['dataflow_processes']} | {r['acked']} | {r['visible']} "
+            f"| {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} |\n"
+        )
+    command = "just bench-freshness  (python -m bench.freshness " + " ".join(sys.argv[1:]) + ")"
+    out = write_results("freshness", {"rows": rows}, table, command)
+    print(table)
+    progress(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
