@@ -178,9 +178,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
             le=65535,
         ),
     ] = 9464
-    metrics_host: Annotated[str, _doc("Address the dataflow's /metrics binds to.")] = (
-        "127.0.0.1"
-    )
+    metrics_host: Annotated[str, _doc("Address the dataflow's /metrics binds to.")] = "127.0.0.1"
     consumer_group: Annotated[str, _doc("Kafka consumer group label of the dataflow.")] = (
         "fleetpulse-dataflow"
     )

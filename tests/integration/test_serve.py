@@ -75,7 +75,11 @@ def test_granian_ingest_server_accepts_reports_into_kafka(
 def test_bad_settings_stop_start_up_with_a_clear_message() -> None:
     env = {**os.environ, "FLEETPULSE_API_TOKENS": "admin:1234"}
     done = subprocess.run(
-        [sys.executable, "-m", "api.serve", "ingest"], env=env, capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "api.serve", "ingest"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert done.returncode == 2
     assert "FLEETPULSE_API_TOKENS entry 'admin:...' is not allowed" in done.stderr
@@ -83,7 +87,11 @@ def test_bad_settings_stop_start_up_with_a_clear_message() -> None:
 
     env = {**os.environ, "FLEETPULSE_INGEST_PORT": "0"}
     done = subprocess.run(
-        [sys.executable, "-m", "api.serve", "ingest"], env=env, capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "api.serve", "ingest"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert done.returncode == 2
     assert "FLEETPULSE_INGEST_PORT='0' is not allowed" in done.stderr
