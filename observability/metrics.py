@@ -8,6 +8,7 @@ values add up across workers when ``/metrics`` is scraped.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
@@ -22,6 +23,8 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 __all__ = ["ApiMetrics", "DataflowMetrics", "dataflow_metrics", "render"]
+
+log = logging.getLogger("fleetpulse.metrics")
 
 # Latency buckets for HTTP (s): a 202 waits for Kafka's acks=all, a few ms to seconds.
 _HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -123,7 +126,17 @@ def dataflow_metrics(host: str, port: int, process_id: int) -> DataflowMetrics:
         if _flow_metrics is None:
             _flow_metrics = DataflowMetrics(REGISTRY)
             if port:
-                start_http_server(port + process_id, addr=host, registry=REGISTRY)
+                try:
+                    start_http_server(port + process_id, addr=host, registry=REGISTRY)
+                except OSError as exc:
+                    # Metrics are for watching; a taken port must not stop the processing.
+                    log.error(
+                        "dataflow metrics not served on %s:%d (FLEETPULSE_DATAFLOW_METRICS_PORT"
+                        " + process id): %s",
+                        host,
+                        port + process_id,
+                        exc,
+                    )
         return _flow_metrics
 
 

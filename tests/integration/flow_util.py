@@ -37,7 +37,7 @@ def isolated(settings: Settings, tmp: Path, partitions: int = 12, **over: Any) -
         recovery_dir=str(tmp / f"recovery-{tag}"),
         kafka_partitions=partitions,
         snapshot_interval_s=1.0,
-        **over,
+        **{"dataflow_metrics_port": 0, **over},  # tests that scrape metrics pick a free port
     )
     admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap_servers})
     ensure_topics(admin, [s.topic_reports, s.topic_dlq, s.topic_alerts], partitions, 1)
