@@ -86,6 +86,17 @@ bench-dataflow *ARGS: stack-up
 bench-drain *ARGS: stack-up
     {{py}} -m bench.drain {{ARGS}}
 
+# query benchmark: reads/s and p99 of the main GET routes with 10,000 robots (writes bench/results)
+bench-query *ARGS: stack-up
+    {{py}} -m bench.query {{ARGS}}
+
+# end-to-end freshness: HTTP 202 -> state visible in Redis at 2,000 and 10,000 reports/s
+bench-freshness *ARGS: stack-up
+    {{py}} -m bench.freshness {{ARGS}}
+
+# every benchmark, one after the other (each writes bench/results and bench/README.md)
+bench: bench-ingest bench-dataflow bench-drain bench-freshness bench-query
+
 # ingest benchmark: accepted reports/s, p50/p99, single and batch posts (writes bench/results)
 bench-ingest *ARGS: stack-up
     {{py}} -m bench.ingest {{ARGS}}

@@ -17,6 +17,7 @@ from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi.config import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
 from litestar.router import Router
 from litestar.types import ControllerRouterHandler, Guard
 
@@ -24,6 +25,7 @@ from api.auth import Scope, TokenStore
 from api.errors import ApiError, exception_handlers
 from api.ingest import ingest_routes
 from api.producer import ReportProducer
+from api.query import QueryService
 from fleetpulse.settings import Settings
 from observability.http import ObservabilityMiddleware
 from observability.metrics import ApiMetrics
@@ -72,6 +74,10 @@ def create_app(
             )
         )
 
+    service = QueryService(settings) if query else None
+    if service is not None:
+        handlers.append(service.router(guards=[_guard(tokens, "read")]))
+
     @get("/healthz", summary="Liveness")
     async def healthz() -> dict[str, str]:
         """The process is up."""
@@ -79,12 +85,14 @@ def create_app(
 
     @get("/readyz", summary="Readiness: the backends this server needs answer")
     async def readyz() -> Response[dict[str, str]]:
-        """200 when Kafka (ingest) answers; 503 naming what does not."""
+        """200 when Kafka (ingest) and Redis (query) answer; 503 naming what does not."""
         problems: dict[str, str] = {}
         if "producer" in state:
             problem = await asyncio.to_thread(state["producer"].ready)
             if problem:
                 problems["kafka"] = problem
+        if service is not None and (problem := await service.ready()):
+            problems["redis"] = problem
         if problems:
             return Response({"status": "unready", **problems}, status_code=503)
         return Response({"status": "ready"}, status_code=200)
@@ -108,8 +116,15 @@ def create_app(
         route_handlers=handlers,
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
         request_max_body_size=settings.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="fleetpulse", version="1.0.0", path="/schema"),
-        lifespan=[lifespan],
+        openapi_config=OpenAPIConfig(
+            title="fleetpulse",
+            version="1.0.0",
+            path="/schema",
+            components=Components(
+                security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}
+            ),
+        ),
+        lifespan=[lifespan] if service is None else [lifespan, service.lifespan],
         middleware=[ObservabilityMiddleware(api_tracer, metrics, ingest_tracer)],
         state=State({"metrics": metrics}),
     )

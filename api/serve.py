@@ -77,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=settings.api_workers,
         factory=True,
         log_access=False,
+        # Open SSE streams would hold a stop forever; clients resume with Last-Event-ID.
+        workers_kill_timeout=10,
     )
     server.serve()
     return 0

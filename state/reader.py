@@ -3,6 +3,9 @@
 No read walks the keyspace: robots are listed from one lexicographic index (the most
 selective of the filters given) paged by a cursor, the fleet summary is a handful
 of counters the writer keeps, and every loop reads a bounded number of entries.
+
+A malformed or out-of-range argument (limit, cursor, battery_lt, a naive ``since``,
+a change id) raises :class:`~fleetpulse.errors.InvalidQuery` naming the parameter.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, Protocol
 import msgspec
 import redis
 
+from fleetpulse.errors import InvalidQuery
 from fleetpulse.schema import (
     ROBOT_ID_PATTERN,
     STATUSES,
@@ -147,7 +151,23 @@ class StateReader(Protocol):
 
 def _check_limit(limit: int, name: str = "limit") -> None:
     if not 1 <= limit <= MAX_PAGE:
-        raise ValueError(f"{name} must be between 1 and {MAX_PAGE}, got {limit}")
+        raise InvalidQuery(name, f"must be between 1 and {MAX_PAGE}, got {limit}")
+
+
+def _check_since(since: datetime | None) -> None:
+    # A naive time's instant would depend on the server's zone; refuse it by name.
+    if since is not None and since.utcoffset() is None:
+        raise InvalidQuery(
+            "since",
+            f"{since.isoformat()} has no UTC offset; give one, e.g. 2025-06-01T12:00:00Z",
+        )
+
+
+def _is_stream_id(value: str) -> bool:
+    # Both parts are unsigned 64-bit in Redis; a larger number is a server-side error.
+    return _STREAM_ID.fullmatch(value) is not None and all(
+        int(part) < 2**64 for part in value.split("-")
+    )
 
 
 def _text(value: bytes | str) -> str:
@@ -190,9 +210,9 @@ class RedisStateReader:
         """
         _check_limit(limit)
         if cursor is not None and not _ROBOT_ID.fullmatch(cursor):
-            raise ValueError(f"cursor {cursor!r} is not a robot id from a previous page")
+            raise InvalidQuery("cursor", f"{cursor!r} is not a robot id from a previous page")
         if battery_lt is not None and not math.isfinite(battery_lt):
-            raise ValueError(f"battery_lt must be a finite number, got {battery_lt!r}")
+            raise InvalidQuery("battery_lt", f"must be a finite number, got {battery_lt!r}")
         k = self._keys
         lex = [
             key
@@ -294,10 +314,10 @@ class RedisStateReader:
         are not trusted for order, so the whole capped history may be read.
         """
         _check_limit(limit)
+        _check_since(since)
         key = self._keys.history(robot_id)
         if since is None:
             return [_report_dec.decode(v) for v in self._client.lrange(key, 0, limit - 1)]
-        epoch_us(since)  # rejects a naive datetime
         out: list[RobotReport] = []
         start, step = 0, max(limit, 100)
         while True:
@@ -317,6 +337,7 @@ class RedisStateReader:
     ) -> list[WindowStats]:
         """Closed windows of one robot, newest window first; ``since``: start >= since."""
         _check_limit(limit)
+        _check_since(since)
         low = "-inf" if since is None else epoch_us(since)
         starts = _strs(
             self._client.zrevrangebyscore(
@@ -368,6 +389,7 @@ class RedisStateReader:
         fewer alerts than exist.
         """
         _check_limit(limit)
+        _check_since(since)
         low = None if since is None else epoch_us(since)
         if robot_id is not None:
             return self._robot_alerts(robot_id, kind, low, limit)
@@ -435,8 +457,8 @@ class RedisStateReader:
         forever); None does not wait. Each payload is a :data:`ChangeEvent` as JSON.
         """
         _check_limit(count, "count")
-        if after_id is not None and not _STREAM_ID.fullmatch(after_id):
-            raise ValueError(f"change id {after_id!r} is not a stream id like 1700000000000-0")
+        if after_id is not None and not _is_stream_id(after_id):
+            raise InvalidQuery("after_id", f"{after_id!r} is not a stream id like 1700000000000-0")
         reply = self._client.xread(
             {self._keys.changes: after_id or "0-0"}, count=count, block=block_ms
         )

@@ -1,0 +1,419 @@
+"""Query routes (the API server): live state, history, stats, fleet summary, alerts, stream.
+
+Every route reads Redis through :class:`state.RedisStateReader`, whose calls do
+bounded work (no KEYS, no keyspace walk; the summary is the sink's counters). The
+reader is synchronous, so handlers run in worker threads (``sync_to_thread``) and
+the event loop stays free. :class:`QueryService` owns the Redis client and the
+change-stream hub for one app: both are made when the app starts (its lifespan)
+and closed when it stops.
+
+    GET /v1/robots                    status, site, online, battery_lt; cursor + limit
+    GET /v1/robots/{robot_id}         live state (404 for a robot that never reported)
+    GET /v1/robots/{robot_id}/history applied reports, newest first; limit, since
+    GET /v1/robots/{robot_id}/stats   closed windows, newest first; limit, since
+    GET /v1/fleet/summary             counts by status, online/offline, low battery, site
+    GET /v1/alerts                    robot_id, kind, since, limit; newest first
+    GET /v1/stream                    server-sent events (api.stream)
+
+Paging: ``next_cursor`` is the id of the last robot the page examined, and the next
+page lists robots after it; robots come in id order, so a robot that changes while a
+client pages is neither repeated nor skipped unless it enters or leaves the filter
+meanwhile. A page may hold fewer than ``limit`` robots (even none) while
+``next_cursor`` is set, because one request examines a bounded number of candidates;
+the listing ends when it is null. A query parameter a route does not take is a 422,
+so a misspelt filter never silently widens the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Annotated, Any
+
+import anyio
+import anyio.to_thread
+import msgspec
+import redis
+from litestar import Litestar, Response, get
+from litestar.enums import ParamType
+from litestar.exceptions import ValidationException
+from litestar.handlers import HTTPRouteHandler
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import Example
+from litestar.params import PathParameter, QueryParameter
+from litestar.router import Router
+from litestar.types import ControllerRouterHandler, ExceptionHandler, Guard
+
+from api.errors import AnyRequest, ApiError, ErrorBody, error_response
+from api.stream import ChangeHub, stream_routes
+from fleetpulse.errors import InvalidQuery
+from fleetpulse.schema import (
+    ROBOT_ID_PATTERN,
+    Alert,
+    AlertKind,
+    LiveState,
+    RobotReport,
+    Status,
+    WindowStats,
+)
+from fleetpulse.settings import Settings
+from state import FleetSummary, RedisStateReader, StateReader, connect_reader
+from state.reader import MAX_PAGE
+
+__all__ = [
+    "AlertList",
+    "QueryService",
+    "ReportList",
+    "RobotPage",
+    "WindowList",
+    "query_exception_handlers",
+    "reject_unknown_parameters",
+]
+
+log = logging.getLogger("fleetpulse.api.query")
+
+READY_TIMEOUT_S = 2.0
+
+
+# --- response bodies ----------------------------------------------------------------------
+class RobotPage(msgspec.Struct, frozen=True, kw_only=True):
+    """One page of robots in id order."""
+
+    items: list[LiveState]
+    next_cursor: str | None  # pass as `cursor` for the next page; null: the listing is complete
+
+
+class ReportList(msgspec.Struct, frozen=True, kw_only=True):
+    """Applied reports of one robot, newest ``(boot, seq)`` first."""
+
+    items: list[RobotReport]
+
+
+class WindowList(msgspec.Struct, frozen=True, kw_only=True):
+    """Closed event-time windows of one robot, newest first."""
+
+    items: list[WindowStats]
+
+
+class AlertList(msgspec.Struct, frozen=True, kw_only=True):
+    """Alerts, newest first."""
+
+    items: list[Alert]
+
+
+# --- parameters ---------------------------------------------------------------------------
+RobotIdPath = Annotated[
+    str,
+    PathParameter(
+        pattern=ROBOT_ID_PATTERN,
+        description="Robot id: 1-64 characters, letters, digits and _ . : - (not first).",
+        examples=[Example(value="amr-7")],
+    ),
+]
+RobotIdQuery = Annotated[
+    str | None,
+    QueryParameter(
+        pattern=ROBOT_ID_PATTERN,
+        description="Only this robot's alerts.",
+        examples=[Example(value="amr-7")],
+    ),
+]
+SiteQuery = Annotated[
+    str | None,
+    QueryParameter(
+        pattern=ROBOT_ID_PATTERN,
+        description="Only robots of this site.",
+        examples=[Example(value="plant-1")],
+    ),
+]
+Since = Annotated[
+    datetime | None,
+    QueryParameter(
+        description="RFC 3339 time with a UTC offset (e.g. 2025-06-01T12:00:00Z); "
+        "a time without an offset is refused (422)."
+    ),
+]
+BatteryLt = Annotated[
+    float | None,
+    QueryParameter(description="Only robots whose battery (%) is below this finite number."),
+]
+Cursor = Annotated[
+    str | None,
+    QueryParameter(
+        pattern=ROBOT_ID_PATTERN,
+        description="`next_cursor` of the previous page (robots after this id); omit for "
+        "the first page.",
+    ),
+]
+
+
+def _limit() -> Any:
+    return QueryParameter(ge=1, le=MAX_PAGE, description=f"At most this many items (1-{MAX_PAGE}).")
+
+
+def _query_names(handler: HTTPRouteHandler) -> frozenset[str]:
+    names = set()
+    for name, field in handler.parsed_fn_signature.parameters.items():
+        kind = getattr(field.kwarg_definition, "param_type", ParamType.QUERY)
+        if kind is ParamType.QUERY:
+            names.add(getattr(field.kwarg_definition, "name", None) or name)
+    return frozenset(names)
+
+
+def reject_unknown_parameters(request: AnyRequest) -> None:
+    """422 for a query parameter the route does not take: a typo must not widen a filter."""
+    known = _query_names(request.route_handler)
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        takes = ", ".join(sorted(known)) or "none"
+        raise ApiError(
+            422,
+            "invalid_parameter",
+            f"{unknown[0]}: not a parameter of this route (it takes: {takes})",
+            unknown,
+        )
+
+
+def _errors(*statuses: int) -> dict[int, ResponseSpec]:
+    what = {
+        400: "Malformed request",
+        401: "Missing or unknown bearer token",
+        403: "The token's scope is not `read`",
+        404: "No robot with this id has reported",
+        422: "A parameter is malformed or out of range; `fields` names it",
+        503: "Redis is unreachable; retry later",
+    }
+    return {
+        s: ResponseSpec(data_container=ErrorBody, description=what[s], generate_examples=False)
+        for s in (400, 401, 403, 422, 503, *statuses)
+    }
+
+
+# --- the routes ---------------------------------------------------------------------------
+def _not_found(robot_id: str) -> ApiError:
+    return ApiError(
+        404, "not_found", f"no robot {robot_id!r} has reported; check the id (GET /v1/robots)"
+    )
+
+
+def query_routes(service: QueryService) -> list[ControllerRouterHandler]:
+    """The GET routes of the API server, reading through ``service.reader``."""
+
+    @get(
+        "/v1/robots",
+        sync_to_thread=True,
+        summary="List robots",
+        description="Robots matching every filter given, in robot-id order, one page at "
+        "a time. A page may be short (even empty) while `next_cursor` is set; follow "
+        "`next_cursor` until it is null.",
+        responses=_errors(),
+    )
+    def list_robots(
+        status: Annotated[Status | None, QueryParameter(description="Only this status.")] = None,
+        site: SiteQuery = None,
+        online: Annotated[bool | None, QueryParameter(description="Only online (offline).")] = None,
+        battery_lt: BatteryLt = None,
+        cursor: Cursor = None,
+        limit: Annotated[int, _limit()] = 100,
+    ) -> RobotPage:
+        """Robots matching the filters, one page at a time."""
+        items, next_cursor = service.reader.list_robots(
+            status=status,
+            site=site,
+            online=online,
+            battery_lt=battery_lt,
+            cursor=cursor,
+            limit=limit,
+        )
+        return RobotPage(items=items, next_cursor=next_cursor)
+
+    @get(
+        "/v1/robots/{robot_id:str}",
+        sync_to_thread=True,
+        summary="Live state of one robot",
+        responses=_errors(404),
+    )
+    def robot(robot_id: RobotIdPath) -> LiveState:
+        """The newest applied report with last_seen, online and status_since."""
+        state = service.reader.get(robot_id)
+        if state is None:
+            raise _not_found(robot_id)
+        return state
+
+    @get(
+        "/v1/robots/{robot_id:str}/history",
+        sync_to_thread=True,
+        summary="Recent applied reports of one robot",
+        responses=_errors(404),
+    )
+    def history(
+        robot_id: RobotIdPath,
+        limit: Annotated[int, _limit()] = 50,
+        since: Since = None,
+    ) -> ReportList:
+        """Applied reports, newest first; ``since`` keeps reports with ``ts`` at or after it."""
+        reader = service.reader
+        items = reader.history(robot_id, limit=limit, since=since)
+        if not items and reader.get(robot_id) is None:
+            raise _not_found(robot_id)
+        return ReportList(items=items)
+
+    @get(
+        "/v1/robots/{robot_id:str}/stats",
+        sync_to_thread=True,
+        summary="Closed 1-minute windows of one robot",
+        responses=_errors(404),
+    )
+    def stats(
+        robot_id: RobotIdPath,
+        limit: Annotated[int, _limit()] = 60,
+        since: Since = None,
+    ) -> WindowList:
+        """Closed windows, newest first; ``since`` keeps windows that start at or after it."""
+        reader = service.reader
+        items = reader.stats(robot_id, limit=limit, since=since)
+        if not items and reader.get(robot_id) is None:
+            raise _not_found(robot_id)
+        return WindowList(items=items)
+
+    @get(
+        "/v1/fleet/summary",
+        sync_to_thread=True,
+        summary="Fleet-wide counts",
+        responses=_errors(),
+    )
+    def summary() -> FleetSummary:
+        """Counts by status, online/offline, low battery and site (kept by the sink)."""
+        return service.reader.summary()
+
+    @get(
+        "/v1/alerts",
+        sync_to_thread=True,
+        summary="Alerts",
+        description="Newest first. With `robot_id` the robot's alerts are read by event "
+        "time; without it the alert stream is read newest-written first and one request "
+        "examines a bounded number of entries, so a `since` far back may return fewer.",
+        responses=_errors(),
+    )
+    def alerts(
+        robot_id: RobotIdQuery = None,
+        kind: Annotated[AlertKind | None, QueryParameter(description="Only this kind.")] = None,
+        since: Since = None,
+        limit: Annotated[int, _limit()] = 100,
+    ) -> AlertList:
+        """Alerts matching the filters, newest first."""
+        items = service.reader.alerts(robot_id=robot_id, kind=kind, since=since, limit=limit)
+        return AlertList(items=items)
+
+    return [list_robots, robot, history, stats, summary, alerts]
+
+
+# --- errors of the query routes -----------------------------------------------------------
+# Mounted on the query router only, so the ingest routes answer exactly as before;
+# api.errors' table is where they would go if both sides should share them.
+def _on_invalid_query(_: AnyRequest, exc: InvalidQuery) -> Response[ErrorBody]:
+    return error_response(
+        ApiError(422, "invalid_parameter", f"{exc.parameter}: {exc.detail}", [exc.parameter])
+    )
+
+
+def _on_validation(_: AnyRequest, exc: ValidationException) -> Response[ErrorBody]:
+    # Litestar's detail is "Validation failed for GET ..."; say which parameter and why.
+    problems = [e for e in (exc.extra or []) if isinstance(e, Mapping)]
+    fields = [str(e.get("key", "")) for e in problems]
+    reasons = "; ".join(f"{e.get('key', '?')}: {e.get('message', 'invalid')}" for e in problems)
+    return error_response(ApiError(422, "invalid_parameter", reasons or str(exc.detail), fields))
+
+
+def _on_redis_down(_: AnyRequest, exc: redis.RedisError) -> Response[ErrorBody]:
+    log.warning("Redis unreachable: %s", exc)
+    return error_response(
+        ApiError(
+            503,
+            "unavailable",
+            f"Redis is unreachable ({exc}); retry later",
+            headers={"Retry-After": "1"},
+        )
+    )
+
+
+query_exception_handlers: dict[int | type[Exception], ExceptionHandler[Any]] = {
+    InvalidQuery: _on_invalid_query,
+    ValidationException: _on_validation,
+    redis.ConnectionError: _on_redis_down,
+    redis.TimeoutError: _on_redis_down,
+}
+
+
+# --- the service --------------------------------------------------------------------------
+class QueryService:
+    """The Redis client, reader and change hub of one app, alive during its lifespan."""
+
+    def __init__(self, settings: Settings) -> None:
+        """Nothing connects yet; :meth:`lifespan` makes the client when the app starts."""
+        self._settings = settings
+        self._client: redis.Redis | None = None
+        self._reader: RedisStateReader | None = None
+        self._hub: ChangeHub | None = None
+
+    @property
+    def reader(self) -> StateReader:
+        """The reader; 503 outside the app's lifespan."""
+        if self._reader is None:
+            raise ApiError(503, "unavailable", "the query server is starting or stopping")
+        return self._reader
+
+    @property
+    def hub(self) -> ChangeHub:
+        """The change-stream hub; 503 outside the app's lifespan."""
+        if self._hub is None:
+            raise ApiError(503, "unavailable", "the query server is starting or stopping")
+        return self._hub
+
+    def routes(self) -> list[ControllerRouterHandler]:
+        """Every query route, including the event stream."""
+        return [*query_routes(self), *stream_routes(self, _errors())]
+
+    def router(self, guards: Sequence[Guard]) -> Router:
+        """The routes with their error mapping, parameter check and bearer security."""
+        return Router(
+            "/",
+            route_handlers=self.routes(),
+            guards=list(guards),
+            exception_handlers=query_exception_handlers,
+            before_request=reject_unknown_parameters,
+            security=[{"bearer": []}],
+        )
+
+    async def ready(self) -> str | None:
+        """None when Redis answers a PING in time, else what is wrong."""
+        client = self._client
+        if client is None:
+            return "not started"
+        try:
+            with anyio.fail_after(READY_TIMEOUT_S):
+                await anyio.to_thread.run_sync(client.ping, abandon_on_cancel=True)
+        except TimeoutError:
+            return f"no answer to PING within {READY_TIMEOUT_S:g}s"
+        except redis.RedisError as exc:
+            return f"unreachable: {exc}"
+        return None
+
+    @asynccontextmanager
+    async def lifespan(self, _: Litestar) -> AsyncIterator[None]:
+        """Make the Redis client (a replica with Sentinel + read_from_replicas) and the hub."""
+        client = connect_reader(self._settings)  # connects on first use
+        reader = RedisStateReader(client, self._settings)
+        hub = ChangeHub(reader)
+        task = asyncio.get_running_loop().create_task(hub.run(), name="change-stream tail")
+        self._client, self._reader, self._hub = client, reader, hub
+        try:
+            yield
+        finally:
+            self._reader = self._hub = None
+            await hub.stop(task)
+            self._client = None
+            await anyio.to_thread.run_sync(client.close)
