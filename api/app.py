@@ -74,7 +74,7 @@ def create_app(
             )
         )
 
-    service = QueryService(settings) if query else None
+    service = QueryService(settings, api_tracer) if query else None
     if service is not None:
         handlers.append(service.router(guards=[_guard(tokens, "read")]))
 

@@ -31,7 +31,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import anyio
 import anyio.to_thread
@@ -46,6 +46,7 @@ from litestar.openapi.spec import Example
 from litestar.params import PathParameter, QueryParameter
 from litestar.router import Router
 from litestar.types import ControllerRouterHandler, ExceptionHandler, Guard
+from opentelemetry import trace
 
 from api.errors import AnyRequest, ApiError, ErrorBody, error_response
 from api.stream import ChangeHub, stream_routes
@@ -60,6 +61,7 @@ from fleetpulse.schema import (
     WindowStats,
 )
 from fleetpulse.settings import Settings
+from observability.tracing import TracedCalls
 from state import FleetSummary, RedisStateReader, StateReader, connect_reader
 from state.reader import MAX_PAGE
 
@@ -352,9 +354,10 @@ query_exception_handlers: dict[int | type[Exception], ExceptionHandler[Any]] = {
 class QueryService:
     """The Redis client, reader and change hub of one app, alive during its lifespan."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tracer: trace.Tracer | None = None) -> None:
         """Nothing connects yet; :meth:`lifespan` makes the client when the app starts."""
         self._settings = settings
+        self._tracer = tracer
         self._client: redis.Redis | None = None
         self._reader: RedisStateReader | None = None
         self._hub: ChangeHub | None = None
@@ -364,6 +367,9 @@ class QueryService:
         """The reader; 503 outside the app's lifespan."""
         if self._reader is None:
             raise ApiError(503, "unavailable", "the query server is starting or stopping")
+        if self._tracer is not None:
+            # Each read becomes a Redis client span under the request's server span.
+            return cast(StateReader, TracedCalls(self._reader, self._tracer))
         return self._reader
 
     @property

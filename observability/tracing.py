@@ -23,6 +23,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from fleetpulse.settings import Settings
 
 __all__ = [
+    "TracedCalls",
     "context_from_headers",
     "context_from_traceparent",
     "setup_tracing",
@@ -84,3 +85,32 @@ def context_from_headers(headers: Sequence[tuple[str, bytes]] | Iterable[tuple[s
         if key == "traceparent" and value:
             return value.decode("ascii", "replace")
     return ""
+
+
+class TracedCalls:
+    """A proxy that makes each public method call on ``target`` a CLIENT span.
+
+    Used around the query API's Redis reader: every read is a span named
+    ``redis <method>``, a child of the request's server span.
+    """
+
+    def __init__(self, target: object, tracer: trace.Tracer, system: str = "redis") -> None:
+        self._target = target
+        self._tracer = tracer
+        self._system = system
+
+    def __getattr__(self, name: str) -> object:
+        attr = getattr(self._target, name)
+        if name.startswith("_") or not callable(attr):
+            return attr
+        tracer, system = self._tracer, self._system
+
+        def call(*args: object, **kwargs: object) -> object:
+            with tracer.start_as_current_span(
+                f"{system} {name}",
+                kind=trace.SpanKind.CLIENT,
+                attributes={"db.system": system, "db.operation": name},
+            ):
+                return attr(*args, **kwargs)
+
+        return call

@@ -198,3 +198,44 @@ def test_metrics_equal_a_known_workload(stack: Stack, settings: Settings, tmp_pa
     assert 10 <= flow_m[("fleetpulse_flow_freshness_seconds_count", ())] <= 95
     lag = [v for (name, _), v in flow_m.items() if name == "bytewax_kafka_consumer_lag"]
     assert lag and all(v >= 0 for v in lag)
+
+
+def test_query_routes_have_server_spans_with_redis_client_spans(
+    stack: Stack, settings: Settings, tmp_path: Path
+) -> None:
+    read = new_token()
+    s = msgspec.structs.replace(
+        settings,
+        api_tokens=f"read:{hash_token(read)}",
+        redis_prefix=f"t{uuid.uuid4().hex[:8]}",
+        trace_sample_ratio=1.0,
+    )
+    robot = f"amr-q{uuid.uuid4().hex[:6]}"
+    started_us = int(time.time() * 1e6)
+    with TestClient(create_app(s, ingest=False), raise_server_exceptions=False) as client:
+        r = client.get(f"/v1/robots/{robot}", headers={"Authorization": f"Bearer {read}"})
+        assert r.status_code == 404
+    provider = trace.get_tracer_provider()
+    assert hasattr(provider, "force_flush")
+    provider.force_flush()
+
+    def found() -> dict[str, Any] | None:
+        r = httpx.get(
+            f"{s.jaeger_api}/api/traces",
+            params={"service": "fleetpulse-api", "start": started_us, "limit": 50},
+            timeout=5,
+        )
+        for t in r.json().get("data") or []:
+            names = {sp["operationName"] for sp in t["spans"]}
+            if "redis get" in names and any(n.startswith("GET /v1/robots/") for n in names):
+                return t  # type: ignore[no-any-return]
+        return None
+
+    t = wait_until("the query trace in Jaeger", found, 30)
+    spans = {sp["operationName"]: sp for sp in t["spans"]}
+    server = next(sp for name, sp in spans.items() if name.startswith("GET /v1/robots/"))
+    redis_span = spans["redis get"]
+    refs = [r["spanID"] for r in redis_span["references"] if r["refType"] == "CHILD_OF"]
+    assert refs == [server["spanID"]]
+    tags = {tg["key"]: tg["value"] for tg in server["tags"]}
+    assert tags["http.response.status_code"] == 404
