@@ -5,8 +5,11 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
+import msgspec
+import pytest
 import redis
 from confluent_kafka import Consumer, Producer
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -15,6 +18,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from deploy.local.stack import Stack
+from fleetpulse.errors import StackError
 from fleetpulse.settings import Settings
 
 
@@ -134,3 +138,51 @@ def test_otlp_span_is_queryable_in_jaeger(stack: Stack, settings: Settings) -> N
     assert span_json["operationName"] == "stack-check"
     tags = {t["key"]: t["value"] for t in span_json["tags"]}
     assert tags["robot_id"] == "amr-7"
+
+
+def test_a_taken_port_is_reported_with_its_setting(settings: Settings, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        s = msgspec.structs.replace(settings, stack_dir=str(tmp_path / "stack"), redis_port=port)
+        with pytest.raises(StackError) as info:
+            Stack(s).up(["redis"])
+    assert str(info.value) == (
+        f"cannot start redis: port {port} (FLEETPULSE_REDIS_PORT) is already in use by a "
+        "process this stack did not start; stop that process or set FLEETPULSE_REDIS_PORT "
+        "to a free port"
+    )
+    assert not (tmp_path / "stack" / "run" / "redis.pid").exists()
+
+
+def test_up_twice_changes_nothing_and_down_stops_only_its_own(
+    stack: Stack, settings: Settings, tmp_path: Path
+) -> None:
+    s = msgspec.structs.replace(
+        settings, stack_dir=str(tmp_path / "stack"), redis_port=_free_port()
+    )
+    own = Stack(s)
+    assert own.up(["redis"]) == ["redis"]
+    pid = own.pidfile(own.service("redis")).running_pid()
+    assert pid is not None
+    assert own.up(["redis"]) == []  # already running: left alone
+    assert own.pidfile(own.service("redis")).running_pid() == pid
+    own.down()
+    assert own.pidfile(own.service("redis")).running_pid() is None
+    assert (
+        not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    )
+    # The shared stack was not touched by the other stack's down.
+    assert all(healthy for *_r, healthy in stack.status())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
