@@ -94,6 +94,10 @@ bench-query *ARGS: stack-up
 bench-freshness *ARGS: stack-up
     {{py}} -m bench.freshness {{ARGS}}
 
+# py-spy profile of one dataflow process draining a pre-filled topic (writes bench/results)
+bench-profile *ARGS: stack-up
+    {{py}} -m bench.profile_flow {{ARGS}}
+
 # every benchmark, one after the other (each writes bench/results and bench/README.md)
 bench: bench-ingest bench-dataflow bench-drain bench-freshness bench-query
 

@@ -96,3 +96,34 @@ def write_results(name: str, results: dict[str, Any], table: str, command: str) 
         text = text.rstrip("\n") + f"\n\n## {name}\n\n{section}\n"
     readme.write_text(text)
     return out
+
+
+def bar_chart(
+    name: str, labels: list[str], series: dict[str, list[float]], xlabel: str, title: str
+) -> Path:
+    """A horizontal grouped bar chart saved as bench/results/<name>.png; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.6 + 0.45 * len(labels) * max(1, len(series))))
+    height = 0.8 / max(1, len(series))
+    for i, (legend, values) in enumerate(series.items()):
+        ys = [y + i * height for y in range(len(labels))]
+        bars = ax.barh(ys, values, height=height, label=legend)
+        for bar, v in zip(bars, values, strict=True):
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v:,.0f}", va="center")
+    ax.set_yticks([y + 0.4 - height / 2 for y in range(len(labels))], labels)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    top = max((v for values in series.values() for v in values), default=1)
+    ax.set_xlim(0, top * 1.25)
+    if len(series) > 1:
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    out = BENCH / "results" / f"{name}.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

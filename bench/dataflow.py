@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 from confluent_kafka import KafkaError, Message, Producer
 
-from bench.common import progress, write_results
+from bench.common import bar_chart, progress, write_results
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings, load_settings
 from state.connect import connect
@@ -214,6 +214,17 @@ def main() -> int:
             f"p50 {f['p50_ms']} ms, p99 {f['p99_ms']} ms, max {f['max_ms']} ms "
             f"({f['observed']}/{f['sent']} seen) |\n"
         )
+    png = bar_chart(
+        "dataflow",
+        [f"{d['processes']} process(es)" for d in drains],
+        {
+            "after the first write": [d["reports_per_s_from_first_write"] for d in drains],
+            "start-up included": [d["reports_per_s_from_start"] for d in drains],
+        },
+        "reports/s, pre-filled topic to final live state in Redis",
+        "Dataflow drain",
+    )
+    table += f"\n![dataflow]({png.relative_to(png.parent.parent)})\n"
     command = "just bench-dataflow  (python -m bench.dataflow " + " ".join(sys.argv[1:]) + ")"
     out = write_results("dataflow", {"drain": drains, "freshness": fresh}, table, command)
     print(table)

@@ -203,7 +203,7 @@ def main() -> int:
             f"| {r['reports_per_s_after_first_write']} |\n"
         )
     png = _plot(runs)
-    table += f"\n![drain]({png.name})\n"
+    table += f"\n![drain]({png.relative_to(png.parent.parent)})\n"
     command = "just bench-drain  (python -m bench.drain " + " ".join(sys.argv[1:]) + ")"
     meta = {"robots": args.robots, "reports": args.robots * per_robot, "partitions": 12}
     out = write_results("drain", {"workload": meta, "runs": runs}, table, command)

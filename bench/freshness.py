@@ -28,7 +28,7 @@ import httpx
 import msgspec
 
 from api.auth import hash_token, new_token
-from bench.common import progress, write_results
+from bench.common import bar_chart, progress, write_results
 from bench.dataflow import _free_port, _start, _stop
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings, load_settings, to_env
@@ -191,6 +191,14 @@ def main() -> int:
             f"| {r['rate']} | {r['dataflow_processes']} | {r['acked']} | {r['visible']} "
             f"| {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} |\n"
         )
+    png = bar_chart(
+        "freshness",
+        [f"{r['rate']:,} reports/s" for r in rows],
+        {k: [float(r[f"{k}_ms"]) for r in rows] for k in ("p50", "p99", "max")},
+        "ms from HTTP 202 to the state visible in Redis",
+        f"Freshness end to end ({args.procs} dataflow processes)",
+    )
+    table += f"\n![freshness]({png.relative_to(png.parent.parent)})\n"
     command = "just bench-freshness  (python -m bench.freshness " + " ".join(sys.argv[1:]) + ")"
     out = write_results("freshness", {"rows": rows}, table, command)
     print(table)

@@ -26,7 +26,7 @@ import msgspec
 from confluent_kafka.admin import AdminClient
 
 from api.auth import hash_token, new_token
-from bench.common import need_tool, progress, write_results
+from bench.common import bar_chart, need_tool, progress, write_results
 from deploy.local.services import ensure_topics
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings, load_settings
@@ -161,6 +161,14 @@ def main() -> int:
             f"| {r['requests_per_s']:.0f} | {r['reports_per_s']:.0f} "
             f"| {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['non2xx']} |\n"
         )
+    png = bar_chart(
+        "ingest",
+        [f"{r['scenario']}, {r['workers']} worker(s)" for r in rows],
+        {"accepted reports/s": [r["reports_per_s"] for r in rows]},
+        "accepted reports/s (202 = acknowledged by Kafka, acks=all)",
+        "Ingest on the durable path",
+    )
+    table += f"\n![ingest]({png.relative_to(png.parent.parent)})\n"
     command = f"just bench-ingest  (python -m bench.ingest --seconds {args.seconds})"
     out = write_results("ingest", {"rows": rows, "load_tool": "wrk 4.1.0"}, table, command)
     print(table)

@@ -34,7 +34,7 @@ import httpx
 import msgspec
 
 from api.auth import hash_token, new_token
-from bench.common import need_tool, progress, write_results
+from bench.common import bar_chart, need_tool, progress, write_results
 from deploy.local.stack import Stack
 from fleetpulse.schema import STATUSES, LiveState, Pose, RobotReport
 from fleetpulse.settings import Settings, load_settings
@@ -226,7 +226,17 @@ def main() -> int:
             f"| {r['requests_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
             f"| {r['max_ms']:.1f} | {r['kib_per_response']} | {r['non2xx']} |\n"
         )
-    command = f"python -m bench.query --seconds {args.seconds} --robots {args.robots}"
+    png = bar_chart(
+        "query",
+        [f"{r['scenario']}, {r['workers']} worker(s)" for r in rows],
+        {"requests/s": [r["requests_per_s"] for r in rows]},
+        f"requests/s with {args.robots:,} robots in Redis (wrk, {args.connections} connections)",
+        "Query API",
+    )
+    table += f"\n![query]({png.relative_to(png.parent.parent)})\n"
+    command = (
+        f"just bench-query  (python -m bench.query --seconds {args.seconds} --robots {args.robots})"
+    )
     results = {
         "rows": rows,
         "robots": args.robots,

@@ -1,0 +1,119 @@
+"""Where the dataflow's time goes: py-spy over one process draining a pre-filled topic.
+
+    python -m bench.profile_flow [--robots 1000] [--reports 200000]
+
+Writes bench/results/profile-dataflow.txt: the share of samples (inclusive) of the
+busiest functions, and of the functions on top of the stack (self time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import msgspec
+from bytewax.recovery import init_db_dir
+
+from bench.common import BENCH, progress
+from bench.dataflow import _all_final
+from deploy.local.stack import Stack
+from fleetpulse.settings import load_settings, to_env
+from state.connect import connect
+from state.reader import RedisStateReader
+from tests.integration.flow_util import FLOW, isolated, produce, report
+
+
+def _frame(frame: str) -> str:
+    # "function (path/to/file.py:123)" -> "function (file.py)"
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.rsplit('/', 1)[-1].split(':')[0]})" if where else name
+
+
+def summarize(raw: Path, top: int = 30) -> str:
+    inclusive: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        if not line.strip():
+            continue
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        frames = [_frame(f) for f in stack.split(";")]
+        own[frames[-1]] += n
+        for f in set(frames):
+            inclusive[f] += n
+    out = [f"{total} samples\n", "inclusive (share of all samples):"]
+    out += [f"  {v / total:6.1%}  {k}" for k, v in inclusive.most_common(top)]
+    out += ["", "self (on top of the stack):"]
+    out += [f"  {v / total:6.1%}  {k}" for k, v in own.most_common(top)]
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--robots", type=int, default=1000)
+    parser.add_argument("--reports", type=int, default=200_000)
+    args = parser.parse_args()
+    settings = load_settings()
+    Stack(settings).up()
+    per_robot = args.reports // args.robots
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        s = isolated(
+            msgspec.structs.replace(settings, trace_sample_ratio=0.0, offline_after_s=3600.0),
+            tmp,
+        )
+        progress(f"filling {args.robots * per_robot} reports")
+        produce(
+            s,
+            (
+                (f"amr-{r:04d}".encode(), msgspec.json.encode(report(f"amr-{r:04d}", seq)))
+                for seq in range(per_robot)
+                for r in range(args.robots)
+            ),
+        )
+        # Recovery set up as build_flow would, so py-spy follows one process (no re-exec).
+        recovery = Path(s.recovery_dir)
+        recovery.mkdir(parents=True)
+        init_db_dir(recovery, s.recovery_partitions)  # type: ignore[no-untyped-call]
+        env = {
+            **os.environ,
+            **to_env(s),
+            "BYTEWAX_RECOVERY_DIRECTORY": str(recovery),
+            "BYTEWAX_SNAPSHOT_INTERVAL": f"{s.snapshot_interval_s:g}",
+            "BYTEWAX_RECOVERY_BACKUP_INTERVAL": "0",
+        }
+        raw = tmp / "raw.txt"
+        spy = str(Path(sys.executable).parent / "py-spy")
+        cmd = [spy, "record", "-r", "200", "--format", "raw", "-o", str(raw), "--",
+               sys.executable, "-m", "bytewax.run", FLOW]  # fmt: skip
+        progress("draining under py-spy")
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        reader = RedisStateReader(connect(s), s)
+        started = time.monotonic()
+        while _all_final(reader, args.robots, per_robot - 1) < args.robots:
+            if proc.poll() is not None or time.monotonic() - started > 600:
+                raise SystemExit("the profiled dataflow stopped or took too long")
+            time.sleep(0.2)
+        subprocess.run(["pkill", "-INT", "-f", f"bytewax.run {FLOW}"], check=False)
+        proc.wait(60)
+        text = summarize(raw)
+    out = BENCH / "results" / "profile-dataflow.txt"
+    out.write_text(
+        f"# python -m bench.profile_flow --robots {args.robots} --reports {args.reports}\n"
+        f"# one dataflow process, recovery on, py-spy at 200 Hz\n{text}"
+    )
+    print(text)
+    progress(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
