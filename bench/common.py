@@ -14,9 +14,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from deploy.local.procs import wait_http_ready
 from fleetpulse.errors import StackError
 
-__all__ = ["BENCH", "machine", "need_tool", "progress", "write_results"]
+__all__ = ["BENCH", "bar_chart", "machine", "need_tool", "progress", "serve_api", "write_results"]
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -127,3 +128,18 @@ def bar_chart(
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def serve_api(role: str, env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    """``python -m api.serve ROLE`` with ``env`` on top of ours, once its /readyz answers."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api.serve", role],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_http_ready(f"http://127.0.0.1:{port}/readyz", proc)
+    except StackError as exc:
+        raise SystemExit(f"the {role} server did not become ready: {exc}") from None
+    return proc

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import httpx
 import msgspec
 
 from api.auth import hash_token, new_token
-from bench.common import bar_chart, progress, write_results
+from bench.common import bar_chart, progress, serve_api, write_results
 from bench.dataflow import _free_port, _start, _stop
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings, load_settings, to_env
@@ -42,24 +41,12 @@ TICK_S = 0.01
 
 def _serve_ingest(s: Settings, token: str, port: int) -> subprocess.Popen[bytes]:
     env = {
-        **os.environ,
         **to_env(s),
         "FLEETPULSE_INGEST_PORT": str(port),
         "FLEETPULSE_API_TOKENS": f"ingest:{hash_token(token)}",
         "FLEETPULSE_API_WORKERS": "2",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api.serve", "ingest"], env=env, stdout=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("ingest server did not become ready")
+    return serve_api("ingest", env, port)
 
 
 async def _load(url: str, token: str, rate: int, seconds: float, acked: dict[Any, int]) -> int:

@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import msgspec
 from confluent_kafka.admin import AdminClient
 
 from api.auth import hash_token, new_token
-from bench.common import bar_chart, need_tool, progress, write_results
+from bench.common import bar_chart, need_tool, progress, serve_api, write_results
 from deploy.local.services import ensure_topics
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings, load_settings
@@ -68,7 +65,6 @@ def _report(i: int) -> dict[str, Any]:
 
 def _serve(settings: Settings, workers: int, token: str, port: int) -> subprocess.Popen[bytes]:
     env = {
-        **os.environ,
         "FLEETPULSE_INGEST_PORT": str(port),
         "FLEETPULSE_TOPIC_REPORTS": TOPIC,
         "FLEETPULSE_API_TOKENS": f"ingest:{hash_token(token)}",
@@ -76,18 +72,7 @@ def _serve(settings: Settings, workers: int, token: str, port: int) -> subproces
         "FLEETPULSE_TRACE_SAMPLE_RATIO": "0.01",
         "FLEETPULSE_LOG_LEVEL": "WARNING",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api.serve", "ingest"], env=env, stdout=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("ingest server did not become ready")
+    return serve_api("ingest", env, port)
 
 
 def _wrk(

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import signal
 import subprocess
@@ -30,11 +29,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import msgspec
 
 from api.auth import hash_token, new_token
-from bench.common import bar_chart, need_tool, progress, write_results
+from bench.common import bar_chart, need_tool, progress, serve_api, write_results
 from deploy.local.stack import Stack
 from fleetpulse.schema import STATUSES, LiveState, Pose, RobotReport
 from fleetpulse.settings import Settings, load_settings
@@ -117,7 +115,6 @@ def _seed(settings: Settings, n: int) -> dict[str, int]:
 
 def _serve(settings: Settings, workers: int, token: str) -> subprocess.Popen[bytes]:
     env = {
-        **os.environ,
         "FLEETPULSE_QUERY_PORT": str(PORT),
         "FLEETPULSE_REDIS_PREFIX": settings.redis_prefix,
         "FLEETPULSE_API_TOKENS": f"read:{hash_token(token)}",
@@ -125,18 +122,7 @@ def _serve(settings: Settings, workers: int, token: str) -> subprocess.Popen[byt
         "FLEETPULSE_TRACE_SAMPLE_RATIO": "0.01",
         "FLEETPULSE_LOG_LEVEL": "WARNING",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api.serve", "query"], env=env, stdout=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{PORT}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("query server did not become ready")
+    return serve_api("query", env, PORT)
 
 
 def _wrk(wrk: str, url: str, lua: str, conns: int, seconds: int, tmp: Path) -> dict[str, Any]:

@@ -21,10 +21,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import httpx
-
 from api.auth import hash_token, new_token
-from deploy.local.procs import log_tail
+from deploy.local.procs import log_tail, wait_http_ready
 from deploy.local.stack import REPO_ROOT, Stack
 from fleetpulse.errors import FleetpulseError, StackError
 from fleetpulse.settings import Settings, load_settings, to_env
@@ -70,20 +68,6 @@ class Child:
     def failure(self) -> str:
         tail = log_tail(self.log) if self.log else ""
         return f"{self.name} exited with {self.proc.returncode}\n{tail}"
-
-
-def _wait_ready(url: str, child: Child, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not child.alive():
-            raise StackError(child.failure())
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise StackError(f"{child.name} was not ready at {url} after {timeout_s:.0f}s")
 
 
 def _where_to_look(s: Settings, read_token: str, ingest_token: str, robot: str) -> str:
@@ -153,8 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         children.append(ingest)
         query = Child("query", [py, "-m", "api.serve", "query"], env, logs / "query.log")
         children.append(query)
-        _wait_ready(f"http://127.0.0.1:{base.ingest_port}/readyz", ingest)
-        _wait_ready(f"http://127.0.0.1:{base.query_port}/readyz", query)
+        wait_http_ready(f"http://127.0.0.1:{base.ingest_port}/readyz", ingest.proc, 60, ingest.log)
+        wait_http_ready(f"http://127.0.0.1:{base.query_port}/readyz", query.proc, 60, query.log)
         if not flow.alive():
             raise StackError(flow.failure())
         print(_where_to_look(base, read_token, ingest_token, "amr-000"), flush=True)

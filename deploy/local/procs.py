@@ -26,6 +26,7 @@ __all__ = [
     "port_in_use",
     "run_with_progress",
     "spawn",
+    "wait_http_ready",
 ]
 
 
@@ -183,3 +184,31 @@ def run_with_progress(
             f"{label} failed (exit {code}); last lines of {log_path}:\n{log_tail(log_path)}"
         )
     sys.stderr.write(f"  {label}: done in {time.monotonic() - started:.0f}s\n")
+
+
+def wait_http_ready(
+    url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.0, log: Path | None = None
+) -> None:
+    """Poll ``url`` until it answers 200; a process that exits or stays unready is a
+    StackError carrying its output (``log``'s tail, or its piped stdout)."""
+    import httpx  # only the callers that start servers pay for it
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        exited = proc.poll() is not None
+        if exited or time.monotonic() > deadline:
+            if not exited:
+                proc.kill()
+                proc.wait(10)
+            if log is not None:
+                out = log_tail(log)
+            else:
+                out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            what = f"exited with {proc.returncode}" if exited else f"not ready in {timeout_s:g}s"
+            raise StackError(f"{url}: the server {what}\n{out}")
+        time.sleep(0.2)

@@ -6,13 +6,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import httpx
 import pytest
 
 from api.auth import hash_token, new_token
+from deploy.local.procs import wait_http_ready
+from fleetpulse.errors import StackError
 from fleetpulse.schema import decode_report
 from fleetpulse.settings import Settings
 from tests.integration.kafka_util import consume_all
@@ -41,17 +42,10 @@ def test_granian_ingest_server_accepts_reports_into_kafka(
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                out = proc.stdout.read().decode() if proc.stdout else ""
-                pytest.fail(f"ingest server did not become ready:\n{out}")
-            time.sleep(0.2)
+        try:
+            wait_http_ready(f"{base}/readyz", proc)
+        except StackError as exc:
+            pytest.fail(f"ingest server did not become ready: {exc}")
         auth = {"Authorization": f"Bearer {token}"}
         for seq in range(10):
             r = httpx.post(f"{base}/v1/reports", json=report("amr-srv", seq=seq), headers=auth)

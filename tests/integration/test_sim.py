@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import httpx
 import pytest
 
 from api.auth import hash_token, new_token
+from deploy.local.procs import wait_http_ready
+from fleetpulse.errors import StackError
 from fleetpulse.schema import RobotReport, decode_report
 from fleetpulse.settings import Settings
 from sim.cli import SIM_TOKEN_ENV
@@ -66,18 +67,10 @@ def ingest_server(topic: str) -> Iterator[Server]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                out = proc.stdout.read().decode() if proc.stdout else ""
-                pytest.fail(f"ingest server did not become ready:\n{out}")
-            time.sleep(0.2)
+        try:
+            wait_http_ready(f"{url}/readyz", proc)
+        except StackError as exc:
+            pytest.fail(f"ingest server did not become ready: {exc}")
         yield Server(url, token, topic)
     finally:
         proc.send_signal(signal.SIGINT)

@@ -28,6 +28,8 @@ import pytest
 import api.stream
 from api.app import create_app
 from api.stream import ChangeHub, Subscription, event_stream, parse_event_id
+from deploy.local.procs import wait_http_ready
+from fleetpulse.errors import StackError
 from fleetpulse.schema import STATUSES
 from fleetpulse.settings import Settings, to_env
 from state import decode_change
@@ -92,18 +94,10 @@ def query_server(settings: Settings, workers: int = 2) -> Iterator[str]:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                out = proc.stdout.read().decode() if proc.stdout else ""
-                pytest.fail(f"query server did not become ready:\n{out}")
-            time.sleep(0.2)
+        try:
+            wait_http_ready(f"{base}/readyz", proc)
+        except StackError as exc:
+            pytest.fail(f"query server did not become ready: {exc}")
         yield base
     finally:
         proc.send_signal(signal.SIGINT)
