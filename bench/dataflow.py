@@ -27,11 +27,11 @@ import msgspec
 from confluent_kafka import KafkaError, Message, Producer
 
 from bench.common import bar_chart, progress, write_results
+from deploy.local.harness import FlowProcess, isolated, produce, report
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings, load_settings
 from state.connect import connect
 from state.reader import RedisStateReader, StateChanged, decode_change
-from tests.integration.flow_util import FlowProcess, isolated, produce, report
 
 
 def _free_port() -> int:

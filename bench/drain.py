@@ -27,11 +27,11 @@ import msgspec
 
 from bench.common import BENCH, REPO, progress, write_results
 from bench.dataflow import _all_final, _start
+from deploy.local.harness import BASE_TS, isolated, produce, report
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings, load_settings, to_env
 from state.connect import connect
 from state.reader import RedisStateReader
-from tests.integration.flow_util import BASE_TS, isolated, produce, report
 
 QUIX_VENV = BENCH / ".venv-quix"
 QUIX_PINS = ["quixstreams==3.28.1", "msgspec==0.22.0", "redis[hiredis]==8.1.0"]

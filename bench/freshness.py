@@ -29,11 +29,11 @@ import msgspec
 from api.auth import hash_token, new_token
 from bench.common import bar_chart, progress, serve_api, write_results
 from bench.dataflow import _free_port, _start, _stop
+from deploy.local.harness import isolated, report
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings, load_settings, to_env
 from state.connect import connect
 from state.reader import RedisStateReader, StateChanged, decode_change
-from tests.integration.flow_util import isolated, report
 
 ROBOTS = 1000
 TICK_S = 0.01

@@ -22,11 +22,11 @@ from bytewax.recovery import init_db_dir
 
 from bench.common import BENCH, progress
 from bench.dataflow import _all_final
+from deploy.local.harness import FLOW, isolated, produce, report
 from deploy.local.stack import Stack
 from fleetpulse.settings import load_settings, to_env
 from state.connect import connect
 from state.reader import RedisStateReader
-from tests.integration.flow_util import FLOW, isolated, produce, report
 
 
 def _frame(frame: str) -> str:

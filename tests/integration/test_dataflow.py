@@ -15,11 +15,11 @@ from bytewax.dataflow import Dataflow
 from bytewax.testing import cluster_main, run_main
 
 from dataflows.fleet import build_flow
+from deploy.local.harness import BASE_TS, encoded, isolated, produce, report
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings
 from state.connect import connect
 from state.reader import RedisStateReader
-from tests.integration.flow_util import BASE_TS, encoded, isolated, produce, report
 from tests.integration.kafka_util import consume_all
 
 RUNNERS: dict[str, Callable[[Dataflow], None]] = {

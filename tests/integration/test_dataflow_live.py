@@ -10,12 +10,12 @@ from typing import Any
 import msgspec
 import pytest
 
+from deploy.local.harness import FlowProcess, encoded, isolated, produce, report, wait_until
 from deploy.local.stack import Stack
 from fleetpulse.schema import LiveState
 from fleetpulse.settings import Settings
 from state.connect import connect
 from state.reader import RedisStateReader
-from tests.integration.flow_util import FlowProcess, encoded, isolated, produce, report, wait_until
 
 
 def _reader(s: Settings) -> RedisStateReader:

@@ -19,10 +19,10 @@ from typing import Any
 
 import httpx
 
+from deploy.local.harness import isolated, wait_until
 from deploy.local.procs import port_in_use
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings, to_env
-from tests.integration.flow_util import isolated, wait_until
 from tests.integration.test_ingest_outage import _free_port
 
 

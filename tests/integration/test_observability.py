@@ -16,11 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import create_app
 from api.auth import hash_token, new_token
+from deploy.local.harness import FlowProcess, isolated, produce, report, wait_until
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings
 from state.connect import connect
 from state.reader import RedisStateReader
-from tests.integration.flow_util import FlowProcess, isolated, produce, report, wait_until
 from tests.integration.test_ingest_outage import _free_port
 
 TOKEN = new_token()

@@ -1,4 +1,5 @@
-"""Run the fleet dataflow as users do (``python -m bytewax.run``) and feed it reports."""
+"""Run the fleet dataflow as users do (``python -m bytewax.run``), with settings of its own,
+and feed it reports: shared by the integration tests and the benchmarks."""
 
 from __future__ import annotations
 
