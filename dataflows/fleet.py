@@ -13,7 +13,7 @@ Bytewax keeps no offsets and re-reads the topic from the beginning on every rest
 
 Shape (DESIGN.md, "Dataflow semantics"):
 
-    KafkaSource ──flat_map_batch: key by the message key, keep raw bytes──▶
+    ReportSource (Kafka): key by the message key, keep raw bytes ──▶
     stateful_batch (per robot): decode, order by (boot, seq), live state, alerts,
         offline timers, 1-minute event-time windows; bad data -> dead letters ──▶
     FleetSink: one idempotent Redis batch (state/), alerts and dead letters to Kafka
@@ -27,67 +27,34 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import re
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import msgspec
 from bytewax import operators as op
-from bytewax.connectors.kafka import KafkaError, KafkaSource, KafkaSourceMessage
 from bytewax.dataflow import Dataflow
 from bytewax.operators import StatefulBatchLogic
 from bytewax.recovery import init_db_dir
 
-from dataflows.records import DLQ_KEY, DeadLetter, Out, Raw
+from dataflows.records import DeadLetter, Out, Raw
 from dataflows.robot import RobotState, next_wakeup, on_report, on_restore, on_tick
 from dataflows.rules import Rules
-from dataflows.sink import FleetSink
-from fleetpulse.schema import ROBOT_ID_PATTERN, decode_report
+from dataflows.sink import FleetSink, process_id
+from dataflows.source import ReportSource
+from fleetpulse.schema import decode_report
 from fleetpulse.settings import Settings, load_settings
 from observability.logs import setup_logging
+from observability.metrics import dataflow_metrics
 from observability.tracing import context_from_traceparent, setup_tracing, traceparent_header
 
 __all__ = ["build_flow"]
 
 log = logging.getLogger("fleetpulse.dataflow")
 
-_ROBOT_ID = re.compile(ROBOT_ID_PATTERN)
 _STATE_ENCODER = msgspec.msgpack.Encoder()
 _STATE_DECODER = msgspec.msgpack.Decoder(RobotState)
-
-
-def _key_batch(msgs: list[Any]) -> list[tuple[str, Raw | DeadLetter]]:
-    """Key each message by its Kafka key (the robot id) without decoding the value."""
-    out: list[tuple[str, Raw | DeadLetter]] = []
-    for m in msgs:
-        if isinstance(m, KafkaError):
-            src: KafkaSourceMessage[bytes | None, bytes | None] = m.msg
-            out.append((DLQ_KEY, _dead(src, f"kafka error: {m.err}")))
-            continue
-        key = m.key
-        try:
-            robot = key.decode("ascii") if key else ""
-        except UnicodeDecodeError:
-            robot = ""
-        if _ROBOT_ID.match(robot) is None:
-            out.append((DLQ_KEY, _dead(m, "message key is not a robot id")))
-            continue
-        traceparent = ""
-        for name, value in m.headers:
-            if name == "traceparent" and value:
-                traceparent = value.decode("ascii", "replace")
-        ts = m.timestamp[1] if m.timestamp else 0
-        out.append((robot, (robot, m.value, traceparent, m.partition or 0, m.offset or 0, ts)))
-    return out
-
-
-def _dead(m: KafkaSourceMessage[bytes | None, bytes | None], reason: str) -> DeadLetter:
-    return DeadLetter(
-        key=m.key, value=m.value, reason=reason, partition=m.partition or 0, offset=m.offset or 0
-    )
 
 
 def _sampled(traceparent: str) -> bool:
@@ -194,16 +161,10 @@ def build_flow(settings: Settings | None = None, *, tail: bool = True) -> Datafl
         setup_logging(settings, "fleetpulse-dataflow")
     _recovery_on_by_default(settings)
     rules = Rules.from_settings(settings)
+    metrics = dataflow_metrics(settings.metrics_host, settings.dataflow_metrics_port, process_id())
     flow = Dataflow("fleetpulse")
-    source = KafkaSource(
-        [settings.kafka_bootstrap_servers],
-        [settings.topic_reports],
-        tail=tail,
-        batch_size=2000,
-        raise_on_errors=False,
-    )
-    msgs = op.input("reports", flow, source)
-    keyed = op.flat_map_batch("key_by_robot", msgs, _key_batch)
+    # Items arrive keyed by robot (the Kafka key), values still raw bytes.
+    keyed = op.input("reports", flow, ReportSource(settings, metrics, tail=tail))
 
     def builder(resume: bytes | None) -> RobotLogic:
         return RobotLogic(rules, settings, resume)

@@ -16,6 +16,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     start_http_server,
@@ -109,6 +110,12 @@ class DataflowMetrics:
         self.writes = Counter(
             "fleetpulse_flow_redis_batches", "Batches written to Redis.", registry=r
         )
+        self.consumer_lag = Gauge(
+            "fleetpulse_flow_consumer_lag",
+            "Messages of a reports-topic partition not yet read by this process.",
+            ["partition"],
+            registry=r,
+        )
 
 
 _lock = threading.Lock()
@@ -118,8 +125,7 @@ _flow_metrics: DataflowMetrics | None = None
 def dataflow_metrics(host: str, port: int, process_id: int) -> DataflowMetrics:
     """This process's dataflow metrics, served once on ``host:port + process_id`` (port 0: not).
 
-    They live in the default registry, beside Bytewax's own Kafka consumer-lag gauge
-    (``bytewax_kafka_consumer_lag``), so one scrape shows both.
+    They live in the default registry, so Bytewax's own metrics show in the same scrape.
     """
     global _flow_metrics
     with _lock:
