@@ -14,7 +14,6 @@ written to Redis (the change stream's entry id is Redis's clock in ms, same mach
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import tempfile
 import threading
@@ -28,23 +27,17 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from bench.common import bar_chart, progress, write_results
 from deploy.local.harness import FlowProcess, isolated, produce, report
+from deploy.local.procs import free_port
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings, load_settings
 from state.connect import connect
 from state.reader import RedisStateReader, StateChanged, decode_change
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _start(s: Settings, procs: int, tmp: Path, name: str) -> list[FlowProcess]:
     if procs == 1:
         return [FlowProcess(s, tmp / f"{name}.log")]
-    addresses = ";".join(f"127.0.0.1:{_free_port()}" for _ in range(procs))
+    addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(procs))
     return [
         FlowProcess(s, tmp / f"{name}-{i}.log", ["-i", str(i), "-a", addresses])
         for i in range(procs)

@@ -28,8 +28,9 @@ import msgspec
 
 from api.auth import hash_token, new_token
 from bench.common import bar_chart, progress, serve_api, write_results
-from bench.dataflow import _free_port, _start, _stop
+from bench.dataflow import _start, _stop
 from deploy.local.harness import isolated, report
+from deploy.local.procs import free_port
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings, load_settings, to_env
 from state.connect import connect
@@ -86,7 +87,7 @@ async def _load(url: str, token: str, rate: int, seconds: float, acked: dict[Any
 def measure(base: Settings, tmp: Path, rate: int, seconds: float, procs: int) -> dict[str, Any]:
     s = isolated(base, tmp)
     token = new_token()
-    port = _free_port()
+    port = free_port()
     reader = RedisStateReader(connect(s), s)
     flows = _start(s, procs, tmp, f"fresh{rate}")
     server = _serve_ingest(s, token, port)

@@ -22,6 +22,7 @@ from fleetpulse.errors import StackError
 
 __all__ = [
     "PidFile",
+    "free_port",
     "log_tail",
     "port_in_use",
     "run_with_progress",
@@ -212,3 +213,11 @@ def wait_http_ready(
             what = f"exited with {proc.returncode}" if exited else f"not ready in {timeout_s:g}s"
             raise StackError(f"{url}: the server {what}\n{out}")
         time.sleep(0.2)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

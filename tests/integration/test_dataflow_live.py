@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ import msgspec
 import pytest
 
 from deploy.local.harness import FlowProcess, encoded, isolated, produce, report, wait_until
+from deploy.local.procs import free_port
 from deploy.local.stack import Stack
 from fleetpulse.schema import LiveState
 from fleetpulse.settings import Settings
@@ -181,13 +181,6 @@ def test_kill9_midstream_then_restart_gives_the_uninterrupted_result(
         assert got[robot] == want[robot], robot
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def test_two_process_cluster_matches_one_process(
     stack: Stack, settings: Settings, tmp_path: Path
 ) -> None:
@@ -214,7 +207,7 @@ def test_two_process_cluster_matches_one_process(
     two = msgspec.structs.replace(
         base, redis_prefix=base.redis_prefix + "two", recovery_dir=str(tmp_path / "two")
     )
-    addresses = f"127.0.0.1:{_free_port()};127.0.0.1:{_free_port()}"
+    addresses = f"127.0.0.1:{free_port()};127.0.0.1:{free_port()}"
     flows = [
         FlowProcess(two, tmp_path / f"two-{i}.log", ["-i", str(i), "-a", addresses]) for i in (0, 1)
     ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 from litestar.testing import TestClient
 
 from api.app import create_app
+from deploy.local.procs import free_port
 from deploy.local.services import Kafka, ensure_topics
 from deploy.local.stack import Stack
 from fleetpulse.errors import StackError
@@ -24,21 +24,14 @@ from tests.integration.test_ingest import INGEST, ingest_settings, report
 BOUND_S = 2.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def private_kafka(stack: Stack, settings: Settings, tmp_path: Path) -> Iterator[Stack]:
     """A second single-node Kafka in a temporary folder, sharing the provisioned jars."""
     own = msgspec.structs.replace(
         settings,
         stack_dir=str(tmp_path / "stack"),
-        kafka_port=_free_port(),
-        kafka_controller_port=_free_port(),
+        kafka_port=free_port(),
+        kafka_controller_port=free_port(),
         kafka_bootstrap=None,
         kafka_heap_mb=512,
     )

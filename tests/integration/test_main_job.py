@@ -20,10 +20,9 @@ from typing import Any
 import httpx
 
 from deploy.local.harness import isolated, wait_until
-from deploy.local.procs import port_in_use
+from deploy.local.procs import free_port, port_in_use
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings, to_env
-from tests.integration.test_ingest_outage import _free_port
 
 
 def test_main_job_runs_ten_robots_through_the_pipeline(
@@ -36,9 +35,9 @@ def test_main_job_runs_ten_robots_through_the_pipeline(
         window_s=5,
         allowed_lateness_s=0.5,
         trace_sample_ratio=1.0,
-        ingest_port=_free_port(),
-        query_port=_free_port(),
-        dataflow_metrics_port=_free_port(),
+        ingest_port=free_port(),
+        query_port=free_port(),
+        dataflow_metrics_port=free_port(),
     )
     env = {**os.environ, **to_env(s)}
     started = time.time()

@@ -17,11 +17,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.app import create_app
 from api.auth import hash_token, new_token
 from deploy.local.harness import FlowProcess, isolated, produce, report, wait_until
+from deploy.local.procs import free_port
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings
 from state.connect import connect
 from state.reader import RedisStateReader
-from tests.integration.test_ingest_outage import _free_port
 
 TOKEN = new_token()
 
@@ -113,7 +113,7 @@ def _sum(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: st
 
 
 def test_metrics_equal_a_known_workload(stack: Stack, settings: Settings, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     s = _with_token(
         isolated(settings, tmp_path), trace_sample_ratio=0.0, dataflow_metrics_port=port
     )

@@ -12,13 +12,12 @@ import httpx
 import pytest
 
 from api.auth import hash_token, new_token
-from deploy.local.procs import wait_http_ready
+from deploy.local.procs import free_port, wait_http_ready
 from fleetpulse.errors import StackError
 from fleetpulse.schema import decode_report
 from fleetpulse.settings import Settings
 from tests.integration.kafka_util import consume_all
 from tests.integration.test_ingest import report
-from tests.integration.test_ingest_outage import _free_port
 
 
 def test_granian_ingest_server_accepts_reports_into_kafka(
@@ -26,7 +25,7 @@ def test_granian_ingest_server_accepts_reports_into_kafka(
 ) -> None:
     topic = make_topic(3)
     token = new_token()
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "FLEETPULSE_INGEST_PORT": str(port),

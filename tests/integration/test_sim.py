@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,21 +18,12 @@ from typing import Any
 import pytest
 
 from api.auth import hash_token, new_token
-from deploy.local.procs import wait_http_ready
+from deploy.local.procs import free_port, wait_http_ready
 from fleetpulse.errors import StackError
 from fleetpulse.schema import RobotReport, decode_report
 from fleetpulse.settings import Settings
 from sim.cli import SIM_TOKEN_ENV
 from tests.integration.kafka_util import consume_all
-
-
-def _free_port() -> int:
-    # Not imported from test_ingest_outage: that module imports the whole app in-process,
-    # and this file only needs the server as a subprocess.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass(frozen=True)
@@ -51,7 +41,7 @@ def _clean_env() -> dict[str, str]:
 @contextmanager
 def ingest_server(topic: str) -> Iterator[Server]:
     """`python -m api.serve ingest` on a free port, writing to ``topic``."""
-    token, port = new_token(), _free_port()
+    token, port = new_token(), free_port()
     env = {
         **_clean_env(),
         "FLEETPULSE_INGEST_PORT": str(port),
@@ -224,7 +214,7 @@ def test_a_wrong_token_is_counted_as_rejected_and_fails_the_run(server: Server) 
 
 
 def test_nothing_reachable_fails_clearly() -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     rc, summary, err = sim("--duration", "1", "--rate", "5", "--url", url, "--token", "t")
     assert rc == 1

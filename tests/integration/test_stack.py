@@ -17,6 +17,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
+from deploy.local.procs import free_port
 from deploy.local.stack import Stack
 from fleetpulse.errors import StackError
 from fleetpulse.settings import Settings
@@ -161,9 +162,7 @@ def test_a_taken_port_is_reported_with_its_setting(settings: Settings, tmp_path:
 def test_up_twice_changes_nothing_and_down_stops_only_its_own(
     stack: Stack, settings: Settings, tmp_path: Path
 ) -> None:
-    s = msgspec.structs.replace(
-        settings, stack_dir=str(tmp_path / "stack"), redis_port=_free_port()
-    )
+    s = msgspec.structs.replace(settings, stack_dir=str(tmp_path / "stack"), redis_port=free_port())
     own = Stack(s)
     assert own.up(["redis"]) == ["redis"]
     pid = own.pidfile(own.service("redis")).running_pid()
@@ -177,12 +176,3 @@ def test_up_twice_changes_nothing_and_down_stops_only_its_own(
     )
     # The shared stack was not touched by the other stack's down.
     assert all(healthy for *_r, healthy in stack.status())
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import socket
 import subprocess
 import threading
 import time
@@ -32,6 +31,7 @@ from hypothesis import strategies as st
 
 import state.reader
 import state.writer
+from deploy.local.procs import free_port
 from fleetpulse.errors import ConfigError
 from fleetpulse.schema import (
     STATUSES,
@@ -248,12 +248,6 @@ class Store:
     dump: Callable[[], dict[str, Any]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class SentinelGroup:
     master_port: int
@@ -274,7 +268,7 @@ class SentinelGroup:
 def sentinel_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelGroup]:
     """A master, a replica and one sentinel (quorum 1), private to this module."""
     root: Path = tmp_path_factory.mktemp("sentinel")
-    group = SentinelGroup(_free_port(), _free_port(), _free_port())
+    group = SentinelGroup(free_port(), free_port(), free_port())
     common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(root)]
     conf = root / "sentinel.conf"
     conf.write_text(

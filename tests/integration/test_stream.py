@@ -28,12 +28,11 @@ import pytest
 import api.stream
 from api.app import create_app
 from api.stream import ChangeHub, Subscription, event_stream, parse_event_id
-from deploy.local.procs import wait_http_ready
+from deploy.local.procs import free_port, wait_http_ready
 from fleetpulse.errors import StackError
 from fleetpulse.schema import STATUSES
 from fleetpulse.settings import Settings, to_env
 from state import decode_change
-from tests.integration.test_ingest_outage import _free_port
 from tests.integration.test_query_api import INGEST, READ, Fleet, private_fleet
 from tests.integration.test_state_contract import alert, live, read_changes
 
@@ -77,7 +76,7 @@ def fleet(stack: object, settings: Settings) -> Iterator[Fleet]:
 @contextmanager
 def query_server(settings: Settings, workers: int = 2) -> Iterator[str]:
     """`python -m api.serve query` on a free port; yields its base URL."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         **to_env(settings),
