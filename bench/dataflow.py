@@ -26,7 +26,7 @@ import msgspec
 from confluent_kafka import KafkaError, Message, Producer
 
 from bench.common import bar_chart, progress, write_results
-from deploy.local.harness import FlowProcess, isolated, produce, report
+from deploy.local.harness import FlowProcess, isolated, produce, remove_made, report
 from deploy.local.procs import free_port
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings, load_settings
@@ -190,10 +190,13 @@ def main() -> int:
     settings = load_settings()
     Stack(settings).up()
     settings = msgspec.structs.replace(settings, trace_sample_ratio=0.0, offline_after_s=600.0)
-    with tempfile.TemporaryDirectory() as tmpdir:
-        tmp = Path(tmpdir)
-        drains = [drain(settings, tmp, p, args.robots, args.reports) for p in args.procs]
-        fresh = [freshness(settings, tmp, p, args.rate, args.seconds) for p in args.procs]
+    try:
+        with tempfile.TemporaryDirectory() as tmpdir:
+            tmp = Path(tmpdir)
+            drains = [drain(settings, tmp, p, args.robots, args.reports) for p in args.procs]
+            fresh = [freshness(settings, tmp, p, args.rate, args.seconds) for p in args.procs]
+    finally:
+        remove_made(settings)  # the topics and keys this run made
     table = "| measure | processes | figure |\n| --- | --- | --- |\n"
     for d in drains:
         table += (

@@ -28,7 +28,7 @@ import msgspec
 
 from bench.common import BENCH, REPO, progress, write_results
 from bench.dataflow import _all_final, _start
-from deploy.local.harness import BASE_TS, isolated, produce, report
+from deploy.local.harness import BASE_TS, isolated, produce, remove_made, report
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings, load_settings, to_env
 from state.connect import connect
@@ -148,61 +148,68 @@ def main() -> int:
         settings, trace_sample_ratio=0.0, offline_after_s=3600.0, dataflow_metrics_port=0
     )
     per_robot = args.reports // args.robots
-    with tempfile.TemporaryDirectory() as tmpdir:
-        tmp = Path(tmpdir)
-        base = isolated(settings, tmp)
-        progress(f"filling {args.robots * per_robot} reports into {base.topic_reports}")
-        produce(
-            base,
-            (
-                (f"amr-{r:04d}".encode(), msgspec.json.encode(report(f"amr-{r:04d}", seq)))
-                for seq in range(per_robot)
-                for r in range(args.robots)
-            ),
-        )
-
-        rnd = [0]  # the current round: each run writes a Redis prefix of its own
-
-        def own(tag: str) -> Settings:
-            tag = f"{tag}r{rnd[0]}"
-            return msgspec.structs.replace(
-                base, redis_prefix=f"{base.redis_prefix}{tag}", recovery_dir=str(tmp / tag)
+    try:
+        with tempfile.TemporaryDirectory() as tmpdir:
+            tmp = Path(tmpdir)
+            base = isolated(settings, tmp)
+            progress(f"filling {args.robots * per_robot} reports into {base.topic_reports}")
+            produce(
+                base,
+                (
+                    (f"amr-{r:04d}".encode(), msgspec.json.encode(report(f"amr-{r:04d}", seq)))
+                    for seq in range(per_robot)
+                    for r in range(args.robots)
+                ),
             )
 
-        def flow(procs: int) -> Engine:
-            label = f"(a) Bytewax flow, {procs} process{'es' if procs > 1 else ''}"
-            return Engine(label, lambda: _start(own(f"bw{procs}"), procs, tmp, f"bw{procs}"))
+            rnd = [0]  # the current round: each run writes a Redis prefix of its own
 
-        engines = [flow(1), flow(2)]
-        engines.append(
-            Engine(
-                "(b) raw loop (baseline)",
-                lambda: [
-                    _process([sys.executable, "-m", "bench.baseline"], own("raw"), tmp / "raw.log")
-                ],
-            )
-        )
-        if not args.skip_quix:
-            python = str(_quix_python())
+            def own(tag: str) -> Settings:
+                tag = f"{tag}r{rnd[0]}"
+                return msgspec.structs.replace(
+                    base, redis_prefix=f"{base.redis_prefix}{tag}", recovery_dir=str(tmp / tag)
+                )
+
+            def flow(procs: int) -> Engine:
+                label = f"(a) Bytewax flow, {procs} process{'es' if procs > 1 else ''}"
+                return Engine(label, lambda: _start(own(f"bw{procs}"), procs, tmp, f"bw{procs}"))
+
+            engines = [flow(1), flow(2)]
             engines.append(
                 Engine(
-                    "(c) Quix Streams 3.28",
+                    "(b) raw loop (baseline)",
                     lambda: [
-                        _process([python, "-m", "bench.quix_job"], own("quix"), tmp / "quix.log")
+                        _process(
+                            [sys.executable, "-m", "bench.baseline"], own("raw"), tmp / "raw.log"
+                        )
                     ],
                 )
             )
-        tags = ["bw1", "bw2", "raw", "quix"]
-        rounds: list[list[dict[str, Any]]] = []
-        for i in range(args.repeat):  # rounds interleave the engines: noise hits all alike
-            rnd[0] = i
-            progress(f"round {i + 1} of {args.repeat}")
-            rounds.append(
-                [
-                    _timed(e, own(tag), args.robots, per_robot)
-                    for e, tag in zip(engines, tags, strict=False)
-                ]
-            )
+            if not args.skip_quix:
+                python = str(_quix_python())
+                engines.append(
+                    Engine(
+                        "(c) Quix Streams 3.28",
+                        lambda: [
+                            _process(
+                                [python, "-m", "bench.quix_job"], own("quix"), tmp / "quix.log"
+                            )
+                        ],
+                    )
+                )
+            tags = ["bw1", "bw2", "raw", "quix"]
+            rounds: list[list[dict[str, Any]]] = []
+            for i in range(args.repeat):  # rounds interleave the engines: noise hits all alike
+                rnd[0] = i
+                progress(f"round {i + 1} of {args.repeat}")
+                rounds.append(
+                    [
+                        _timed(e, own(tag), args.robots, per_robot)
+                        for e, tag in zip(engines, tags, strict=False)
+                    ]
+                )
+    finally:
+        remove_made(settings)  # the topics and keys this run made
     runs = [_median([r[k] for r in rounds]) for k in range(len(rounds[0]))]
     raw = next(r for r in runs if r["engine"].startswith("(b)"))
     for r in runs:

@@ -29,7 +29,7 @@ import msgspec
 from api.auth import hash_token, new_token
 from bench.common import bar_chart, progress, serve_api, write_results
 from bench.dataflow import _start, _stop
-from deploy.local.harness import isolated, report
+from deploy.local.harness import isolated, remove_made, report
 from deploy.local.procs import free_port
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings, load_settings, to_env
@@ -168,8 +168,13 @@ def main() -> int:
     settings = msgspec.structs.replace(
         settings, trace_sample_ratio=0.0, offline_after_s=3600.0, dataflow_metrics_port=0
     )
-    with tempfile.TemporaryDirectory() as tmpdir:
-        rows = [measure(settings, Path(tmpdir), r, args.seconds, args.procs) for r in args.rates]
+    try:
+        with tempfile.TemporaryDirectory() as tmpdir:
+            rows = [
+                measure(settings, Path(tmpdir), r, args.seconds, args.procs) for r in args.rates
+            ]
+    finally:
+        remove_made(settings)  # the topics and keys this run made
     table = (
         "| rate (reports/s) | dataflow processes | acked | visible | p50 ms | p99 ms | max ms |\n"
     )

@@ -22,7 +22,7 @@ from bytewax.recovery import init_db_dir
 
 from bench.common import BENCH, progress
 from bench.dataflow import _all_final
-from deploy.local.harness import FLOW, isolated, produce, report
+from deploy.local.harness import FLOW, isolated, produce, remove_made, report
 from deploy.local.stack import Stack
 from fleetpulse.settings import load_settings, to_env
 from state.connect import connect
@@ -64,47 +64,52 @@ def main() -> int:
     settings = load_settings()
     Stack(settings).up()
     per_robot = args.reports // args.robots
-    with tempfile.TemporaryDirectory() as tmpdir:
-        tmp = Path(tmpdir)
-        s = isolated(
-            msgspec.structs.replace(settings, trace_sample_ratio=0.0, offline_after_s=3600.0),
-            tmp,
-        )
-        progress(f"filling {args.robots * per_robot} reports")
-        produce(
-            s,
-            (
-                (f"amr-{r:04d}".encode(), msgspec.json.encode(report(f"amr-{r:04d}", seq)))
-                for seq in range(per_robot)
-                for r in range(args.robots)
-            ),
-        )
-        # Recovery set up as build_flow would, so py-spy follows one process (no re-exec).
-        recovery = Path(s.recovery_dir)
-        recovery.mkdir(parents=True)
-        init_db_dir(recovery, s.recovery_partitions)  # type: ignore[no-untyped-call]
-        env = {
-            **os.environ,
-            **to_env(s),
-            "BYTEWAX_RECOVERY_DIRECTORY": str(recovery),
-            "BYTEWAX_SNAPSHOT_INTERVAL": f"{s.snapshot_interval_s:g}",
-            "BYTEWAX_RECOVERY_BACKUP_INTERVAL": "0",
-        }
-        raw = tmp / "raw.txt"
-        spy = str(Path(sys.executable).parent / "py-spy")
-        cmd = [spy, "record", "-r", "200", "--format", "raw", "-o", str(raw), "--",
-               sys.executable, "-m", "bytewax.run", FLOW]  # fmt: skip
-        progress("draining under py-spy")
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        reader = RedisStateReader(connect(s), s)
-        started = time.monotonic()
-        while _all_final(reader, args.robots, per_robot - 1) < args.robots:
-            if proc.poll() is not None or time.monotonic() - started > 600:
-                raise SystemExit("the profiled dataflow stopped or took too long")
-            time.sleep(0.2)
-        subprocess.run(["pkill", "-INT", "-f", f"bytewax.run {FLOW}"], check=False)
-        proc.wait(60)
-        text = summarize(raw)
+    try:
+        with tempfile.TemporaryDirectory() as tmpdir:
+            tmp = Path(tmpdir)
+            s = isolated(
+                msgspec.structs.replace(settings, trace_sample_ratio=0.0, offline_after_s=3600.0),
+                tmp,
+            )
+            progress(f"filling {args.robots * per_robot} reports")
+            produce(
+                s,
+                (
+                    (f"amr-{r:04d}".encode(), msgspec.json.encode(report(f"amr-{r:04d}", seq)))
+                    for seq in range(per_robot)
+                    for r in range(args.robots)
+                ),
+            )
+            # Recovery set up as build_flow would, so py-spy follows one process (no re-exec).
+            recovery = Path(s.recovery_dir)
+            recovery.mkdir(parents=True)
+            init_db_dir(recovery, s.recovery_partitions)  # type: ignore[no-untyped-call]
+            env = {
+                **os.environ,
+                **to_env(s),
+                "BYTEWAX_RECOVERY_DIRECTORY": str(recovery),
+                "BYTEWAX_SNAPSHOT_INTERVAL": f"{s.snapshot_interval_s:g}",
+                "BYTEWAX_RECOVERY_BACKUP_INTERVAL": "0",
+            }
+            raw = tmp / "raw.txt"
+            spy = str(Path(sys.executable).parent / "py-spy")
+            cmd = [spy, "record", "-r", "200", "--format", "raw", "-o", str(raw), "--",
+                   sys.executable, "-m", "bytewax.run", FLOW]  # fmt: skip
+            progress("draining under py-spy")
+            proc = subprocess.Popen(
+                cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            reader = RedisStateReader(connect(s), s)
+            started = time.monotonic()
+            while _all_final(reader, args.robots, per_robot - 1) < args.robots:
+                if proc.poll() is not None or time.monotonic() - started > 600:
+                    raise SystemExit("the profiled dataflow stopped or took too long")
+                time.sleep(0.2)
+            subprocess.run(["pkill", "-INT", "-f", f"bytewax.run {FLOW}"], check=False)
+            proc.wait(60)
+            text = summarize(raw)
+    finally:
+        remove_made(settings)  # the topics and keys this run made
     out = BENCH / "results" / "profile-dataflow.txt"
     out.write_text(
         f"# python -m bench.profile_flow --robots {args.robots} --reports {args.reports}\n"

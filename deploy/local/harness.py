@@ -26,6 +26,12 @@ FLOW = "dataflows.fleet:build_flow()"
 BASE_TS = 1_795_700_000  # an event-time origin aligned to whole minutes
 
 
+# What isolated() made in this process, so a test session can remove it at its end
+# (only its own: another session may share the stack).
+MADE_TOPICS: list[str] = []
+MADE_PREFIXES: list[str] = []
+
+
 def isolated(settings: Settings, tmp: Path, partitions: int = 12, **over: Any) -> Settings:
     """Settings with their own topics, Redis prefix and recovery folder."""
     tag = uuid.uuid4().hex[:10]
@@ -41,8 +47,38 @@ def isolated(settings: Settings, tmp: Path, partitions: int = 12, **over: Any) -
         **{"dataflow_metrics_port": 0, **over},  # tests that scrape metrics pick a free port
     )
     admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap_servers})
-    ensure_topics(admin, [s.topic_reports, s.topic_dlq, s.topic_alerts], partitions, 1)
+    topics = [s.topic_reports, s.topic_dlq, s.topic_alerts]
+    ensure_topics(admin, topics, partitions, 1)
+    MADE_TOPICS.extend(topics)
+    MADE_PREFIXES.append(s.redis_prefix)
     return s
+
+
+def remove_made(settings: Settings) -> None:
+    """Delete the topics and Redis keys isolated() made in this process."""
+    import redis  # the harness's users that never clean up do not need it
+
+    if MADE_TOPICS:
+        admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+        for future in admin.delete_topics(list(MADE_TOPICS), operation_timeout=30).values():
+            future.result(timeout=60)
+        MADE_TOPICS.clear()
+    if MADE_PREFIXES:
+        client = redis.Redis.from_url(settings.redis_dsn)
+        try:
+            for prefix in MADE_PREFIXES:
+                # Keys are "<prefix>:..."; SCAN here is a test's cleanup, never a request's.
+                batch: list[bytes] = []
+                for key in client.scan_iter(match=f"{prefix}*:*", count=1000):
+                    batch.append(key)
+                    if len(batch) == 1000:
+                        client.unlink(*batch)
+                        batch.clear()
+                if batch:
+                    client.unlink(*batch)
+        finally:
+            client.close()
+        MADE_PREFIXES.clear()
 
 
 def report(

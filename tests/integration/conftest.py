@@ -11,20 +11,22 @@ from collections.abc import Iterator
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from deploy.local.harness import remove_made
 from deploy.local.stack import Stack
 from fleetpulse.errors import StackError
 from fleetpulse.settings import Settings
 
 
 @pytest.fixture(scope="session")
-def stack(settings: Settings) -> Stack:
-    """The local stack, up and healthy."""
+def stack(settings: Settings) -> Iterator[Stack]:
+    """The local stack, up and healthy; what the session's tests made in it goes at the end."""
     stack = Stack(settings)
     try:
         stack.up()
     except StackError as exc:
         pytest.fail(f"the local stack could not start:\n{exc}", pytrace=False)
-    return stack
+    yield stack
+    remove_made(settings)
 
 
 @pytest.fixture(scope="session")
