@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,13 +24,14 @@ from typing import Any
 import msgspec
 from confluent_kafka import KafkaError, Message, Producer
 
+from bench.changes import VisibilityLog
 from bench.common import bar_chart, progress, write_results
 from deploy.local.harness import FlowProcess, isolated, produce, remove_made, report
 from deploy.local.procs import free_port
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings, load_settings
 from state.connect import connect
-from state.reader import RedisStateReader, StateChanged, decode_change
+from state.reader import RedisStateReader
 
 
 def _start(s: Settings, procs: int, tmp: Path, name: str) -> list[FlowProcess]:
@@ -108,29 +108,12 @@ def freshness(base: Settings, tmp: Path, procs: int, rate: int, seconds: int) ->
     reader = RedisStateReader(connect(s), s)
     flows = _start(s, procs, tmp, f"fresh{procs}")
     created: dict[tuple[str, int], int] = {}
-    seen: dict[tuple[str, int], int] = {}
-    stop = threading.Event()
+    visible = VisibilityLog(reader)
+    seen = visible.seen
     try:
         produce(s, [(b"warm-up", msgspec.json.encode(report("warm-up", 0)))])
-        deadline = time.monotonic() + 60
-        while reader.get("warm-up") is None:
-            if time.monotonic() > deadline:
-                raise SystemExit("the dataflow did not start:\n" + flows[0].output())
-            time.sleep(0.1)
-        after = reader.latest_change_id()
-
-        def follow() -> None:
-            nonlocal after
-            while not stop.is_set():
-                for entry_id, payload in reader.changes(after, 1000, block_ms=200):
-                    after = entry_id
-                    event = decode_change(payload)
-                    if isinstance(event, StateChanged):
-                        key = (event.state.report.robot_id, event.state.report.seq)
-                        seen.setdefault(key, int(entry_id.split("-")[0]))
-
-        follower = threading.Thread(target=follow, daemon=True)
-        follower.start()
+        visible.wait_for_flow("warm-up", flows)
+        visible.start()
 
         def delivered(key: tuple[str, int]) -> Callable[[KafkaError | None, Message], None]:
             def on_delivery(err: KafkaError | None, msg: Message) -> None:
@@ -161,7 +144,7 @@ def freshness(base: Settings, tmp: Path, procs: int, rate: int, seconds: int) ->
         while len(seen) < len(created) and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:
-        stop.set()
+        visible.stop()
         _stop(flows)
     lat = sorted(seen[k] - created[k] for k in created if k in seen)
     if not lat:

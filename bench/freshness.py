@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import httpx
 import msgspec
 
 from api.auth import hash_token, new_token
+from bench.changes import VisibilityLog
 from bench.common import bar_chart, progress, serve_api, write_results
 from bench.dataflow import _start, _stop
 from deploy.local.harness import isolated, remove_made, report
@@ -34,7 +34,7 @@ from deploy.local.procs import free_port
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings, load_settings, to_env
 from state.connect import connect
-from state.reader import RedisStateReader, StateChanged, decode_change
+from state.reader import RedisStateReader
 
 ROBOTS = 1000
 TICK_S = 0.01
@@ -91,40 +91,23 @@ def measure(base: Settings, tmp: Path, rate: int, seconds: float, procs: int) ->
     reader = RedisStateReader(connect(s), s)
     flows = _start(s, procs, tmp, f"fresh{rate}")
     server = _serve_ingest(s, token, port)
-    seen: dict[Any, int] = {}
+    visible = VisibilityLog(reader)
+    seen = visible.seen
     acked: dict[Any, int] = {}
-    stop = threading.Event()
     try:
         url = f"http://127.0.0.1:{port}"
         warm = [report("warm-up", 0)]
         httpx.post(f"{url}/v1/reports/batch", json=warm, timeout=10,
                    headers={"Authorization": f"Bearer {token}"})  # fmt: skip
-        deadline = time.monotonic() + 60
-        while reader.get("warm-up") is None:
-            if time.monotonic() > deadline:
-                raise SystemExit("the dataflow did not start:\n" + flows[0].output())
-            time.sleep(0.1)
-        after = reader.latest_change_id()
-
-        def follow() -> None:
-            nonlocal after
-            while not stop.is_set():
-                for entry_id, payload in reader.changes(after, 1000, block_ms=200):
-                    after = entry_id
-                    event = decode_change(payload)
-                    if isinstance(event, StateChanged):
-                        r = event.state.report
-                        seen.setdefault((r.robot_id, r.seq), int(entry_id.split("-")[0]))
-
-        follower = threading.Thread(target=follow, daemon=True)
-        follower.start()
+        visible.wait_for_flow("warm-up", flows)
+        visible.start()
         progress(f"freshness at {rate} reports/s for {seconds:g}s, {procs} dataflow process(es)")
         sent = asyncio.run(_load(url, token, rate, seconds, acked))
         deadline = time.monotonic() + 30
         while len(set(acked) - set(seen)) > 0 and time.monotonic() < deadline:
             time.sleep(0.2)
     finally:
-        stop.set()
+        visible.stop()
         server.send_signal(signal.SIGINT)
         server.wait(20)
         _stop(flows)
