@@ -143,3 +143,31 @@ def serve_api(role: str, env: dict[str, str], port: int) -> subprocess.Popen[byt
     except StackError as exc:
         raise SystemExit(f"the {role} server did not become ready: {exc}") from None
     return proc
+
+
+def run_wrk(
+    wrk: str, url: str, script: str, conns: int, seconds: int, tmp: Path, name: str
+) -> dict[str, Any]:
+    """Run wrk with a Lua ``script`` whose ``done`` hook prints one ``RESULT {json}`` line."""
+    path = tmp / f"{name}.lua"
+    path.write_text(script)
+    out = subprocess.run(
+        [wrk, "-t", "1", "-c", str(conns), "-d", f"{seconds}s", "--timeout", "10s", "-s",
+         str(path), url],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    line = next(x for x in out.splitlines() if x.startswith("RESULT "))
+    result: dict[str, Any] = json.loads(line[len("RESULT ") :])
+    return result
+
+
+def latency_summary(latencies_ms: list[int]) -> dict[str, int]:
+    """p50, p99 and max of a list of latencies (ms); SystemExit when it is empty."""
+    lat = sorted(latencies_ms)
+    if not lat:
+        raise SystemExit("no report became visible")
+    return {
+        "p50_ms": lat[len(lat) // 2],
+        "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+        "max_ms": lat[-1],
+    }

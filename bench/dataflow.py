@@ -25,7 +25,7 @@ import msgspec
 from confluent_kafka import KafkaError, Message, Producer
 
 from bench.changes import VisibilityLog
-from bench.common import bar_chart, progress, write_results
+from bench.common import bar_chart, latency_summary, progress, write_results
 from deploy.local.harness import FlowProcess, isolated, produce, remove_made, report
 from deploy.local.procs import free_port
 from deploy.local.stack import Stack
@@ -147,18 +147,16 @@ def freshness(base: Settings, tmp: Path, procs: int, rate: int, seconds: int) ->
         visible.stop()
         _stop(flows)
     lat = sorted(seen[k] - created[k] for k in created if k in seen)
-    if not lat:
-        raise SystemExit("no state change was observed")
     result = {
         "processes": procs,
         "rate": rate,
         "sent": len(created),
         "observed": len(lat),
-        "p50_ms": lat[len(lat) // 2],
-        "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
-        "max_ms": lat[-1],
+        **latency_summary(lat),
     }
-    progress(f"  -> p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, max {lat[-1]} ms")
+    progress(
+        f"  -> p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, max {result['max_ms']} ms"
+    )
     return result
 
 

@@ -27,7 +27,7 @@ import msgspec
 
 from api.auth import hash_token, new_token
 from bench.changes import VisibilityLog
-from bench.common import bar_chart, progress, serve_api, write_results
+from bench.common import bar_chart, latency_summary, progress, serve_api, write_results
 from bench.dataflow import _start, _stop
 from deploy.local.harness import isolated, remove_made, report
 from deploy.local.procs import free_port
@@ -122,9 +122,6 @@ def measure(base: Settings, tmp: Path, rate: int, seconds: float, procs: int) ->
             nxt += 1
         if t_seen is not None:
             lat.append(t_seen - t_acked)
-    lat.sort()
-    if not lat:
-        raise SystemExit("no report became visible")
     result = {
         "rate": rate,
         "seconds": seconds,
@@ -132,11 +129,11 @@ def measure(base: Settings, tmp: Path, rate: int, seconds: float, procs: int) ->
         "sent": sent,
         "acked": len(acked),
         "visible": len(lat),
-        "p50_ms": lat[len(lat) // 2],
-        "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
-        "max_ms": lat[-1],
+        **latency_summary(lat),
     }
-    progress(f"  -> p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, max {lat[-1]} ms")
+    progress(
+        f"  -> p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, max {result['max_ms']} ms"
+    )
     return result
 
 

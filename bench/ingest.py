@@ -11,7 +11,6 @@ The server is `python -m api.serve ingest` (granian) against the local stack's K
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import msgspec
 from confluent_kafka.admin import AdminClient
 
 from api.auth import hash_token, new_token
-from bench.common import bar_chart, need_tool, progress, serve_api, write_results
+from bench.common import bar_chart, need_tool, progress, run_wrk, serve_api, write_results
 from deploy.local.services import ensure_topics
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings, load_settings
@@ -75,21 +74,6 @@ def _serve(settings: Settings, workers: int, token: str, port: int) -> subproces
     return serve_api("ingest", env, port)
 
 
-def _wrk(
-    wrk: str, url: str, token: str, body: Path, conns: int, seconds: int, tmp: Path
-) -> dict[str, Any]:
-    script = tmp / f"{body.stem}.lua"
-    script.write_text(_LUA % {"token": token, "body": body})
-    out = subprocess.run(
-        [wrk, "-t", "1", "-c", str(conns), "-d", f"{seconds}s", "--timeout", "10s", "-s",
-         str(script), url],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    line = next(x for x in out.splitlines() if x.startswith("RESULT "))
-    result: dict[str, Any] = json.loads(line[len("RESULT ") :])
-    return result
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=10)
@@ -118,8 +102,9 @@ def main() -> int:
             try:
                 for name, route, body, per_request, conns in scenarios:
                     progress(f"{name}, {workers} worker(s), {conns} connections, {args.seconds}s")
-                    r = _wrk(wrk, f"http://127.0.0.1:{port}{route}", token, body, conns,
-                             args.seconds, tmp)  # fmt: skip
+                    script = _LUA % {"token": token, "body": body}
+                    url = f"http://127.0.0.1:{port}{route}"
+                    r = run_wrk(wrk, url, script, conns, args.seconds, tmp, body.stem)
                     ok = r["requests"] - r["non2xx"]
                     secs = r["duration_us"] / 1e6
                     rows.append({

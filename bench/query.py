@@ -18,7 +18,6 @@ key prefix is deleted afterwards.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import signal
 import subprocess
@@ -32,7 +31,7 @@ from typing import Any
 import msgspec
 
 from api.auth import hash_token, new_token
-from bench.common import bar_chart, need_tool, progress, serve_api, write_results
+from bench.common import bar_chart, need_tool, progress, run_wrk, serve_api, write_results
 from deploy.local.stack import Stack
 from fleetpulse.schema import STATUSES, LiveState, Pose, RobotReport
 from fleetpulse.settings import Settings, load_settings
@@ -125,19 +124,6 @@ def _serve(settings: Settings, workers: int, token: str) -> subprocess.Popen[byt
     return serve_api("query", env, PORT)
 
 
-def _wrk(wrk: str, url: str, lua: str, conns: int, seconds: int, tmp: Path) -> dict[str, Any]:
-    script = tmp / "query.lua"
-    script.write_text(lua)
-    out = subprocess.run(
-        [wrk, "-t", "1", "-c", str(conns), "-d", f"{seconds}s", "--timeout", "10s", "-s",
-         str(script), url],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    line = next(x for x in out.splitlines() if x.startswith("RESULT "))
-    result: dict[str, Any] = json.loads(line[len("RESULT ") :])
-    return result
-
-
 def _measure(
     wrk: str, settings: Settings, workers: int, token: str, args: argparse.Namespace, tmp: Path
 ) -> list[dict[str, Any]]:
@@ -159,7 +145,7 @@ def _measure(
             conns = args.connections
             progress(f"{name}: {workers} worker(s), {conns} connections, {args.seconds}s")
             url = f"http://127.0.0.1:{PORT}{path}"
-            r = _wrk(wrk, url, lua, conns, args.seconds, tmp)
+            r = run_wrk(wrk, url, lua, conns, args.seconds, tmp, "query")
             ok = r["requests"] - r["non2xx"]
             rows.append({
                 "scenario": name, "workers": workers, "connections": conns,
