@@ -23,7 +23,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-__all__ = ["ApiMetrics", "DataflowMetrics", "dataflow_metrics", "render"]
+__all__ = ["ApiMetrics", "DataflowMetrics", "dataflow_metrics"]
 
 log = logging.getLogger("fleetpulse.metrics")
 
@@ -144,8 +144,3 @@ def dataflow_metrics(host: str, port: int, process_id: int) -> DataflowMetrics:
                         exc,
                     )
         return _flow_metrics
-
-
-def render(registry: CollectorRegistry) -> bytes:
-    """Exposition text of ``registry``."""
-    return generate_latest(registry)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import threading
-from collections.abc import Iterable, Sequence
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -24,7 +23,6 @@ from fleetpulse.settings import Settings
 
 __all__ = [
     "TracedCalls",
-    "context_from_headers",
     "context_from_traceparent",
     "setup_tracing",
     "traceparent_header",
@@ -74,17 +72,6 @@ def context_from_traceparent(traceparent: str | None) -> Context | None:
         return None
     ctx = _propagator.extract({"traceparent": traceparent})
     return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
-
-
-def context_from_headers(headers: Sequence[tuple[str, bytes]] | Iterable[tuple[str, bytes]]) -> str:
-    """The ``traceparent`` header of a Kafka message as a string ('' when absent).
-
-    Carried as a plain string through the dataflow: items are pickled between workers.
-    """
-    for key, value in headers:
-        if key == "traceparent" and value:
-            return value.decode("ascii", "replace")
-    return ""
 
 
 class TracedCalls:

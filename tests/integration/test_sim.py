@@ -34,7 +34,7 @@ class Server:
 
 
 def _clean_env() -> dict[str, str]:
-    # The simulator's token variable is not a server setting: keep it out of both sides.
+    # A token exported in the developer's shell must not leak into these runs.
     return {k: v for k, v in os.environ.items() if k != SIM_TOKEN_ENV}
 
 
