@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -248,7 +248,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Sequence[str], settings: Settings, environ: Mapping[str, str]) -> Options:
+def parse_args(argv: Sequence[str], settings: Settings) -> Options:
     """Validate the command line; exits with status 2 and a message naming the option."""
     parser = build_parser(settings)
     a = parser.parse_args(argv)
@@ -263,7 +263,7 @@ def parse_args(argv: Sequence[str], settings: Settings, environ: Mapping[str, st
                 )
     if not re.match(r"^https?://[^/\s]+", a.url):
         parser.error(f"argument --url: {a.url!r} is not an http:// or https:// URL")
-    token = a.token or environ.get(SIM_TOKEN_ENV, "")
+    token = a.token or settings.sim_token
     if not token.strip():
         parser.error(
             f"argument --token: no token; pass --token or set {SIM_TOKEN_ENV} "
@@ -458,18 +458,14 @@ async def run(opts: Options, err: TextIO) -> dict[str, Any]:
     return summary(opts, fleet, tally, result, time.monotonic() - started)
 
 
-def _settings(environ: Mapping[str, str]) -> Settings:
-    return load_settings(environ)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m sim``; returns the exit status."""
     try:
-        settings = _settings(os.environ)
+        settings = load_settings()
     except ConfigError as exc:
         print(f"sim: error: {exc}", file=sys.stderr)
         return 2
-    opts = parse_args(sys.argv[1:] if argv is None else argv, settings, os.environ)
+    opts = parse_args(sys.argv[1:] if argv is None else argv, settings)
     mode = f"batches of up to {opts.batch}" if opts.batch else "single posts"
     print(
         f"sim: {opts.fleet.robots} robots x {opts.fleet.rate:g}/s -> {opts.url} ({mode}), "

@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from fleetpulse.schema import STATUSES, RobotReport, decode_report, decode_reports, encode
-from fleetpulse.settings import Settings
+from fleetpulse.settings import load_settings
 from sim.cli import SIM_TOKEN_ENV, main, parse_args
 from sim.client import Poster, Sender, Tally, _retry_after, drive
 from sim.fleet import Delivery, Fleet, FleetConfig, RebootSpec, SilenceSpec, robot_ids
@@ -249,7 +249,7 @@ def test_a_fleet_needs_an_aware_epoch() -> None:
 
 def parse(*argv: str, environ: dict[str, str] | None = None) -> object:
     env = {SIM_TOKEN_ENV: "t"} if environ is None else environ
-    return parse_args(list(argv), Settings(), env)
+    return parse_args(list(argv), load_settings(env))
 
 
 @pytest.mark.parametrize(
