@@ -37,6 +37,7 @@ from bytewax import operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.operators import StatefulBatchLogic
 from bytewax.recovery import init_db_dir
+from opentelemetry import trace
 
 from dataflows.records import DeadLetter, Out, Raw
 from dataflows.robot import RobotState, next_wakeup, on_report, on_restore, on_tick
@@ -68,9 +69,9 @@ def _sampled(traceparent: str) -> bool:
 class RobotLogic(StatefulBatchLogic[Raw | DeadLetter, Out, bytes]):
     """One robot's state in Bytewax: the pure logic of ``dataflows.robot`` plus I/O glue."""
 
-    def __init__(self, rules: Rules, settings: Settings, resume: bytes | None):
+    def __init__(self, rules: Rules, tracer: trace.Tracer, resume: bytes | None):
         self.rules = rules
-        self.tracer = setup_tracing(settings, "fleetpulse-dataflow").get_tracer("fleetpulse.flow")
+        self.tracer = tracer
         self.state: RobotState | None = None
         if resume is not None:
             # After a restart: online robots get a fresh grace period, not an offline storm.
@@ -166,8 +167,11 @@ def build_flow(settings: Settings | None = None, *, tail: bool = True) -> Datafl
     # Items arrive keyed by robot (the Kafka key), values still raw bytes.
     keyed = op.input("reports", flow, ReportSource(settings, metrics, tail=tail))
 
+    # One tracer for every robot's logic (a logic object exists per robot key).
+    tracer = setup_tracing(settings, "fleetpulse-dataflow").get_tracer("fleetpulse.flow")
+
     def builder(resume: bytes | None) -> RobotLogic:
-        return RobotLogic(rules, settings, resume)
+        return RobotLogic(rules, tracer, resume)
 
     robots = op.stateful_batch("robots", keyed, builder)
     op.output("sink", robots, FleetSink(settings))
