@@ -14,7 +14,6 @@ It also reports each partition's consumer lag (from librdkafka's statistics).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,14 +22,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 from confluent_kafka.admin import AdminClient
 
 from dataflows.records import DLQ_KEY, DeadLetter, Raw
-from fleetpulse.schema import ROBOT_ID_PATTERN
+from fleetpulse.schema import is_robot_id
 from fleetpulse.settings import Settings
 from observability.metrics import DataflowMetrics
 
 __all__ = ["Keyed", "ReportSource", "key_message"]
 
 Keyed = tuple[str, Raw | DeadLetter]
-_ROBOT_ID = re.compile(ROBOT_ID_PATTERN)
 
 
 def key_message(
@@ -46,7 +44,7 @@ def key_message(
         robot = key.decode("ascii") if key else ""
     except UnicodeDecodeError:
         robot = ""
-    if _ROBOT_ID.match(robot) is None:
+    if not is_robot_id(robot):
         return (DLQ_KEY, DeadLetter(key, value, "message key is not a robot id", partition, offset))
     traceparent = ""
     pairs = headers.items() if isinstance(headers, Mapping) else headers or ()

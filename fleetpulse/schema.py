@@ -9,7 +9,8 @@ Decoders and encoders are built once here and shared by ingest, dataflow and API
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 import msgspec
@@ -29,9 +30,23 @@ __all__ = [
     "decode_report",
     "decode_reports",
     "encode",
+    "is_robot_id",
+    "time_bounds_problem",
 ]
 
-ROBOT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
+# The one definition of a robot id (and a site name), used by ingest (msgspec), the
+# dataflow's Kafka key check and the query API's cursor. msgspec and Python's re test a
+# pattern with search(), where a bare `$` also matches before a final newline, so
+# "amr-1\n" would pass; `(?!\n)` closes that. The pattern stays valid ECMA-262 for the
+# OpenAPI documents (there `$` is the end of input and the lookahead always holds).
+ROBOT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$(?!\n)"
+_ROBOT_ID = re.compile(ROBOT_ID_PATTERN)
+
+
+def is_robot_id(text: str) -> bool:
+    """Whether ``text`` is a whole robot id (or site name), nothing before or after."""
+    return _ROBOT_ID.search(text) is not None
+
 
 RobotId = Annotated[
     str,
@@ -82,15 +97,36 @@ class RobotReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
 
 
 class LiveState(msgspec.Struct, frozen=True, kw_only=True):
-    """What the product knows about one robot now."""
+    """What the product knows about one robot now.
+
+    Times are on two clocks: ``status_since`` and the report's ``ts`` are the robot's
+    own (event time); ``last_seen`` and ``updated`` are when reports *arrived* (Kafka
+    append time), which no robot clock can move.
+    """
 
     report: RobotReport  # the newest applied report
-    last_seen: float  # processing time (unix seconds) the newest report was applied
-    online: bool
+    last_seen: float  # arrival time (unix s) of the robot's newest report (any, even stale)
+    online: bool  # a report arrived within FLEETPULSE_OFFLINE_AFTER_S
     status_since: datetime  # event time of the report that entered the current status
+    # Reports in a row older in (boot, seq) than `report` (a robot reflashed or whose boot
+    # counter went backwards reports "stale" forever; see FLEETPULSE_STUCK_AFTER).
+    stale: int = 0
+    resets: int = 0  # times an operator reset this robot's ordering (POST .../reset-order)
+    # Arrival-clock time of this change (the report's arrival, or the offline deadline);
+    # with (resets, boot, seq) it orders a robot's changes, so replays change nothing.
+    updated: float = 0.0
 
 
-AlertKind = Literal["low_battery", "battery_ok", "error", "estop", "offline", "back_online"]
+AlertKind = Literal[
+    "low_battery",
+    "battery_ok",
+    "error",
+    "estop",
+    "offline",
+    "back_online",
+    "stuck",
+    "order_reset",
+]
 ALERT_KINDS: tuple[AlertKind, ...] = (
     "low_battery",
     "battery_ok",
@@ -98,6 +134,8 @@ ALERT_KINDS: tuple[AlertKind, ...] = (
     "estop",
     "offline",
     "back_online",
+    "stuck",
+    "order_reset",
 )
 
 
@@ -109,7 +147,7 @@ class Alert(msgspec.Struct, frozen=True, kw_only=True):
     kind: AlertKind
     boot: int
     seq: int
-    at: datetime  # event time of the report that raised it (processing time for offline)
+    at: datetime  # event time of the report that raised it (arrival clock for offline)
     detail: str = ""
 
 
@@ -126,6 +164,51 @@ class WindowStats(msgspec.Struct, frozen=True, kw_only=True):
     distance_m: float
     max_speed: float
     error_count: int
+    # 0, or which time the robot's clock went backwards (see dataflows.windows): a window
+    # reopened after that is kept beside the earlier one of the same minute, not over it.
+    part: int = 0
+
+
+class TimeProblem(msgspec.Struct, frozen=True):
+    """Why a report's ``ts`` is outside the accepted range: kind and a sentence."""
+
+    kind: Literal["future", "past"]
+    detail: str
+
+
+def time_bounds_problem(
+    ts: datetime, reference_s: float, max_future_s: float, max_age_s: float
+) -> TimeProblem | None:
+    """None when ``ts`` lies in ``[reference - max_age, reference + max_future]``.
+
+    ``reference_s`` is the receiving clock (unix seconds): the server's at ingest, the
+    Kafka append time in the dataflow. Works for any aware datetime of years 1-9999.
+    """
+    at = ts.timestamp()
+    ahead = at - reference_s
+    if ahead <= max_future_s and -ahead <= max_age_s:
+        return None
+    low = _iso(reference_s - max_age_s)
+    high = _iso(reference_s + max_future_s)
+    if ahead > 0:
+        what = f"{ahead:,.0f} s ahead of the receiving clock"
+        kind: Literal["future", "past"] = "future"
+    else:
+        what = f"{-ahead:,.0f} s behind the receiving clock"
+        kind = "past"
+    return TimeProblem(
+        kind,
+        f"ts {ts.isoformat()} is {what}; accepted: {low} to {high} (at most "
+        f"FLEETPULSE_MAX_FUTURE_S={max_future_s:g} s ahead, FLEETPULSE_MAX_AGE_S="
+        f"{max_age_s:g} s behind)",
+    )
+
+
+def _iso(unix_s: float) -> str:
+    try:
+        return datetime.fromtimestamp(unix_s, UTC).isoformat(timespec="seconds")
+    except (OverflowError, ValueError, OSError):
+        return "(out of range)"
 
 
 _report_decoder = msgspec.json.Decoder(RobotReport)

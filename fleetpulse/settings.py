@@ -127,8 +127,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     api_tokens: Annotated[
         str,
         _doc(
-            "Bearer tokens as comma-separated `scope:sha256-hex` (scope ingest or read); "
-            "`just token` makes one. Empty: every request is refused.",
+            "Bearer tokens as comma-separated `scope:sha256-hex` (scope ingest, read or "
+            "admin); `just token` makes one. Empty: every request is refused.",
         ),
     ] = ""
     sim_token: Annotated[
@@ -146,10 +146,33 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     max_body_bytes: Annotated[int, _doc("Largest request body accepted, bytes.", ge=1024)] = (
         1_048_576
     )
+    max_future_s: Annotated[
+        float,
+        _doc(
+            "How far ahead of the receiving clock a report's ts may be (ingest: the "
+            "server's clock, 422 beyond; dataflow: the Kafka append time, dead letter "
+            "`future` beyond).",
+            ge=0,
+            le=31_536_000,
+        ),
+    ] = 300.0
+    max_age_s: Annotated[
+        float,
+        _doc(
+            "How far behind the receiving clock a report's ts may be (422 / dead letter "
+            "`past` beyond): robots may upload buffered reports this old.",
+            gt=0,
+            le=315_360_000,
+        ),
+    ] = 604_800.0
 
     # --- dataflow ---------------------------------------------------------------------
     offline_after_s: Annotated[
-        Seconds, _doc("Processing time without a report before a robot is offline.")
+        Seconds,
+        _doc(
+            "Time without a report arriving (Kafka append time, not the flow's clock) "
+            "before a robot is offline."
+        ),
     ] = 30.0
     low_battery_pct: Annotated[
         float, _doc("Battery level (%) at or below which low_battery fires.", ge=0, le=100)
@@ -162,6 +185,23 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     allowed_lateness_s: Annotated[
         float, _doc("How late (event time) a report may be and still count in its window.", ge=0)
     ] = 10.0
+    stuck_after: Annotated[
+        int,
+        _doc(
+            "Reports in a row older than a robot's newest after which it is stuck "
+            "(alert `stuck`; an admin can reset its ordering).",
+            ge=1,
+        ),
+    ] = 10
+    shards: Annotated[
+        int,
+        _doc(
+            "Keyed-state shards of the dataflow (robots are hashed into them): at least "
+            "8 x the total worker count; fixed for the life of a recovery store.",
+            ge=1,
+            le=4096,
+        ),
+    ] = 64
     recovery_dir: Annotated[
         str, _doc("Bytewax recovery partitions; empty turns recovery off (re-reads Kafka).")
     ] = ".stack/recovery"
@@ -182,6 +222,14 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     consumer_group: Annotated[str, _doc("Kafka consumer group label of the dataflow.")] = (
         "fleetpulse-dataflow"
     )
+    chaos: Annotated[
+        str,
+        _doc(
+            "Fault injection, for tests only: `point:probability` pairs (points: "
+            "snapshot, sink) at which the dataflow kills itself with SIGKILL.",
+            pattern=r"^$|^(snapshot|sink):(0|1|0?\.[0-9]+)(,(snapshot|sink):(0|1|0?\.[0-9]+))*$",
+        ),
+    ] = ""
 
     @property
     def kafka_bootstrap_servers(self) -> str:

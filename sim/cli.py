@@ -27,7 +27,7 @@ from typing import Any, TextIO
 import msgspec
 
 from fleetpulse.errors import ConfigError
-from fleetpulse.schema import ROBOT_ID_PATTERN
+from fleetpulse.schema import is_robot_id
 from fleetpulse.settings import Settings, load_settings
 from sim.client import DriveResult, Poster, Sender, Tally, drive
 from sim.fleet import Fleet, FleetConfig, RebootSpec, SilenceSpec, robot_ids
@@ -89,7 +89,7 @@ def _probability(text: str) -> float:
 
 
 def _site(text: str) -> str:
-    if not re.match(ROBOT_ID_PATTERN, text):
+    if not is_robot_id(text):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a site name (letters, digits and _ . : -, at most 64)"
         )

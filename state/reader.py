@@ -22,7 +22,6 @@ import redis
 
 from fleetpulse.errors import InvalidQuery
 from fleetpulse.schema import (
-    ROBOT_ID_PATTERN,
     STATUSES,
     Alert,
     AlertKind,
@@ -30,6 +29,7 @@ from fleetpulse.schema import (
     RobotReport,
     Status,
     WindowStats,
+    is_robot_id,
 )
 from fleetpulse.settings import Settings
 from state.keys import Keys, epoch_us
@@ -52,7 +52,6 @@ BATTERY_SET_MAX = 5000  # battery_lt drives the listing only if it matches at mo
 
 _STATUS_BY_NAME: dict[str, Status] = {s: s for s in STATUSES}
 _STREAM_ID = re.compile(r"^\d+(-\d+)?$")
-_ROBOT_ID = re.compile(ROBOT_ID_PATTERN)
 
 
 class FleetSummary(msgspec.Struct, frozen=True, kw_only=True):
@@ -209,7 +208,7 @@ class RedisStateReader:
         is the last id examined, stable under concurrent updates.
         """
         _check_limit(limit)
-        if cursor is not None and not _ROBOT_ID.fullmatch(cursor):
+        if cursor is not None and not is_robot_id(cursor):
             raise InvalidQuery("cursor", f"{cursor!r} is not a robot id from a previous page")
         if battery_lt is not None and not math.isfinite(battery_lt):
             raise InvalidQuery("battery_lt", f"must be a finite number, got {battery_lt!r}")
