@@ -1,6 +1,7 @@
 """The main job: the whole product on this machine, with simulated robots reporting.
 
-    python -m deploy.local.main [--robots 10] [--rate 1] [--duration S] [-- SIM_ARGS...]
+    python -m deploy.local.main [--robots 10] [--rate 1] [--duration S] [--logs DIR]
+                                [-- SIM_ARGS...]
 
 Starts, in order: the local stack (Kafka, Redis, Jaeger; left alone if already up),
 the dataflow (recovery on, 2 workers like the seed's parallelism 2), the ingest server
@@ -8,41 +9,113 @@ the dataflow (recovery on, 2 workers like the seed's parallelism 2), the ingest 
 runs until Ctrl-C or ``--duration``; then it stops everything it started, in reverse
 order, and nothing else. A fresh pair of dev tokens (ingest, read) is made per run and
 printed: the API is never open without one.
+
+Supervision: a child that exits when it should not (the dataflow, ingest or query server
+at all, the simulator with a non-zero status) loses its whole process group (granian's
+workers would hold the port) and is started again with the same command after a back-off
+of 1 s doubling to 30 s; a run of a minute resets it. The dataflow resumes from its
+recovery checkpoint. One line per restart gives the exit status and the last error line
+of the child's log. Five crashes of one child within a minute stop the job, saying so.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from api.auth import hash_token, new_token
-from deploy.local.procs import log_tail, wait_http_ready
+from deploy.local.procs import last_error_line, wait_http_ready
 from deploy.local.stack import REPO_ROOT, Stack
 from fleetpulse.errors import FleetpulseError, StackError
-from fleetpulse.settings import Settings, load_settings, to_env
+from fleetpulse.settings import Settings, env_name, load_settings, to_env
 from state.keys import Keys
 
-__all__ = ["main"]
+__all__ = ["Backoff", "Child", "RestartPolicy", "Supervisor", "main"]
+
+_FLOW = "dataflows.fleet:build_flow()"
+_ERROR_TAIL_BYTES = 64 * 1024  # how much of a log's end is searched for the last error line
+
+
+class RestartPolicy(NamedTuple):
+    """How crashed children are restarted, and when the job stops trying."""
+
+    first_delay_s: float = 1.0
+    max_delay_s: float = 30.0
+    healthy_after_s: float = 60.0  # a run at least this long resets the back-off
+    max_crashes: int = 5  # this many crashes of one child ...
+    window_s: float = 60.0  # ... within this long: give up
+
+
+class Backoff:
+    """One child's crash record under a policy: the delay before each restart, or none."""
+
+    def __init__(self, policy: RestartPolicy) -> None:
+        self.policy = policy
+        self.streak = 0  # crashes since the last healthy run
+        self.recent: deque[float] = deque()  # crash times within the window
+
+    def crashed(self, now: float, ran_s: float) -> float | None:
+        """Record a crash after a run of ``ran_s``; the delay before restarting, None to give up."""
+        p = self.policy
+        self.streak = 1 if ran_s >= p.healthy_after_s else self.streak + 1
+        self.recent.append(now)
+        while self.recent and self.recent[0] < now - p.window_s:
+            self.recent.popleft()
+        if len(self.recent) >= p.max_crashes:
+            return None
+        return float(min(p.max_delay_s, p.first_delay_s * 2 ** (self.streak - 1)))
+
+
+def describe_exit(code: int) -> str:
+    """An exit status as people read it: ``1``, ``-9 (signal SIGKILL)``."""
+    if code >= 0:
+        return str(code)
+    try:
+        return f"{code} (signal {signal.Signals(-code).name})"
+    except ValueError:
+        return f"{code} (signal {-code})"
 
 
 class Child:
-    """One process this job started, in a session of its own (so Ctrl-C reaches us first)."""
+    """One process this job runs, each run in a session of its own (so Ctrl-C reaches us
+    first and a crash can be cleared as a whole process group)."""
 
     def __init__(
-        self, name: str, cmd: list[str], env: dict[str, str], log: Path | None = None
+        self,
+        name: str,
+        cmd: list[str],
+        env: dict[str, str],
+        log: Path | None = None,
+        *,
+        may_finish: bool = False,
     ) -> None:
         self.name = name
+        self.cmd = cmd
+        self.env = env
         self.log = log
-        out = log.open("ab") if log is not None else None
+        self.may_finish = may_finish  # exiting with 0 is the end of its work, not a crash
+        self.finished = False
+        self.restarts = 0
+        self.started_at = 0.0
+        self.log_start = 0  # where this run's output begins in the log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._group_cleared = False
+
+    def start(self) -> subprocess.Popen[bytes]:
+        out = self.log.open("ab") if self.log is not None else None
+        self.log_start = out.tell() if out is not None else 0
         self.proc = subprocess.Popen(
-            cmd,
-            env=env,
+            self.cmd,
+            env=self.env,
             cwd=REPO_ROOT,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -51,26 +124,112 @@ class Child:
         )
         if out is not None:
             out.close()
+        self._group_cleared = False
+        self.started_at = time.monotonic()
+        again = f" (restart {self.restarts})" if self.restarts else ""
+        print(f"{self.name:9} started, pid {self.proc.pid}{again}", flush=True)
+        return self.proc
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.proc is not None and self.proc.poll() is None
+
+    def exit_code(self) -> int | None:
+        """The status of a run that ended, None while it runs or before it started."""
+        return None if self.proc is None else self.proc.poll()
+
+    def kill_group(self) -> None:
+        """SIGKILL what is left of the run's process group once its leader has exited.
+
+        Done once, right when the exit is seen: while members remain, their group id cannot
+        be reused; once the group is empty, a later signal could reach a stranger.
+        """
+        if self.proc is not None and not self._group_cleared:
+            self._group_cleared = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def last_error(self) -> str:
+        """The last error line this run wrote to its log, or a note that there is none."""
+        if self.log is None:
+            return "(no log)"
+        try:
+            with self.log.open("rb") as f:
+                f.seek(max(self.log_start, f.seek(0, os.SEEK_END) - _ERROR_TAIL_BYTES))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return f"(no log at {self.log})"
+        line = last_error_line(text)
+        return "(no error line)" if line is None else line[:300]
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        if self.alive():
+        if self.proc is not None and self.alive():
             os.killpg(self.proc.pid, signal.SIGINT)
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
-        print(f"{self.name:9} stopped")
-
-    def failure(self) -> str:
-        tail = log_tail(self.log) if self.log else ""
-        return f"{self.name} exited with {self.proc.returncode}\n{tail}"
+        self.kill_group()  # a crash not yet seen may have left workers behind
+        print(f"{self.name:9} stopped", flush=True)
 
 
-def _where_to_look(s: Settings, read_token: str, ingest_token: str, robot: str) -> str:
+class Supervisor:
+    """Restarts the children that exit when they should not, with back-off, until one
+    crashes too often; then :meth:`check` raises StackError saying which and why."""
+
+    def __init__(self, policy: RestartPolicy | None = None) -> None:
+        self.policy = policy or RestartPolicy()
+        self.children: list[Child] = []
+        self._backoff: dict[str, Backoff] = {}
+        self._restart_at: dict[str, float] = {}  # children waiting out their back-off
+
+    def start(self, child: Child) -> subprocess.Popen[bytes]:
+        """Start ``child`` and watch it from now on."""
+        self.children.append(child)
+        self._backoff[child.name] = Backoff(self.policy)
+        return child.start()
+
+    def check(self) -> None:
+        """Notice exits and start whatever has waited out its back-off; call it often."""
+        now = time.monotonic()
+        for child in self.children:
+            due = self._restart_at.get(child.name)
+            if due is not None:
+                if now >= due:
+                    del self._restart_at[child.name]
+                    child.restarts += 1
+                    child.start()
+                continue
+            code = child.exit_code()
+            if code is None or child.finished:
+                continue
+            child.kill_group()
+            if code == 0 and child.may_finish:
+                child.finished = True
+                print(f"the {child.name} finished; the rest runs on until Ctrl-C", flush=True)
+                continue
+            self._crashed(child, code, now)
+
+    def _crashed(self, child: Child, code: int, now: float) -> None:
+        why = f"exited with {describe_exit(code)}; last error line: {child.last_error()}"
+        delay = self._backoff[child.name].crashed(now, now - child.started_at)
+        if delay is None:
+            p = self.policy
+            raise StackError(
+                f"{child.name} crashed {p.max_crashes} times in {p.window_s:g}s, last {why}; "
+                f"giving up (its log: {child.log or 'this output'})"
+            )
+        print(f"{child.name:9} {why}; restart {child.restarts + 1} in {delay:g}s", flush=True)
+        self._restart_at[child.name] = now + delay
+
+    def stop_all(self) -> None:
+        """Stop every child, the last started first."""
+        self._restart_at.clear()
+        for child in reversed(self.children):
+            child.stop()
+
+
+def _where_to_look(s: Settings, logs: Path, read_token: str, ingest_token: str, robot: str) -> str:
     q = f"http://127.0.0.1:{s.query_port}"
     auth = f'-H "Authorization: Bearer {read_token}"'
     key = Keys(s.redis_prefix).robot(robot)
@@ -83,7 +242,7 @@ fleetpulse is running — where to look:
   live state in Redis redis-cli -p {s.redis_port} HGETALL '{key}'
   a trace in Jaeger   curl '{s.jaeger_api}/api/traces?service=fleetpulse-dataflow&limit=1'
   metrics             http://127.0.0.1:{s.ingest_port}/metrics  {q}/metrics  http://127.0.0.1:{s.dataflow_metrics_port}/metrics
-  logs                {Path(s.stack_dir) / "logs"}/
+  logs                {logs}/
   dev tokens          read: {read_token}
                       ingest: {ingest_token}
 Ctrl-C stops everything this command started.
@@ -96,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=1.0, help="reports/s per robot (1)")
     parser.add_argument("--duration", type=float, default=None, help="stop after S seconds")
     parser.add_argument("--workers", type=int, default=2, help="dataflow workers (2)")
+    parser.add_argument(
+        "--logs", type=Path, default=None, help="folder of the children's logs (<stack dir>/logs)"
+    )
     parser.add_argument("sim_args", nargs="*", help="more simulator options, after --")
     args = parser.parse_args(argv)
     if args.robots < 1 or args.rate <= 0 or args.workers < 1:
@@ -108,12 +270,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     read_token, ingest_token = new_token(), new_token()
     tokens = f"ingest:{hash_token(ingest_token)},read:{hash_token(read_token)}"
-    env = {**os.environ, **to_env(base), "FLEETPULSE_API_TOKENS": tokens}
-    logs = Path(base.stack_dir)
-    logs = (logs if logs.is_absolute() else REPO_ROOT / logs) / "logs"
+    env = {**os.environ, **to_env(base), env_name("api_tokens"): tokens}
+    logs = args.logs.resolve() if args.logs else REPO_ROOT / base.stack_dir / "logs"
     stack = Stack(base)
     started_services: list[str] = []
-    children: list[Child] = []
+    supervisor = Supervisor()
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -126,22 +287,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         started_services = stack.up()
         logs.mkdir(parents=True, exist_ok=True)
-        flow = Child(
-            "dataflow",
-            [py, "-m", "bytewax.run", "dataflows.fleet:build_flow()", "-w", str(args.workers)],
-            env,
-            logs / "dataflow.log",
-        )
-        children.append(flow)
-        ingest = Child("ingest", [py, "-m", "api.serve", "ingest"], env, logs / "ingest.log")
-        children.append(ingest)
-        query = Child("query", [py, "-m", "api.serve", "query"], env, logs / "query.log")
-        children.append(query)
-        wait_http_ready(f"http://127.0.0.1:{base.ingest_port}/readyz", ingest.proc, 60, ingest.log)
-        wait_http_ready(f"http://127.0.0.1:{base.query_port}/readyz", query.proc, 60, query.log)
-        if not flow.alive():
-            raise StackError(flow.failure())
-        print(_where_to_look(base, read_token, ingest_token, "amr-000"), flush=True)
+        flow_cmd = [py, "-m", "bytewax.run", _FLOW, "-w", str(args.workers)]
+        supervisor.start(Child("dataflow", flow_cmd, env, logs / "dataflow.log"))
+        for role, port in (("ingest", base.ingest_port), ("query", base.query_port)):
+            server = Child(role, [py, "-m", "api.serve", role], env, logs / f"{role}.log")
+            proc = supervisor.start(server)
+            wait_http_ready(f"http://127.0.0.1:{port}/readyz", proc, 60, server.log)
+        print(_where_to_look(base, logs, read_token, ingest_token, "amr-000"), flush=True)
         sim_cmd = [
             py, "-m", "sim",
             "--robots", str(args.robots),
@@ -149,19 +301,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--url", f"http://127.0.0.1:{base.ingest_port}",
             *args.sim_args,
         ]  # fmt: skip
-        sim = Child("simulator", sim_cmd, {**env, "FLEETPULSE_SIM_TOKEN": ingest_token})
-        children.append(sim)
+        sim_env = {**env, env_name("sim_token"): ingest_token}
+        supervisor.start(Child("simulator", sim_cmd, sim_env, may_finish=True))
         ends = time.monotonic() + args.duration if args.duration else None
-        sim_noted = False
-        while not stopping:
-            for child in children:
-                if not child.alive() and child is not sim:
-                    raise StackError(child.failure())
-            if ends is not None and time.monotonic() >= ends:
-                break
-            if not sim.alive() and not sim_noted:
-                print("the simulator finished; the rest runs on until Ctrl-C", flush=True)
-                sim_noted = True
+        while not stopping and (ends is None or time.monotonic() < ends):
+            supervisor.check()
             time.sleep(0.2)
         return 0
     except FleetpulseError as exc:
@@ -169,8 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         print("stopping what this command started ...", flush=True)
-        for child in reversed(children):
-            child.stop()
+        supervisor.stop_all()
         if started_services:
             stack.stop(started_services)
 

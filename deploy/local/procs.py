@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,11 +19,14 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
+import msgspec
+
 from fleetpulse.errors import StackError
 
 __all__ = [
     "PidFile",
     "free_port",
+    "last_error_line",
     "log_tail",
     "port_in_use",
     "run_with_progress",
@@ -138,6 +142,46 @@ def log_tail(path: Path, lines: int = 40) -> str:
             return "".join(deque(f, maxlen=lines))
     except OSError:
         return f"(no log at {path})\n"
+
+
+_ERROR_LEVELS = {"ERROR", "CRITICAL", "FATAL"}
+# Plain lines that report a failure (JSON log lines are judged by their level).
+_ERROR_TEXT = re.compile(
+    r"^\[(ERROR|CRITICAL|FATAL)\]"  # granian
+    r"|^thread '.*' panicked"  # Rust: Bytewax's runtime
+    r"|^[A-Za-z_][\w.]*(Error|Exception)\b"  # a Python exception line outside a traceback
+    r"|^(?i:error|fatal)\b"  # an entry point's "error: ..."
+)
+
+
+def last_error_line(text: str) -> str | None:
+    """The newest line of a log that reports an error, or None.
+
+    A JSON log line counts by its ``level`` (shown as ``LEVEL logger: msg``); a traceback
+    by the exception line that ends it (``KeyboardInterrupt`` too: the process was told
+    to stop); other lines by how they start (granian's ``[ERROR]``, a Rust panic).
+    """
+    found: str | None = None
+    in_traceback = False
+    for raw in text.splitlines():
+        line = raw.rstrip()
+        if line.startswith("{"):
+            in_traceback = False
+            try:
+                doc = msgspec.json.decode(line)
+            except msgspec.DecodeError:
+                continue
+            if isinstance(doc, dict) and str(doc.get("level", "")).upper() in _ERROR_LEVELS:
+                found = f"{doc['level']} {doc.get('logger', '?')}: {doc.get('msg', '')}"
+                if doc.get("exc"):
+                    found += f" ({str(doc['exc']).strip().splitlines()[-1]})"
+        elif line.startswith("Traceback (most recent call last)"):
+            in_traceback = True
+        elif in_traceback and line and not line[0].isspace():
+            found, in_traceback = line, False  # the exception that ends the traceback
+        elif _ERROR_TEXT.match(line):
+            found = line
+    return found
 
 
 def run_with_progress(
