@@ -20,8 +20,24 @@ then reads from Redis what it has not seen (its catch-up, in bounded pages) unti
 the stream holds nothing newer; everything the hub hands out after the subscription
 reaches it too, and an entry it already sent (ids only grow) is skipped. A client
 that falls behind (its queue over :data:`MAX_PENDING`) drops the queue and catches
-up from Redis again, so memory per client stays bounded and nothing is lost. An
-entry trimmed from Redis (older than ``changes_len`` entries) cannot be resent.
+up from Redis again, so memory per client stays bounded and nothing is lost.
+
+A gap is told, never skipped: the change stream keeps about ``changes_len`` entries
+(``XADD MAXLEN ~``), so a resume id can be older than what Redis still holds. Every
+catch-up page (a reconnect with an id, and a lagging client's read) is read together
+with the stream's trim state (:meth:`~state.reader.StateReader.resume_changes`, one
+MULTI, no extra round trip), and when some change after the client's id is gone the
+client gets one message instead of the entries that remain::
+
+    id: 1732650099999-3            the newest change id: where the stream goes on
+    event: reset
+    data: {"type":"reset","reason":"...","requested":"<the client's id>","resume":"<id>"}
+
+The client drops its state, reloads the snapshot (``GET /v1/robots``,
+``/v1/fleet/summary``, ``/v1/alerts``) and applies the events that follow, which are
+every change after ``resume``; a change both in the snapshot and after ``resume`` is
+applied twice, which a state keyed by robot and ordered by ``(boot, seq)`` absorbs.
+A client whose id is still held (the oldest kept entry included) gets no reset.
 """
 
 from __future__ import annotations
@@ -56,6 +72,7 @@ __all__ = [
     "event_stream",
     "frame",
     "parse_event_id",
+    "reset_frame",
     "stream_routes",
 ]
 
@@ -78,6 +95,20 @@ class _Kind(msgspec.Struct):
 
 
 _kind_dec = msgspec.json.Decoder(_Kind)  # reads the tag only; the rest is skipped
+
+
+class Reset(msgspec.Struct, frozen=True, tag="reset", tag_field="type"):
+    """The data of an ``event: reset``: changes after ``requested`` are gone from Redis."""
+
+    reason: str
+    requested: str  # the id the client resumed from (or had reached, when it lagged)
+    resume: str  # the message's id: the stream goes on with the changes after it
+
+
+RESET_REASON = (
+    "changes after the requested id are no longer kept; reload the snapshot "
+    "(GET /v1/robots, /v1/fleet/summary, /v1/alerts), then apply the events after this one"
+)
 
 
 def parse_event_id(value: str, parameter: str) -> EventId:
@@ -105,6 +136,12 @@ def frame(entry_id: str, payload: bytes) -> bytes:
     # msgspec writes JSON on one line; split anyway, as a raw newline would end the event.
     data = b"".join(b"data: " + line + b"\n" for line in payload.splitlines())
     return b"id: %s\nevent: %s\n%s\n" % (entry_id.encode(), kind.encode(), data)
+
+
+def reset_frame(requested: EventId, resume: str) -> bytes:
+    """The SSE message telling a client that changes after ``requested`` were lost."""
+    data = msgspec.json.encode(Reset(RESET_REASON, _text(requested), resume))
+    return b"id: %s\nevent: reset\ndata: %s\n\n" % (resume.encode(), data)
 
 
 class Subscription:
@@ -247,10 +284,23 @@ class ChangeHub:
 
 
 async def _catch_up(reader: StateReader, after: EventId) -> AsyncIterator[tuple[EventId, bytes]]:
-    """Everything in Redis after ``after``, in pages of MAX_PAGE, until nothing is newer."""
+    """Everything in Redis after ``after``, in pages of MAX_PAGE, until nothing is newer.
+
+    Where Redis no longer holds every change after the position, a reset message
+    takes the page's place and the catch-up goes on after the reset's id. Each page
+    is checked, not only the first: a trim can overtake a slow catch-up between pages.
+    """
     last = after
     while True:
-        page = await anyio.to_thread.run_sync(partial(reader.changes, _text(last), MAX_PAGE))
+        page, resume = await anyio.to_thread.run_sync(
+            partial(reader.resume_changes, _text(last), MAX_PAGE)
+        )
+        if resume is not None:
+            log.info("changes after %s are no longer kept; reset to %s", _text(last), resume)
+            chunk = reset_frame(last, resume)
+            last = parse_event_id(resume, "id")
+            yield last, chunk
+            continue
         if page:
             last = parse_event_id(page[-1][0], "id")
             yield last, b"".join(frame(i, p) for i, p in page)
@@ -344,6 +394,15 @@ or `alert`, `data:` the change as JSON (`{"type": "state", "state": LiveState}` 
 resume after an event with no gap and no repeat; without it the stream starts at
 the newest entry, and its first message is an `id:` line without data that gives
 the client its resume point. `: keep-alive` comments keep idle connections open.
+
+Redis keeps the newest `changes_len` changes or so. When some change after the
+resume id is no longer kept (the client was away too long, or fell too far behind
+while connected), the client gets `event: reset` instead of the changes that remain:
+`id:` is the newest change id, `data:` is `{"type": "reset", "reason": text,
+"requested": the client's id, "resume": the new id}`. The client must drop what it
+holds, reload the snapshot (`GET /v1/robots`, `/v1/fleet/summary`, `/v1/alerts`) and
+apply the events that follow: every change after `resume`. An id still kept never
+gets a reset.
 """
 
 

@@ -147,6 +147,12 @@ class StateReader(Protocol):
         """The id of the newest change-stream entry ("0-0" when empty)."""
         ...
 
+    def resume_changes(
+        self, after_id: str, count: int
+    ) -> tuple[list[tuple[str, bytes]], str | None]:
+        """Entries after ``after_id`` and None; or [] and where to resume if some are gone."""
+        ...
+
 
 def _check_limit(limit: int, name: str = "limit") -> None:
     if not 1 <= limit <= MAX_PAGE:
@@ -469,6 +475,66 @@ class RedisStateReader:
         """The newest change-stream id, "0-0" when the stream is empty."""
         last = self._client.xrevrange(self._keys.changes, "+", "-", count=1)
         return _strs([last[0][0]])[0] if last else "0-0"
+
+    def resume_changes(
+        self, after_id: str, count: int
+    ) -> tuple[list[tuple[str, bytes]], str | None]:
+        """Up to ``count`` entries after ``after_id``, unless the stream lost some of them.
+
+        ``(entries, None)``: the stream still holds every change after ``after_id``, and
+        ``entries`` are what :meth:`changes` gives. ``([], resume)``: some change after
+        ``after_id`` was removed (trimmed by ``MAXLEN ~ changes_len`` or deleted), so
+        whoever holds ``after_id`` must reload its snapshot and go on after ``resume``,
+        the newest id the stream has given. The check and the read are one MULTI, so
+        no trim slips in between. Needs Redis 7.0+ (``XINFO STREAM`` counters).
+        """
+        _check_limit(count, "count")
+        if not _is_stream_id(after_id):
+            raise InvalidQuery("after_id", f"{after_id!r} is not a stream id like 1700000000000-0")
+        pipe = self._client.pipeline(transaction=True)
+        pipe.xinfo_stream(self._keys.changes)
+        pipe.xread({self._keys.changes: after_id}, count=count)
+        info, reply = pipe.execute(raise_on_error=False)
+        if isinstance(reply, Exception):
+            raise reply
+        if isinstance(info, redis.ResponseError) and str(info) == "no such key":
+            return [], None  # never written: nothing was lost
+        if isinstance(info, Exception):
+            raise info
+
+        def sid(value: bytes | str) -> tuple[int, int]:
+            ms, _, seq = _text(value).partition("-")
+            return int(ms), int(seq or 0)
+
+        after = sid(after_id)
+        # Only XDEL sets max-deleted-entry-id: trimming leaves it alone (Redis 7.0.15 keeps
+        # it at 0-0 after XADD MAXLEN ~ 100 dropped 900 of 1000 entries, and after XTRIM).
+        # It answers for deleted entries; trimmed ones are all older than the first kept.
+        if sid(info["max-deleted-entry-id"]) > after:
+            lost = True
+        elif info["entries-added"] == info["length"]:
+            lost = False  # nothing was ever removed
+        elif info["first-entry"] is None:
+            lost = sid(info["last-generated-id"]) > after  # all removed, the newest too
+        else:
+            first = sid(info["first-entry"][0])
+            # Every removed entry newer than `after` now lies before `first`, so one exists
+            # iff the entry added just before `first` is newer than `after`. The writer's
+            # ids come from XADD *, so `first` with seq > 0 directly follows (ms, seq - 1);
+            # seq 0 follows an id from an earlier ms that nothing records, so a client
+            # older than `first` is then told to reload (once too often if it had seen
+            # exactly that entry, never a change skipped in silence).
+            if after >= first:
+                lost = False
+            elif first[1] > 0:
+                lost = after < (first[0], first[1] - 1)
+            else:
+                lost = True
+        if lost:
+            return [], _text(info["last-generated-id"])
+        if not reply:
+            return [], None
+        return [(_text(entry_id), fields[b"data"]) for entry_id, fields in _entries(reply)], None
 
 
 def _entries(reply: Any) -> Sequence[tuple[bytes, dict[bytes, bytes]]]:

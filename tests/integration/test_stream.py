@@ -9,6 +9,7 @@ id by id and byte by byte, with the change stream itself.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -23,6 +24,7 @@ from typing import Any
 
 import anyio.to_thread
 import httpx
+import msgspec
 import pytest
 
 import api.stream
@@ -32,7 +34,7 @@ from deploy.local.procs import free_port, wait_http_ready
 from fleetpulse.errors import StackError
 from fleetpulse.schema import STATUSES
 from fleetpulse.settings import Settings, to_env
-from state import decode_change
+from state import Keys, decode_change
 from tests.integration.test_query_api import INGEST, READ, Fleet, private_fleet
 from tests.integration.test_state_contract import alert, live, read_changes
 
@@ -329,3 +331,182 @@ def test_a_client_that_falls_behind_catches_up_from_redis(fleet: Fleet) -> None:
     seen, lagged = asyncio.run(main())
     assert lagged  # the queue overflowed: the 40 came from a catch-up read
     assert seen == [i for i, _ in read_changes(fleet.reader, None, 1000)]
+
+
+# --- a resume point the stream no longer holds: told with a reset, never skipped silently -------
+CHANGES_LEN = 100  # the least Settings allows, so a test can write past it quickly
+
+
+@pytest.fixture
+def short_fleet(stack: object, settings: Settings) -> Iterator[Fleet]:
+    """A private fleet whose change stream keeps only about CHANGES_LEN entries."""
+    with private_fleet(msgspec.structs.replace(settings, changes_len=CHANGES_LEN)) as f:
+        yield f
+
+
+def flood(fleet: Fleet, n: int, seq: int) -> None:
+    """Write ``n`` state changes (a multiple of 50) with the real writer: robots f0..f49 at ``seq``+."""
+    for b in range(n // 50):
+        fleet.write([live(f"f{i}", seq + b) for i in range(50)])
+
+
+def stream_info(fleet: Fleet) -> dict[str, Any]:
+    """XINFO STREAM of the fleet's change stream (length, entries-added, first-entry, ...)."""
+    info: dict[str, Any] = fleet.client.xinfo_stream(Keys(fleet.settings.redis_prefix).changes)
+    return info
+
+
+def test_a_resume_id_older_than_the_retained_stream_gets_a_reset_then_live_changes(
+    short_fleet: Fleet,
+) -> None:
+    fleet = short_fleet
+    flood(fleet, 50, 1)
+    old = fleet.reader.latest_change_id()  # a client has seen everything up to here
+    flood(fleet, 1000, 2)
+    info = stream_info(fleet)
+    # MAXLEN ~ trims whole radix-tree nodes: check it really dropped the client's successors.
+    assert info["entries-added"] == 1050
+    assert info["length"] < 300
+    oldest = info["first-entry"][0].decode()
+    assert parse_event_id(old, "id") < parse_event_id(oldest, "id")
+    newest = fleet.reader.latest_change_id()
+    with query_server(fleet.settings, workers=1) as base:
+        with sse(base, {"Last-Event-ID": old}) as stream:
+            (reset,) = events(stream, 1)
+            assert (reset.id, reset.event) == (newest, "reset")
+            data = json.loads(reset.data or "")
+            assert data == {**data, "type": "reset", "requested": old, "resume": newest}
+            assert set(data) == {"type", "reason", "requested", "resume"}
+            assert "reload" in data["reason"]
+            # Then the live changes after the reset's id, as for any client.
+            fleet.write([live("late", 1)], alerts=[alert("late", "error", 1)])
+            after_reset = read_changes(fleet.reader, newest, 100)
+            assert len(after_reset) == 2
+            assert received(events(stream, 2)) == as_sent(after_reset)
+        # The reset's id is a resume point like any other: no second reset.
+        with sse(base, {"Last-Event-ID": reset.id or ""}) as stream:
+            assert received(events(stream, 2)) == as_sent(after_reset)
+
+
+def test_a_resume_id_still_retained_gets_no_reset(short_fleet: Fleet) -> None:
+    fleet = short_fleet
+    flood(fleet, 1000, 1)
+    info = stream_info(fleet)
+    assert info["entries-added"] - info["length"] > 700  # much was trimmed, before the oldest
+    kept = read_changes(fleet.reader, None, 1000)
+    assert kept[0][0] == info["first-entry"][0].decode()
+    # Resuming from the oldest entry still kept: everything after it is there.
+    with (
+        query_server(fleet.settings, workers=1) as base,
+        sse(base, {"Last-Event-ID": kept[0][0]}) as stream,
+    ):
+        # The first event alone first: a wrong reset would leave the rest to wait for.
+        assert received(events(stream, 1)) == as_sent(kept[1:2])
+        assert received(events(stream, len(kept) - 2)) == as_sent(kept[2:])
+
+
+def test_a_lagging_client_overtaken_by_trimming_gets_a_reset(short_fleet: Fleet) -> None:
+    fleet = short_fleet
+
+    async def main() -> tuple[list[Message], list[Message], bool, dict[str, Any], str]:
+        hub = ChangeHub(fleet.reader, block_ms=100, max_pending=5)
+        tail = asyncio.get_running_loop().create_task(hub.run())
+        start = fleet.reader.latest_change_id()
+        body: AsyncIterator[bytes] = event_stream(
+            hub, fleet.reader, parse_event_id(start, "id"), new_client=True, keepalive_s=0.2
+        )
+        await body.__anext__()  # retry and id
+        (sub,) = hub._subs
+        seen: list[Message] = []
+
+        async def read_until(n: int) -> None:
+            while len(seen) < n:
+                chunk = await asyncio.wait_for(body.__anext__(), 5)
+                seen.extend(m for m in messages(iter(chunk.decode().split("\n"))) if m.data)
+
+        await anyio.to_thread.run_sync(fleet.write, [live(f"r{i}", 1) for i in range(5)])
+        await read_until(5)  # following the live stream
+        followed = list(seen)
+        # 1000 changes it does not read: its queue overflows and the stream trims past it.
+        await anyio.to_thread.run_sync(flood, fleet, 1000, 2)
+        deadline = time.monotonic() + 5
+        while not sub.lagging and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        lagged = sub.lagging
+        info = await anyio.to_thread.run_sync(stream_info, fleet)
+        newest = fleet.reader.latest_change_id()
+        await read_until(6)
+        await anyio.to_thread.run_sync(fleet.write, [live("late", 1)])  # live again after it
+        await read_until(7)
+        await body.aclose()  # type: ignore[attr-defined]
+        await hub.stop(tail)
+        return followed, seen[5:], lagged, info, newest
+
+    followed, after, lagged, info, newest = asyncio.run(main())
+    assert lagged
+    position = followed[-1].id or ""
+    assert parse_event_id(position, "id") < parse_event_id(info["first-entry"][0].decode(), "id")
+    reset, late = after
+    assert (reset.id, reset.event) == (newest, "reset")
+    data = json.loads(reset.data or "")
+    assert (data["type"], data["requested"], data["resume"]) == ("reset", position, newest)
+    assert received([late]) == as_sent(read_changes(fleet.reader, newest, 100))
+
+
+# --- the reader's gap rule, at its edges (entries written directly, with chosen ids) -----------
+def test_resume_changes_tells_a_gap_exactly_at_the_trim_boundary(short_fleet: Fleet) -> None:
+    fleet, reader = short_fleet, short_fleet.reader
+    key = Keys(fleet.settings.redis_prefix).changes
+
+    def add(ids: list[str], maxlen: int | None = CHANGES_LEN) -> None:
+        pipe = fleet.client.pipeline(transaction=False)
+        for i in ids:  # "<ms>-*": Redis picks the seq as XADD * does (last seq + 1 in one ms)
+            pipe.xadd(key, {"data": b'{"type":"state"}'}, id=i, maxlen=maxlen, approximate=True)
+        pipe.execute()
+
+    def kept() -> list[tuple[str, bytes]]:
+        return read_changes(reader, None, 1000)
+
+    # Missing key, then a stream never trimmed: every id resumes.
+    assert reader.resume_changes("0-0", 10) == ([], None)
+    add(["7-*"] * 50)
+    assert reader.resume_changes("0-0", 100) == (kept(), None)
+
+    # 1000 entries in one millisecond: 1000-0 ... 1000-999; MAXLEN ~ drops whole nodes.
+    fleet.client.delete(key)
+    add(["1000-*"] * 1000)
+    info = stream_info(fleet)
+    first = parse_event_id(info["first-entry"][0].decode(), "id")
+    assert info["entries-added"] == 1000
+    assert info["length"] < 1000
+    assert first[0] == 1000 and first[1] > 1  # so its predecessor is 1000-(seq - 1)
+    assert info["max-deleted-entry-id"] == b"0-0"  # trimming does not set it
+    whole = kept()
+    # The newest trimmed entry: nothing after it is gone, so no reset.
+    assert reader.resume_changes(f"1000-{first[1] - 1}", 1000) == (whole, None)
+    assert reader.resume_changes(f"1000-{first[1]}", 1000) == (whole[1:], None)
+    assert reader.resume_changes(f"1000-{first[1] - 2}", 1000) == ([], "1000-999")
+    assert reader.resume_changes("0-0", 1000) == ([], "1000-999")
+    assert reader.resume_changes("1000-999", 1000) == ([], None)
+
+    # First kept entry with seq 0: what came just before it is unknown, so an older id
+    # gets a reset (possibly once too often); the first kept one itself does not.
+    fleet.client.delete(key)
+    add([f"{ms}-*" for ms in range(1, 1001)])
+    first_id = kept()[0][0]
+    ms = int(first_id.split("-")[0])
+    assert first_id == f"{ms}-0"
+    assert reader.resume_changes(f"{ms - 1}-0", 10) == ([], "1000-0")
+    assert reader.resume_changes(first_id, 1000) == (kept()[1:], None)
+
+    # XDEL: max-deleted-entry-id says whether a deleted entry lies after the id.
+    fleet.client.delete(key)
+    add(["5-*"] * 10, maxlen=None)
+    fleet.client.xdel(key, "5-6")
+    assert reader.resume_changes("5-5", 10) == ([], "5-9")
+    assert reader.resume_changes("5-6", 10) == (read_changes(reader, "5-6", 10), None)
+
+    # Everything trimmed: only the newest id given matters.
+    fleet.client.xtrim(key, maxlen=0)
+    assert reader.resume_changes("5-8", 10) == ([], "5-9")
+    assert reader.resume_changes("5-9", 10) == ([], None)
