@@ -54,7 +54,7 @@ stack-status:
 stack-logs *ARGS:
     @{{py}} -m deploy.local.stack logs {{ARGS}}
 
-# stop the stack and delete its data (binaries and jars stay)
+# stop the stack and delete its data and the dataflow's recovery store (binaries and jars stay)
 stack-reset:
     @{{py}} -m deploy.local.stack reset
 
@@ -62,7 +62,7 @@ stack-reset:
 sim *ARGS:
     {{py}} -m sim {{ARGS}}
 
-# make an API token: prints it and its FLEETPULSE_API_TOKENS entry (SCOPE: ingest or read)
+# make an API token: prints it and its FLEETPULSE_API_TOKENS entry (SCOPE: ingest, read or admin)
 token SCOPE="ingest":
     @{{py}} -m api.auth new --scope {{SCOPE}}
 

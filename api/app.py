@@ -21,6 +21,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.router import Router
 from litestar.types import ControllerRouterHandler, Guard
 
+from api.admin import admin_routes
 from api.auth import Scope, TokenStore
 from api.errors import ApiError, exception_handlers
 from api.ingest import ingest_routes
@@ -61,18 +62,26 @@ def create_app(
     handlers: list[ControllerRouterHandler] = []
     owned_producer = producer is None and ingest
     state: dict[str, ReportProducer] = {}
+    ingest_paths: set[str] = set()
 
     if ingest:
         if producer is None:
             producer = ReportProducer(settings)
         state["producer"] = producer
-        handlers.append(
-            Router(
+        # One producer for reports and control records: both are acknowledged the same way.
+        guarded: list[tuple[Scope, list[ControllerRouterHandler]]] = [
+            ("ingest", ingest_routes(settings, producer, ingest_tracer, metrics)),
+            ("admin", admin_routes(settings, producer, ingest_tracer)),
+        ]
+        for scope, routes in guarded:
+            router = Router(
                 "/",
-                route_handlers=ingest_routes(settings, producer, ingest_tracer, metrics),
-                guards=[_guard(tokens, "ingest")],
+                route_handlers=routes,
+                guards=[_guard(tokens, scope)],
+                security=[{"bearer": []}],
             )
-        )
+            ingest_paths.update(route.path for route in router.routes)
+            handlers.append(router)
 
     service = QueryService(settings, api_tracer) if query else None
     if service is not None:
@@ -106,6 +115,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        if owned_producer and producer is not None:
+            # Made with the app; made again if a server runs the lifespan a second time.
+            await asyncio.to_thread(producer.start)
         try:
             yield
         finally:
@@ -125,6 +137,6 @@ def create_app(
             ),
         ),
         lifespan=[lifespan] if service is None else [lifespan, service.lifespan],
-        middleware=[ObservabilityMiddleware(api_tracer, metrics, ingest_tracer)],
+        middleware=[ObservabilityMiddleware(api_tracer, metrics, ingest_tracer, ingest_paths)],
         state=State({"metrics": metrics}),
     )

@@ -2,7 +2,9 @@
 
 ``FLEETPULSE_API_TOKENS`` holds comma-separated ``scope:sha256-hex`` entries; the
 tokens themselves are never stored. ``python -m api.auth new --scope ingest`` makes
-a token and prints the entry to configure.
+a token and prints the entry to configure. Scopes: ``ingest`` (post reports), ``read``
+(the query API), ``admin`` (operator commands such as reset-order). A scope grants
+only itself: an admin token does not post reports.
 
     401  no token, a malformed header, or a token that matches no entry
     403  a valid token whose scope does not cover the route
@@ -23,16 +25,40 @@ import msgspec
 
 from fleetpulse.errors import ConfigError
 
-__all__ = ["SCOPES", "Scope", "TokenStore", "hash_token", "new_token"]
+__all__ = [
+    "SCOPES",
+    "Scope",
+    "TokenStore",
+    "bearer_token",
+    "hash_token",
+    "new_token",
+    "token_fingerprint",
+]
 
-Scope = Literal["ingest", "read"]
-SCOPES: tuple[Scope, ...] = ("ingest", "read")
-_ENTRY = re.compile(r"^(ingest|read):([0-9a-f]{64})$")
+Scope = Literal["ingest", "read", "admin"]
+SCOPES: tuple[Scope, ...] = ("ingest", "read", "admin")
+_ENTRY = re.compile(r"^(ingest|read|admin):([0-9a-f]{64})$")
 
 
 def hash_token(token: str) -> str:
     """The hex SHA-256 that settings keep for ``token``."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def token_fingerprint(token: str) -> str:
+    """Who a token is, for audit lines and records: the first 12 hex of its SHA-256.
+
+    Safe to log: it names the configured entry (the hash settings keep) and gives
+    nothing that authenticates.
+    """
+    return hash_token(token)[:12]
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    kind, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    return token if kind.lower() == "bearer" and token else None
 
 
 def new_token() -> str:
@@ -64,10 +90,10 @@ class TokenStore:
                 shown = raw.split(":", 1)[0] + ":..."
                 raise ConfigError(
                     f"FLEETPULSE_API_TOKENS entry {shown!r} is not allowed; expected "
-                    "`ingest:<64 hex>` or `read:<64 hex>` (the SHA-256 of the token; "
-                    "`just token` makes one)"
+                    "`<scope>:<64 hex>` with scope ingest, read or admin (the SHA-256 "
+                    "of the token; `just token <scope>` makes one)"
                 )
-            scope: Scope = "ingest" if match.group(1) == "ingest" else "read"
+            scope = next(s for s in SCOPES if s == match.group(1))
             entries.append((scope, bytes.fromhex(match.group(2))))
         return cls(entries)
 
@@ -75,10 +101,10 @@ class TokenStore:
         """None when ``authorization`` carries a token for ``scope``, else why not."""
         if not authorization:
             return AuthFailure(401, "unauthorized", "missing bearer token (Authorization header)")
-        kind, _, token = authorization.partition(" ")
-        if kind.lower() != "bearer" or not token.strip():
+        token = bearer_token(authorization)
+        if token is None:
             return AuthFailure(401, "unauthorized", "Authorization must be `Bearer <token>`")
-        digest = hashlib.sha256(token.strip().encode()).digest()
+        digest = hashlib.sha256(token.encode()).digest()
         scopes: set[Scope] = set()
         # Compare against every entry, whatever matched, so timing tells nothing.
         for entry_scope, entry_digest in self._entries:

@@ -20,6 +20,7 @@ __all__ = [
     "error_response",
     "exception_handlers",
     "schema_error",
+    "validation_error",
 ]
 
 log = logging.getLogger("fleetpulse.api")
@@ -94,14 +95,22 @@ _HTTP_CODES = {
 }
 
 
+def validation_error(exc: ValidationException) -> ApiError:
+    """A 422 naming each parameter Litestar refused and why (its own detail is only
+    "Validation failed for POST ...")."""
+    problems = [e for e in (exc.extra or []) if isinstance(e, Mapping)]
+    fields = [str(e.get("key", "")) for e in problems]
+    reasons = "; ".join(f"{e.get('key', '?')}: {e.get('message', 'invalid')}" for e in problems)
+    return ApiError(422, "invalid_parameter", reasons or str(exc.detail), fields)
+
+
 def _on_api_error(request: AnyRequest, exc: ApiError) -> Response[ErrorBody]:
     return error_response(exc, request)
 
 
 def _on_http(request: AnyRequest, exc: HTTPException) -> Response[ErrorBody]:
     if isinstance(exc, ValidationException):
-        fields = [str(e.get("key", "")) for e in (exc.extra or []) if isinstance(e, dict)]
-        return error_response(ApiError(422, "invalid_parameter", str(exc.detail), fields), request)
+        return error_response(validation_error(exc), request)
     status = exc.status_code
     detail = str(exc.detail)
     if status == 413:

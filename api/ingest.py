@@ -5,6 +5,11 @@ A batch is all or nothing at validation: one invalid item rejects the batch and 
 answer names its index. If Kafka cannot confirm in time the answer is 503 with
 Retry-After and nothing is claimed; a retried request may then write a report twice,
 which the dataflow drops by ``(boot, seq)``.
+
+A report's ``ts`` must lie within ``FLEETPULSE_MAX_AGE_S`` behind and
+``FLEETPULSE_MAX_FUTURE_S`` ahead of the server's clock (``time_bounds_problem``, the
+same rule the dataflow applies against the Kafka append time): a robot clock at year
+9999 or year 1 would otherwise open windows and move watermarks no real report reaches.
 """
 
 from __future__ import annotations
@@ -14,24 +19,82 @@ from collections.abc import Sequence
 
 import msgspec
 from litestar import post
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ControllerRouterHandler
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from api.errors import AnyRequest, ApiError, schema_error
+from api.errors import AnyRequest, ApiError, ErrorBody, schema_error
 from api.producer import OutgoingReport, ReportProducer
-from fleetpulse.schema import RobotReport, decode_report, decode_reports, encode
+from fleetpulse.schema import (
+    RobotReport,
+    decode_report,
+    decode_reports,
+    encode,
+    time_bounds_problem,
+)
 from fleetpulse.settings import Settings
 from observability.metrics import ApiMetrics
 from observability.tracing import traceparent_header
 
-__all__ = ["Accepted", "ingest_routes"]
+__all__ = ["Accepted", "Headers", "error_docs", "ingest_routes", "record_headers"]
+
+Headers = list[tuple[str, str | bytes | None]]
 
 
 class Accepted(msgspec.Struct, frozen=True):
     """The answer to an accepted post: how many reports are now durable in Kafka."""
 
     accepted: int
+
+
+def record_headers(span: trace.Span, *extra: tuple[str, bytes]) -> Headers:
+    """The headers of every record ingest writes: ``ingest_ms``, ``traceparent`` (when the
+    span is recorded), then ``extra``."""
+    headers: Headers = [("ingest_ms", str(int(time.time() * 1000)).encode())]
+    traceparent = traceparent_header(span)
+    if traceparent is not None:
+        headers.append(("traceparent", traceparent))
+    headers.extend(extra)
+    return headers
+
+
+_ERROR_DOCS = {
+    400: "Malformed request",
+    401: "Missing or unknown bearer token",
+    403: "The token's scope does not cover this route",
+    413: "Body over FLEETPULSE_MAX_BODY_BYTES, or a batch over FLEETPULSE_MAX_BATCH_REPORTS",
+    415: "Content-Type is not application/json",
+    422: "Bad JSON or a schema violation; `fields` names the field (`[i].field` in a batch)",
+    503: "Kafka did not confirm in time, the producer queue is full or the producer is being "
+    "rebuilt; nothing was accepted, retry after Retry-After",
+}
+
+
+def error_docs(*statuses: int, **described: str) -> dict[int, ResponseSpec]:
+    """OpenAPI entries of the error answers ``statuses`` (ErrorBody), for the write routes;
+    ``described`` replaces a description (``s422="..."``)."""
+    return {
+        s: ResponseSpec(
+            data_container=ErrorBody,
+            description=described.get(f"s{s}", _ERROR_DOCS[s]),
+            generate_examples=False,
+        )
+        for s in statuses
+    }
+
+
+def _check_times(reports: Sequence[RobotReport], settings: Settings, batch: bool) -> None:
+    """422 naming ``ts`` (``[i].ts``) for the first report outside the bounds of our clock."""
+    now = time.time()
+    for i, report in enumerate(reports):
+        problem = time_bounds_problem(report.ts, now, settings.max_future_s, settings.max_age_s)
+        if problem is not None:
+            field = f"[{i}].ts" if batch else "ts"
+            where = f"item {i} of the batch" if batch else "the report"
+            raise ApiError(
+                422, "invalid_report", f"{where}: {problem.detail} (at `{field}`)", [field]
+            )
 
 
 def _require_json(request: AnyRequest) -> None:
@@ -48,6 +111,15 @@ def ingest_routes(
     settings: Settings, producer: ReportProducer, tracer: trace.Tracer, metrics: ApiMetrics
 ) -> list[ControllerRouterHandler]:
     """The POST routes, bound to one producer."""
+    bounds = (
+        f"A report's `ts` must lie within FLEETPULSE_MAX_AGE_S ({settings.max_age_s:g} s) "
+        f"behind and FLEETPULSE_MAX_FUTURE_S ({settings.max_future_s:g} s) ahead of the "
+        "server's clock; outside that the answer is 422 naming `ts` and stating the range."
+    )
+    responses = {
+        202: ResponseSpec(Accepted, description="Durable in Kafka (acks=all)"),
+        **error_docs(401, 403, 413, 415, 422, 503),
+    }
 
     async def publish(reports: Sequence[RobotReport], route: str) -> None:
         with tracer.start_as_current_span(
@@ -60,11 +132,7 @@ def ingest_routes(
                 "http.route": route,
             },
         ) as span:
-            traceparent = traceparent_header(span)
-            ingest_ms = str(int(time.time() * 1000)).encode()
-            headers: list[tuple[str, str | bytes | None]] = [("ingest_ms", ingest_ms)]
-            if traceparent is not None:
-                headers.append(("traceparent", traceparent))
+            headers = record_headers(span)
             if len(reports) == 1:
                 span.set_attribute("robot_id", reports[0].robot_id)
             outgoing: list[OutgoingReport] = [
@@ -73,7 +141,14 @@ def ingest_routes(
             await producer.send(outgoing)
             metrics.accepted.inc(len(reports))
 
-    @post("/v1/reports", status_code=202, summary="Post one robot report")
+    @post(
+        "/v1/reports",
+        status_code=202,
+        summary="Post one robot report",
+        description="Accept one report (a `RobotReport` as JSON); 202 once Kafka has "
+        f"acknowledged it. {bounds}",
+        responses=responses,
+    )
     async def post_report(request: AnyRequest) -> Accepted:
         """Accept one report; 202 once Kafka has acknowledged it."""
         _require_json(request)
@@ -82,10 +157,19 @@ def ingest_routes(
             report = decode_report(body)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise schema_error(exc, "the report") from None
+        _check_times([report], settings, batch=False)
         await publish([report], "/v1/reports")
         return Accepted(1)
 
-    @post("/v1/reports/batch", status_code=202, summary="Post a batch of robot reports")
+    @post(
+        "/v1/reports/batch",
+        status_code=202,
+        summary="Post a batch of robot reports",
+        description=f"Accept a JSON array of at most FLEETPULSE_MAX_BATCH_REPORTS "
+        f"({settings.max_batch_reports}) reports, all or nothing: one invalid item rejects "
+        f"the batch and the answer names its index. {bounds}",
+        responses=responses,
+    )
     async def post_batch(request: AnyRequest) -> Accepted:
         """Accept a JSON array of reports, all or nothing; 202 once Kafka has all of them."""
         _require_json(request)
@@ -103,6 +187,7 @@ def ingest_routes(
                 f"the batch holds {len(reports)} reports; at most "
                 f"{settings.max_batch_reports} (FLEETPULSE_MAX_BATCH_REPORTS)",
             )
+        _check_times(reports, settings, batch=True)
         await publish(reports, "/v1/reports/batch")
         return Accepted(len(reports))
 

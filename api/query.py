@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Any, cast
@@ -48,7 +48,7 @@ from litestar.router import Router
 from litestar.types import ControllerRouterHandler, ExceptionHandler, Guard
 from opentelemetry import trace
 
-from api.errors import AnyRequest, ApiError, ErrorBody, error_response
+from api.errors import AnyRequest, ApiError, ErrorBody, error_response, validation_error
 from api.stream import ChangeHub, stream_routes
 from fleetpulse.errors import InvalidQuery
 from fleetpulse.schema import (
@@ -323,11 +323,7 @@ def _on_invalid_query(_: AnyRequest, exc: InvalidQuery) -> Response[ErrorBody]:
 
 
 def _on_validation(_: AnyRequest, exc: ValidationException) -> Response[ErrorBody]:
-    # Litestar's detail is "Validation failed for GET ..."; say which parameter and why.
-    problems = [e for e in (exc.extra or []) if isinstance(e, Mapping)]
-    fields = [str(e.get("key", "")) for e in problems]
-    reasons = "; ".join(f"{e.get('key', '?')}: {e.get('message', 'invalid')}" for e in problems)
-    return error_response(ApiError(422, "invalid_parameter", reasons or str(exc.detail), fields))
+    return error_response(validation_error(exc))
 
 
 def _on_redis_down(_: AnyRequest, exc: redis.RedisError) -> Response[ErrorBody]:

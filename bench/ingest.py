@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,9 @@ def _report(i: int) -> dict[str, Any]:
         "robot_id": f"bench-{i % 1000}",
         "boot": 0,
         "seq": i,
-        "ts": "2026-11-26T10:00:00.000+00:00",
+        # wrk posts this body for the whole run: a ts of now stays inside the server's
+        # FLEETPULSE_MAX_AGE_S (7 days by default) throughout.
+        "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "status": "moving",
         "battery": 80.0 - (i % 50),
         "pose": {"x": i * 0.1, "y": 2.0, "theta": 0.5},
@@ -83,7 +86,7 @@ def main() -> int:
     Stack(settings).up()
     wrk = need_tool("wrk", "wrk")
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
-    ensure_topics(admin, [TOPIC], settings.kafka_partitions, 1)
+    ensure_topics(admin, [TOPIC], settings.kafka_partitions, 1, reports_topic=TOPIC)
     token = new_token()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmpdir:

@@ -8,6 +8,7 @@ Handlers' own spans (e.g. the Kafka produce span) are children of the server spa
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 
 from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,10 +27,15 @@ class ObservabilityMiddleware(ASGIMiddleware):
     scopes = ("http",)  # type: ignore[assignment]
 
     def __init__(
-        self, tracer: trace.Tracer, metrics: ApiMetrics, ingest_tracer: trace.Tracer | None = None
+        self,
+        tracer: trace.Tracer,
+        metrics: ApiMetrics,
+        ingest_tracer: trace.Tracer | None = None,
+        ingest_routes: Collection[str] = (),
     ) -> None:
         self.tracer = tracer
-        self.ingest_tracer = ingest_tracer or tracer  # spans of /v1/reports* (the webhook side)
+        self.ingest_tracer = ingest_tracer or tracer  # spans of the webhook side's routes
+        self.ingest_routes = frozenset(ingest_routes)  # their templates
         self.metrics = metrics
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
@@ -41,7 +47,7 @@ class ObservabilityMiddleware(ASGIMiddleware):
         for name, value in scope.get("headers", ()):
             if name == b"traceparent":
                 parent = context_from_traceparent(value.decode("latin-1"))
-        tracer = self.ingest_tracer if route.startswith("/v1/reports") else self.tracer
+        tracer = self.ingest_tracer if route in self.ingest_routes else self.tracer
         with tracer.start_as_current_span(
             f"{method} {route}",
             context=parent,

@@ -40,6 +40,11 @@ class JsonFormatter(logging.Formatter):
             "trace_id": format(ctx.trace_id, "032x") if ctx.is_valid else "",
             "span_id": format(ctx.span_id, "016x") if ctx.is_valid else "",
         }
+        # Structured fields a caller passes as `extra={"fields": {...}}` (e.g. the audit
+        # log's action, robot_id, by); they never replace the keys above.
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            doc.update({k: v for k, v in fields.items() if k not in doc})
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return _encoder.encode(doc).decode()

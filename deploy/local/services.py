@@ -14,20 +14,28 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import redis
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
+
+# Imported from where they are defined: confluent_kafka.admin re-exports them implicitly,
+# which mypy --strict does not follow.
+from confluent_kafka.admin._config import AlterConfigOpType, ConfigEntry, ConfigResource
+from confluent_kafka.admin._metadata import TopicMetadata
+from confluent_kafka.admin._resource import ResourceType
 from confluent_kafka.cimpl import NewTopic
 
 from deploy.local.procs import run_with_progress
 from fleetpulse.errors import StackError
 from fleetpulse.settings import Settings
 
-__all__ = ["HERE", "Jaeger", "Kafka", "Redis", "Service"]
+__all__ = ["HERE", "Jaeger", "Kafka", "Redis", "Service", "ensure_topics", "topic_configs"]
 
 HERE = Path(__file__).resolve().parent
 
@@ -147,8 +155,12 @@ class Kafka(Service):
                     "FLEETPULSE_KAFKA_CONTROLLER_PORT back, or run `just stack-reset`"
                 )
             return
-        # Kafka's cluster ids are 16 random bytes in URL-safe base64 without padding.
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        # Kafka's cluster ids are 16 random bytes in URL-safe base64 without padding; like
+        # Kafka's Uuid.randomUuid(), never one starting with "-", which StorageTool's
+        # argument parser would take for an option (1 run in 64 failed to format).
+        cluster_id = "-"
+        while cluster_id.startswith("-"):
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         subprocess.run(
             [
                 self._java(),
@@ -200,6 +212,7 @@ class Kafka(Service):
             [self.settings.topic_reports, self.settings.topic_dlq, self.settings.topic_alerts],
             self.settings.kafka_partitions,
             self.settings.kafka_replication,
+            reports_topic=self.settings.topic_reports,
         )
 
 
@@ -209,8 +222,33 @@ _QUIET.addHandler(logging.NullHandler())
 _QUIET.propagate = False
 
 
-def ensure_topics(admin: AdminClient, names: list[str], partitions: int, replication: int) -> None:
-    """Create the topics that do not exist yet; complain if one has another partition count."""
+def topic_configs(replication: int, *, reports: bool) -> dict[str, str]:
+    """The topic configs we set, and keep set, on a topic of ours.
+
+    ``min.insync.replicas`` is 2 from a replication factor of 3 up, so an acks=all
+    write (every 202 of ingest) is on two brokers before it is acknowledged, and one
+    broker may be down without stopping writes; below 3 it is 1 (2 would stop every
+    write while one of two brokers is away). The reports topic keeps the broker's
+    append time as each message's timestamp: the dataflow's arrival clock, which no
+    producer (or robot clock) can set.
+    """
+    configs = {"min.insync.replicas": "2" if replication >= 3 else "1"}
+    if reports:
+        configs["message.timestamp.type"] = "LogAppendTime"
+    return configs
+
+
+def ensure_topics(
+    admin: AdminClient,
+    names: list[str],
+    partitions: int,
+    replication: int,
+    *,
+    reports_topic: str | None = None,
+) -> None:
+    """Create the topics that do not exist yet with :func:`topic_configs`; alter the
+    configs of existing ones to match (printing what changed); complain if one has
+    another partition count. ``reports_topic`` names the topic of reports, if listed."""
     existing = admin.list_topics(timeout=10).topics
     for name in names:
         if name in existing and len(existing[name].partitions) != partitions:
@@ -218,15 +256,92 @@ def ensure_topics(admin: AdminClient, names: list[str], partitions: int, replica
                 f"warning: topic {name} has {len(existing[name].partitions)} partitions, "
                 f"settings ask for {partitions}; left as it is"
             )
-    missing = [NewTopic(n, partitions, replication) for n in names if n not in existing]
-    if not missing:
+    missing = [
+        NewTopic(
+            n,
+            partitions,
+            replication,
+            config=topic_configs(replication, reports=n == reports_topic),
+        )
+        for n in names
+        if n not in existing
+    ]
+    present = [n for n in names if n in existing]
+    if missing:
+        for name, future in admin.create_topics(missing, operation_timeout=30).items():
+            try:
+                future.result(timeout=30)
+            except Exception as exc:
+                if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                    raise StackError(f"could not create topic {name}: {exc}") from exc
+                present.append(name)  # made meanwhile, or not yet in the metadata we read
+    # An existing topic keeps its replication factor, so its configs follow that one.
+    wanted = {
+        name: topic_configs(_replicas(admin, name, replication), reports=name == reports_topic)
+        for name in present
+    }
+    _align_configs(admin, wanted)
+
+
+def _replicas(admin: AdminClient, name: str, otherwise: int) -> int:
+    """The replication factor of an existing topic (``otherwise`` if the metadata lacks it)."""
+    topic: TopicMetadata | None = admin.list_topics(name, timeout=10).topics.get(name)
+    if topic is None or topic.error is not None or not topic.partitions:
+        return otherwise
+    return min(len(p.replicas) for p in topic.partitions.values())
+
+
+def _describe(admin: AdminClient, name: str, timeout_s: float = 15.0) -> dict[str, ConfigEntry]:
+    """The topic's configs. A topic created a moment ago may be known to the controller
+    but not yet to the broker that answers (UNKNOWN_TOPIC_OR_PART): asked again until then."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        (future,) = admin.describe_configs(
+            [ConfigResource(ResourceType.TOPIC, name)], request_timeout=30
+        ).values()
+        try:
+            entries: dict[str, ConfigEntry] = future.result(timeout=30)
+            return entries
+        except KafkaException as exc:
+            unknown = exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+            if not unknown or time.monotonic() > deadline:
+                raise StackError(f"could not read the configs of topic {name}: {exc}") from exc
+        time.sleep(0.1)
+
+
+def _align_configs(admin: AdminClient, wanted: dict[str, dict[str, str]]) -> None:
+    """Set the configs in ``wanted`` (topic -> {name: value}) where a topic differs."""
+    if not wanted:
         return
-    for name, future in admin.create_topics(missing, operation_timeout=30).items():
+    changes: list[ConfigResource] = []
+    for name in wanted:
+        current = _describe(admin, name)
+        differ = {
+            key: value
+            for key, value in wanted[name].items()
+            if key not in current or current[key].value != value
+        }
+        if not differ:
+            continue
+        changed = ", ".join(
+            f"{k} {current[k].value if k in current else '(unset)'} -> {v}"
+            for k, v in differ.items()
+        )
+        print(f"note: topic {name}: {changed} (altered to match what fleetpulse creates)")
+        entries = [
+            ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+            for k, v in differ.items()
+        ]
+        changes.append(ConfigResource(ResourceType.TOPIC, name, incremental_configs=entries))
+    if not changes:
+        return
+    for resource, future in admin.incremental_alter_configs(changes, request_timeout=30).items():
         try:
             future.result(timeout=30)
         except Exception as exc:
-            if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                raise StackError(f"could not create topic {name}: {exc}") from exc
+            raise StackError(
+                f"could not alter the configs of topic {resource.name}: {exc}"
+            ) from exc
 
 
 class Redis(Service):

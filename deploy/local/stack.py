@@ -5,6 +5,7 @@
     python -m deploy.local.stack logs [SERVICE] [-n LINES] [-f]
     python -m deploy.local.stack down      stop only the processes this stack started
     python -m deploy.local.stack reset     down, then delete the stack's data (not its binaries)
+                                           and the dataflow's recovery store
 
 Everything lives under ``FLEETPULSE_STACK_DIR`` (default ``.stack/`` in the repository,
 git-ignored). ``up`` is idempotent: a service already running and healthy is left alone.
@@ -120,8 +121,23 @@ class Stack:
             rows.append((svc.name, pid, svc.port, pid is not None and svc.healthy()))
         return rows
 
+    @property
+    def recovery_dir(self) -> Path | None:
+        """The dataflow's recovery store (a relative setting is under the repository), or
+        None when recovery is off."""
+        if not self.settings.recovery_dir:
+            return None
+        path = Path(self.settings.recovery_dir)
+        return path if path.is_absolute() else REPO_ROOT / path
+
     def reset(self) -> None:
-        """Stop everything and delete the services' data; provisioned binaries stay."""
+        """Stop everything and delete the services' data and the dataflow's recovery
+        store; provisioned binaries stay.
+
+        The recovery store goes too: its snapshots hold Kafka offsets of the topics just
+        deleted, and a dataflow resuming from them would skip that many messages of the
+        new topics (and restore robot state that no longer exists anywhere else).
+        """
         self.down()
         for sub in ("kafka/data", "kafka/formatted.json", "redis", "logs", "run"):
             path = self.root / sub
@@ -130,6 +146,24 @@ class Stack:
             else:
                 path.unlink(missing_ok=True)
         print(f"stack data under {self.root} deleted")
+        self._delete_recovery()
+
+    def _delete_recovery(self) -> None:
+        recovery = self.recovery_dir
+        if recovery is None or not recovery.exists():
+            return
+        shown = f"{env_name('recovery_dir')}={self.settings.recovery_dir}"
+        found = recovery.resolve()
+        # A mistyped setting must not take the repository, the stack's binaries or home.
+        keep = {REPO_ROOT.resolve(), self.root.resolve(), Path.home().resolve()}
+        if any(found == k or found in k.parents for k in keep):
+            print(
+                f"warning: recovery store not deleted: {shown} is {found}, which holds the "
+                "repository, the stack folder or your home; delete its part-*.sqlite3 by hand"
+            )
+            return
+        shutil.rmtree(recovery)
+        print(f"dataflow recovery store {recovery} deleted")
 
 
 def _print_status(stack: Stack) -> bool:

@@ -6,6 +6,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import msgspec
@@ -22,12 +23,19 @@ INGEST = new_token()
 READ = new_token()
 
 
+def recent_ts(ago_s: float = 60.0) -> str:
+    """A ts ``ago_s`` behind the server's clock, at +01:00 and with milliseconds (the
+    server refuses a ts outside FLEETPULSE_MAX_AGE_S / FLEETPULSE_MAX_FUTURE_S of it)."""
+    at = datetime.fromtimestamp(time.time() - ago_s, timezone(timedelta(hours=1)))
+    return at.isoformat(timespec="milliseconds")
+
+
 def report(robot_id: str = "amr-7", seq: int = 1, **over: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "robot_id": robot_id,
         "boot": 0,
         "seq": seq,
-        "ts": "2026-11-26T10:00:00.250+01:00",
+        "ts": recent_ts(),
         "status": "moving",
         "battery": 87.5,
         "pose": {"x": 1.5, "y": -2.0, "theta": 0.25},
@@ -61,13 +69,14 @@ def test_posted_report_is_on_the_topic_with_key_value_and_headers(
     client: TestClient[Any], settings: Settings, topic: str
 ) -> None:
     before_ms = int(time.time() * 1000)
-    r = client.post("/v1/reports", json=report())
+    body = report(ts="2026-11-26T10:00:00.250+01:00")
+    r = client.post("/v1/reports", json=body)
     assert r.status_code == 202, r.text
     assert r.json() == {"accepted": 1}
 
     (msg,) = consume_all(settings, topic, expect=1)
     assert msg.key() == b"amr-7"
-    assert msg.value() == encode(decode_report(json.dumps(report())))
+    assert msg.value() == encode(decode_report(json.dumps(body)))
     assert decode_report(msg.value()).ts.isoformat() == "2026-11-26T10:00:00.250000+01:00"
     headers = dict(msg.headers())
     # version 00, trace id, span id, flags: sampled (01), with the random-trace-id bit (03)
@@ -125,6 +134,15 @@ BAD_CASES: list[tuple[str, str, Any, dict[str, str], int, str, list[str], str]] 
     ("pose-missing-theta", "/v1/reports", report(pose={"x": 1, "y": 2}), {}, 422, "invalid_report", ["pose.theta"], "missing required field"),
     ("speed-negative", "/v1/reports", report(speed=-1), {}, 422, "invalid_report", ["speed"], ">= 0.0"),
     ("site-with-space", "/v1/reports", report(site="plant 1"), {}, 422, "invalid_report", ["site"], "matching regex"),
+    # Regressions: a trailing newline passed the id pattern (its `$` matched before it).
+    ("robot-id-trailing-newline", "/v1/reports", report("amr-1\n"), {}, 422, "invalid_report", ["robot_id"], "matching regex"),
+    ("site-trailing-newline", "/v1/reports", report(site="plant-1\n"), {}, 422, "invalid_report", ["site"], "matching regex"),
+    ("batch-robot-id-trailing-newline", "/v1/reports/batch", [report(), report("amr-1\n")], {}, 422, "invalid_report", ["[1].robot_id"], "item 1 of the batch"),
+    # Regressions: any ts was accepted, from year 1 to year 9999.
+    ("ts-year-9999", "/v1/reports", report(ts="9999-12-31T23:59:30Z"), {}, 422, "invalid_report", ["ts"], "ahead of the receiving clock; accepted: "),
+    ("ts-year-1", "/v1/reports", report(ts="0001-01-01T00:00:30+01:00"), {}, 422, "invalid_report", ["ts"], "behind the receiving clock; accepted: "),
+    ("batch-ts-year-9999", "/v1/reports/batch", [report(seq=1), report(seq=2), report(seq=3, ts="9999-12-31T23:59:30Z")], {}, 422, "invalid_report", ["[2].ts"], "item 2 of the batch: ts 9999-12-31T23:59:30+00:00 is"),
+    ("batch-ts-year-1", "/v1/reports/batch", [report(seq=1, ts="0001-01-01T00:00:30+01:00"), report(seq=2)], {}, 422, "invalid_report", ["[0].ts"], "FLEETPULSE_MAX_AGE_S="),
     ("array-to-single-route", "/v1/reports", [report()], {}, 422, "invalid_report", [], "Expected `object`, got `array`"),
     ("body-over-limit", "/v1/reports/batch", _raw("[" + ",".join([GOOD] * 5000) + "]"), {}, 413, "body_too_large", [], "FLEETPULSE_MAX_BODY_BYTES"),
     ("empty-batch", "/v1/reports/batch", [], {}, 422, "empty_batch", [], "no reports"),
@@ -192,3 +210,83 @@ def test_health_and_readiness(client: TestClient[Any]) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/readyz")
     assert (r.status_code, r.json()) == (200, {"status": "ready"})
+
+
+BOUNDS = {"max_future_s": 120.0, "max_age_s": 3600.0}
+
+
+@pytest.fixture
+def bounded(settings: Settings, topic: str) -> Iterator[TestClient[Any]]:
+    """An ingest app that accepts a ts from 1 h behind to 2 min ahead of its clock."""
+    app = create_app(ingest_settings(settings, topic, **BOUNDS), query=False)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        c.headers["Authorization"] = f"Bearer {INGEST}"
+        yield c
+
+
+def _at(offset_s: float) -> str:
+    return datetime.fromtimestamp(time.time() + offset_s, UTC).isoformat()
+
+
+# offsets from the server's clock: 10 s inside and 10 s outside each bound
+INSIDE = {"ahead": BOUNDS["max_future_s"] - 10, "behind": -BOUNDS["max_age_s"] + 10}
+OUTSIDE = {"ahead": BOUNDS["max_future_s"] + 10, "behind": -BOUNDS["max_age_s"] - 10}
+
+
+@pytest.mark.parametrize("side", ["ahead", "behind"])
+def test_ts_outside_the_bounds_of_the_server_clock_is_refused_naming_the_range(
+    bounded: TestClient[Any], settings: Settings, topic: str, side: str
+) -> None:
+    before = time.time()
+    single = bounded.post("/v1/reports", json=report("amr-out", ts=_at(OUTSIDE[side])))
+    batch = [report("amr-out", seq=1), report("amr-out", seq=2, ts=_at(OUTSIDE[side]))]
+    many = bounded.post("/v1/reports/batch", json=batch)
+    after = time.time()
+
+    assert (single.status_code, many.status_code) == (422, 422), (single.text, many.text)
+    assert single.json()["error"] == many.json()["error"] == "invalid_report"
+    assert (single.json()["fields"], many.json()["fields"]) == (["ts"], ["[1].ts"])
+    assert many.json()["detail"].startswith("item 1 of the batch: ts ")
+    for answer in (single.json(), many.json()):
+        detail = answer["detail"]
+        word = "ahead of" if side == "ahead" else "behind"
+        assert f" s {word} the receiving clock; " in detail
+        assert "FLEETPULSE_MAX_FUTURE_S=120 s ahead, FLEETPULSE_MAX_AGE_S=3600 s behind" in detail
+        found = re.search(r"accepted: (\S+) to (\S+) ", detail)
+        assert found is not None, detail
+        low, high = (datetime.fromisoformat(x).timestamp() for x in found.groups())
+        assert before - 3600 - 1 <= low <= after - 3600
+        assert before + 120 - 1 <= high <= after + 120
+
+    # Neither the report nor any item of the batch reached Kafka.
+    assert bounded.post("/v1/reports", json=report("sentinel")).status_code == 202
+    assert [m.key() for m in consume_all(settings, topic, expect=1)] == [b"sentinel"]
+
+
+def test_ts_just_inside_the_bounds_is_accepted(
+    bounded: TestClient[Any], settings: Settings, topic: str
+) -> None:
+    ahead = report("amr-in", seq=1, ts=_at(INSIDE["ahead"]))
+    behind = report("amr-in", seq=2, ts=_at(INSIDE["behind"]))
+    assert bounded.post("/v1/reports", json=ahead).status_code == 202
+    assert bounded.post("/v1/reports", json=behind).status_code == 202
+    batch = [
+        report("amr-in", seq=3, ts=_at(INSIDE["ahead"])),
+        report("amr-in", seq=4, ts=_at(INSIDE["behind"])),
+    ]
+    r = bounded.post("/v1/reports/batch", json=batch)
+    assert (r.status_code, r.json()) == (202, {"accepted": 2})
+    msgs = consume_all(settings, topic, expect=4)
+    assert sorted(decode_report(m.value()).seq for m in msgs) == [1, 2, 3, 4]
+
+
+def test_openapi_of_the_ingest_routes_states_the_time_bounds(
+    client: TestClient[Any], settings: Settings
+) -> None:
+    paths = client.get("/schema/openapi.json").json()["paths"]
+    for path in ("/v1/reports", "/v1/reports/batch"):
+        op = paths[path]["post"]
+        assert f"FLEETPULSE_MAX_FUTURE_S ({settings.max_future_s:g} s)" in op["description"]
+        assert f"FLEETPULSE_MAX_AGE_S ({settings.max_age_s:g} s)" in op["description"]
+        assert set(op["responses"]) >= {"202", "401", "403", "413", "415", "422", "503"}
+        assert op["security"] == [{"bearer": []}]

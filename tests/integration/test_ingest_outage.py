@@ -53,7 +53,7 @@ def test_broker_down_gives_503_within_the_bound_and_recovers_without_duplicates(
     own = ingest_settings(private_kafka.settings, "outage", produce_timeout_s=BOUND_S)
     kafka = private_kafka.service("kafka")
     assert isinstance(kafka, Kafka)
-    ensure_topics(kafka._admin(), ["outage"], partitions=3, replication=1)
+    ensure_topics(kafka._admin(), ["outage"], partitions=3, replication=1, reports_topic="outage")
     accepted: list[int] = []
     with TestClient(create_app(own, query=False), raise_server_exceptions=False) as client:
         client.headers["Authorization"] = f"Bearer {INGEST}"

@@ -1,4 +1,5 @@
-"""The query API keeps its OpenAPI promise: schemathesis over every query route.
+"""The API keeps its OpenAPI promise: schemathesis over every query route and the
+ingest server's admin route.
 
 Generated requests (valid and invalid) go to the in-process ASGI app on real Redis
 with a seeded fleet (so the documented examples, e.g. robot ``amr-7``, answer 200);
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given
@@ -20,6 +22,8 @@ from schemathesis import GenerationMode
 from schemathesis.python import asgi
 
 from api.app import create_app
+from api.auth import hash_token, new_token
+from deploy.local.harness import isolated
 from fleetpulse.settings import Settings
 from tests.integration.test_query_api import READ, private_fleet
 from tests.integration.test_state_contract import alert, live, window
@@ -93,6 +97,50 @@ def test_query_routes_conform_to_their_openapi(
         assert 200 in statuses  # the happy path really ran
     if mode is GenerationMode.NEGATIVE:  # schema-violating parameters or credentials
         assert {401, 422} & set(statuses)
+
+
+ADMIN = new_token()
+RESET_ORDER = "/v1/robots/{robot_id}/reset-order"
+
+
+@pytest.fixture(scope="module")
+def ingest_schema(
+    stack: object, settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    """The ingest server's OpenAPI document, loaded by schemathesis, on topics of its own."""
+    own = isolated(settings, tmp_path_factory.mktemp("openapi"), partitions=1)
+    app = create_app(
+        msgspec.structs.replace(own, api_tokens=f"admin:{hash_token(ADMIN)}"), query=False
+    )
+    try:
+        yield schemathesis.openapi.from_asgi("/schema/openapi.json", app)
+    finally:
+        asgi.shutdown_lifespans()
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_reset_order_conforms_to_its_openapi(ingest_schema: Any, mode: GenerationMode) -> None:
+    operation = ingest_schema[RESET_ORDER]["POST"]
+    statuses: list[int] = []
+
+    @given(case=operation.as_strategy(mode))
+    @hsettings(
+        max_examples=25,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    def check(case: Any) -> None:
+        response = case.call_and_validate(headers={"Authorization": f"Bearer {ADMIN}"})
+        statuses.append(response.status_code)
+
+    check()
+    assert statuses and max(statuses) < 500
+    if mode is GenerationMode.POSITIVE:
+        assert set(statuses) == {202}  # every valid robot id is a command written to Kafka
+    else:
+        assert 422 in statuses
 
 
 def test_openapi_types_every_query_route(stack: object, settings: Settings) -> None:

@@ -24,3 +24,19 @@ def test_keys_that_are_not_robot_ids_become_dead_letters_with_their_origin() -> 
         robot, item = key_message(key, b"v", [], 5, 9, 0)
         assert robot == DLQ_KEY
         assert item == DeadLetter(key, b"v", "message key is not a robot id", 5, 9)
+
+
+def test_a_key_with_a_trailing_newline_is_not_a_robot_id() -> None:
+    # Regression: the id pattern's `$` matched before a final newline, so b"amr-1\n"
+    # was keyed as a robot (a second robot beside "amr-1", and a key no API can name).
+    for key in (b"amr-1\n", b"amr-1\r\n", b"amr-1\nx", b"\namr-1"):
+        robot, item = key_message(key, b"v", [], 2, 7, 0)
+        assert robot == DLQ_KEY, key
+        assert isinstance(item, DeadLetter)
+        assert (item.key, item.value, item.kind, item.partition, item.offset) == (
+            key,
+            b"v",
+            "key",
+            2,
+            7,
+        )
