@@ -20,10 +20,10 @@ from confluent_kafka import Consumer, TopicPartition
 
 from dataflows.robot import RobotState, on_report
 from dataflows.rules import Rules
-from fleetpulse.schema import Alert, LiveState, RobotReport, WindowStats, decode_report
+from fleetpulse.schema import Alert, LiveState, WindowStats, decode_report
 from fleetpulse.settings import Settings, load_settings
 from state.connect import connect
-from state.writer import RedisStateWriter
+from state.writer import RedisStateWriter, coalesce
 
 __all__ = ["run"]
 
@@ -50,11 +50,9 @@ def run(settings: Settings, batch: int = 2000) -> int:
     try:
         while len(at_end) < len(parts):
             msgs = consumer.consume(batch, 0.1)
-            newest: dict[str, LiveState] = {}
-            history: dict[str, list[RobotReport]] = {}
+            changes: list[LiveState] = []
             windows: list[WindowStats] = []
             alerts: list[Alert] = []
-            now = time.time()
             for msg in msgs:
                 if msg.error() is not None:
                     at_end.add(msg.partition() or 0)
@@ -64,15 +62,17 @@ def run(settings: Settings, batch: int = 2000) -> int:
                     report = decode_report(msg.value() or b"")
                 except msgspec.MsgspecError:
                     continue
-                state, emits = on_report(robots.get(report.robot_id), report, now, rules)
+                arrival = msg.timestamp()[1] / 1000
+                state, emits = on_report(
+                    robots.get(report.robot_id), report, arrival, msg.partition() or 0, rules
+                )
                 robots[report.robot_id] = state
-                if emits.states:
-                    newest[report.robot_id] = emits.states[-1]
-                    history.setdefault(report.robot_id, []).append(report)
+                changes += emits.states
                 windows += emits.windows
                 alerts += emits.alerts
-            if newest or windows or alerts:
-                writer.write(list(newest.values()), windows, alerts, history)
+            if changes or windows or alerts:
+                newest, history = coalesce(changes)
+                writer.write(newest, windows, alerts, history)
     finally:
         consumer.close()
     return seen

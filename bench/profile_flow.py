@@ -88,7 +88,7 @@ def main() -> int:
                 **os.environ,
                 **to_env(s),
                 "BYTEWAX_RECOVERY_DIRECTORY": str(recovery),
-                "BYTEWAX_SNAPSHOT_INTERVAL": f"{s.snapshot_interval_s:g}",
+                "BYTEWAX_SNAPSHOT_INTERVAL": str(s.snapshot_interval_s),
                 "BYTEWAX_RECOVERY_BACKUP_INTERVAL": "0",
             }
             raw = tmp / "raw.txt"

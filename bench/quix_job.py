@@ -15,7 +15,6 @@ from __future__ import annotations
 import pickle
 import sys
 import tempfile
-import time
 import uuid
 from typing import Any
 
@@ -25,10 +24,10 @@ from quixstreams.state.rocksdb import RocksDBOptions
 
 from dataflows.robot import Emits, on_report
 from dataflows.rules import Rules
-from fleetpulse.schema import Alert, LiveState, RobotReport, WindowStats, decode_report
+from fleetpulse.schema import Alert, LiveState, WindowStats, decode_report
 from fleetpulse.settings import load_settings
 from state.connect import connect
-from state.writer import RedisStateWriter
+from state.writer import RedisStateWriter, coalesce
 
 
 class RedisSink(BatchingSink):  # type: ignore[misc]
@@ -39,22 +38,17 @@ class RedisSink(BatchingSink):  # type: ignore[misc]
         self.writer = writer
 
     def write(self, batch: SinkBatch) -> None:
-        newest: dict[str, LiveState] = {}
-        history: dict[str, list[RobotReport]] = {}
+        changes: list[LiveState] = []
         windows: list[WindowStats] = []
         alerts: list[Alert] = []
         for item in batch:
             emits: Emits = item.value
-            for st in emits.states:
-                robot = st.report.robot_id
-                newest[robot] = st
-                applied = history.setdefault(robot, [])
-                if not applied or applied[-1].order != st.report.order:
-                    applied.append(st.report)
+            changes += emits.states
             windows += emits.windows
             alerts += emits.alerts
-        if newest or windows or alerts:
-            self.writer.write(list(newest.values()), windows, alerts, history)
+        if changes or windows or alerts:
+            newest, history = coalesce(changes)
+            self.writer.write(newest, windows, alerts, history)
 
 
 def main() -> int:
@@ -75,13 +69,13 @@ def main() -> int:
         )
         sdf = app.dataframe(topic)
 
-        def process(value: bytes, state: State) -> Any:
+        def process(value: bytes, _key: Any, timestamp: int, _headers: Any, state: State) -> Any:
             report = decode_report(value)
-            robot, emits = on_report(state.get("robot"), report, time.time(), rules)
+            robot, emits = on_report(state.get("robot"), report, timestamp / 1000, 0, rules)
             state.set("robot", robot)
             return emits
 
-        sdf = sdf.apply(process, stateful=True)
+        sdf = sdf.apply(process, stateful=True, metadata=True)
         sdf.sink(RedisSink(RedisStateWriter(connect(settings), settings)))
         app.run(timeout=5.0)
     return 0

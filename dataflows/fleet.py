@@ -13,13 +13,17 @@ Bytewax keeps no offsets and re-reads the topic from the beginning on every rest
 
 Shape (DESIGN.md, "Dataflow semantics"):
 
-    ReportSource (Kafka): key by the message key, keep raw bytes ──▶
-    stateful_batch (per robot): decode, order by (boot, seq), live state, alerts,
-        offline timers, 1-minute event-time windows; bad data -> dead letters ──▶
+    ReportSource (Kafka): key by the robot's shard, keep raw bytes; progress marks ──▶
+    stateful_batch (per shard of robots): decode, check, order by (boot, seq), live
+        state, alerts, offline and 1-minute event-time windows on the arrival clock;
+        bad data -> dead letters ──▶
     FleetSink: one idempotent Redis batch (state/), alerts and dead letters to Kafka
 
 Items cross between workers as raw bytes and are decoded inside the keyed step:
 pickling decoded Structs between processes costs more than decoding them.
+
+What the flow promises under bad data, stalls and crashes is in the README
+("Bad data, clocks and crashes"); each piece says why where it is done.
 """
 
 from __future__ import annotations
@@ -28,127 +32,25 @@ import fcntl
 import logging
 import os
 import sys
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-import msgspec
 from bytewax import operators as op
 from bytewax.dataflow import Dataflow
-from bytewax.operators import StatefulBatchLogic
 from bytewax.recovery import init_db_dir
-from opentelemetry import trace
 
-from dataflows.records import DeadLetter, Out, Raw
-from dataflows.robot import RobotState, next_wakeup, on_report, on_restore, on_tick
+from dataflows.chaos import Chaos
 from dataflows.rules import Rules
+from dataflows.shard import ShardLogic
 from dataflows.sink import FleetSink, process_id
-from dataflows.source import ReportSource
-from fleetpulse.schema import decode_report
+from dataflows.source import Binding, ReportSource
 from fleetpulse.settings import Settings, load_settings
 from observability.logs import setup_logging
 from observability.metrics import dataflow_metrics
-from observability.tracing import context_from_traceparent, setup_tracing, traceparent_header
+from observability.tracing import setup_tracing
 
 __all__ = ["build_flow"]
 
 log = logging.getLogger("fleetpulse.dataflow")
-
-_STATE_ENCODER = msgspec.msgpack.Encoder()
-_STATE_DECODER = msgspec.msgpack.Decoder(RobotState)
-
-
-def _sampled(traceparent: str) -> bool:
-    """Whether a W3C traceparent's flags say "sampled" (bit 0); unsampled costs no span."""
-    try:
-        return len(traceparent) == 55 and bool(int(traceparent[53:55], 16) & 1)
-    except ValueError:
-        return False
-
-
-class RobotLogic(StatefulBatchLogic[Raw | DeadLetter, Out, bytes]):
-    """One robot's state in Bytewax: the pure logic of ``dataflows.robot`` plus I/O glue."""
-
-    def __init__(self, rules: Rules, tracer: trace.Tracer, resume: bytes | None):
-        self.rules = rules
-        self.tracer = tracer
-        self.state: RobotState | None = None
-        if resume is not None:
-            # After a restart: online robots get a fresh grace period, not an offline storm.
-            self.state = on_restore(_STATE_DECODER.decode(resume), time.time(), rules)
-
-    def on_batch(self, values: list[Raw | DeadLetter]) -> tuple[list[Out], bool]:
-        now = time.time()
-        out = Out()
-        for raw in values:
-            if isinstance(raw, DeadLetter):
-                out.dead.append(raw)
-                continue
-            self._apply(raw, now, out)
-        return [out], self.RETAIN if self.state is not None else self.DISCARD
-
-    def _apply(self, raw: Raw, now: float, out: Out) -> None:
-        robot, value, traceparent, partition, offset, append_ms = raw
-        try:
-            report = decode_report(value or b"")
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            reason = f"invalid report: {exc}"
-            out.dead.append(DeadLetter(robot.encode(), value, reason, partition, offset))
-            return
-        if report.robot_id != robot:
-            reason = f"key {robot!r} does not match robot_id {report.robot_id!r}"
-            out.dead.append(DeadLetter(robot.encode(), value, reason, partition, offset))
-            return
-        parent = context_from_traceparent(traceparent) if _sampled(traceparent) else None
-        if parent is None:
-            self.state, emits = on_report(self.state, report, now, self.rules)
-        else:
-            with self.tracer.start_as_current_span(
-                "process report",
-                context=parent,
-                attributes={
-                    "robot_id": report.robot_id,
-                    "boot": report.boot,
-                    "seq": report.seq,
-                    "messaging.kafka.partition": partition,
-                    "messaging.kafka.offset": offset,
-                },
-            ) as span:
-                self.state, emits = on_report(self.state, report, now, self.rules)
-                span.set_attribute("applied", emits.applied > 0)
-                carried = traceparent_header(span)
-                if carried is not None and emits.states:
-                    out.traced.append(carried.decode())
-        if emits.applied:
-            out.appended_ms.append(append_ms)
-        for late in emits.late:
-            out.dead.append(
-                DeadLetter(
-                    robot.encode(),
-                    value,
-                    f"late: event time {late.ts.isoformat()} is behind the closed window",
-                    partition,
-                    offset,
-                    late=True,
-                )
-            )
-        out.merge(emits)
-
-    def on_notify(self) -> tuple[list[Out], bool]:
-        if self.state is None:
-            return [], self.DISCARD
-        self.state, emits = on_tick(self.state, time.time(), self.rules)
-        out = Out()
-        out.merge(emits)
-        return [out], self.RETAIN
-
-    def notify_at(self) -> datetime | None:
-        when = next_wakeup(self.state) if self.state is not None else None
-        return datetime.fromtimestamp(when, UTC) if when is not None else None
-
-    def snapshot(self) -> bytes:
-        # Encoded bytes are an immutable copy, whatever the step does to the state next.
-        return _STATE_ENCODER.encode(self.state)
 
 
 def build_flow(settings: Settings | None = None, *, tail: bool = True) -> Dataflow:
@@ -163,18 +65,21 @@ def build_flow(settings: Settings | None = None, *, tail: bool = True) -> Datafl
     _recovery_on_by_default(settings)
     rules = Rules.from_settings(settings)
     metrics = dataflow_metrics(settings.metrics_host, settings.dataflow_metrics_port, process_id())
+    # What the recovery snapshots belong to; a snapshot of another topic is not resumed.
+    binding = Binding.read(settings)
+    chaos = Chaos.parse(settings.chaos)
     flow = Dataflow("fleetpulse")
-    # Items arrive keyed by robot (the Kafka key), values still raw bytes.
-    keyed = op.input("reports", flow, ReportSource(settings, metrics, tail=tail))
+    # Items arrive keyed by shard, values still raw bytes, with progress marks.
+    keyed = op.input("reports", flow, ReportSource(settings, metrics, binding, tail=tail))
 
-    # One tracer for every robot's logic (a logic object exists per robot key).
+    # One tracer for every shard's logic.
     tracer = setup_tracing(settings, "fleetpulse-dataflow").get_tracer("fleetpulse.flow")
 
-    def builder(resume: bytes | None) -> RobotLogic:
-        return RobotLogic(rules, tracer, resume)
+    def builder(resume: bytes | None) -> ShardLogic:
+        return ShardLogic(rules, tracer, binding.text, resume, chaos.point("snapshot"))
 
-    robots = op.stateful_batch("robots", keyed, builder)
-    op.output("sink", robots, FleetSink(settings))
+    shards = op.stateful_batch("shards", keyed, builder)
+    op.output("sink", shards, FleetSink(settings, chaos))
     return flow
 
 
@@ -201,8 +106,8 @@ def _recovery_on_by_default(settings: Settings) -> None:
     env = {
         **os.environ,
         "BYTEWAX_RECOVERY_DIRECTORY": str(recovery),
-        "BYTEWAX_SNAPSHOT_INTERVAL": f"{settings.snapshot_interval_s:g}",
-        "BYTEWAX_RECOVERY_BACKUP_INTERVAL": f"{settings.backup_interval_s:g}",
+        "BYTEWAX_SNAPSHOT_INTERVAL": str(settings.snapshot_interval_s),
+        "BYTEWAX_RECOVERY_BACKUP_INTERVAL": str(settings.backup_interval_s),
     }
     print(f"fleetpulse: recovery on, partitions in {recovery}", file=sys.stderr, flush=True)
     os.execve(sys.executable, [sys.executable, "-m", "bytewax.run", *sys.argv[1:]], env)

@@ -1,20 +1,42 @@
-"""What flows between the dataflow's steps; small, and cheap to pickle between workers."""
+"""What flows between the dataflow's steps; small, and cheap to pickle between workers.
+
+The source emits, keyed by shard (``dataflows.shard.shard_key``):
+
+* :data:`Raw` — one Kafka message, value still bytes (decoded inside the shard step),
+* :data:`Progress` — "every message of Kafka partition p appended at or before t has
+  been read": the arrival clock that offline detection and window closing run on,
+* :class:`Control` — an operator's command for one robot, ordered with its reports,
+* :class:`DeadLetter` — a message that cannot be keyed (under :data:`DLQ_KEY`).
+
+The shard step hands the sink one :class:`Out` per call.
+"""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
-from dataflows.robot import Emits
 from fleetpulse.schema import Alert, LiveState, WindowStats
 
-__all__ = ["DLQ_KEY", "DeadLetter", "Out", "Raw"]
+__all__ = ["DLQ_KEY", "Control", "DeadKind", "DeadLetter", "Out", "Progress", "Raw"]
 
-# The key of messages that cannot be keyed by robot; "!" never starts a robot id.
+# The key of messages that cannot be keyed by robot; "!" never starts a shard key.
 DLQ_KEY = "!dlq"
 
 # One Kafka message before decoding:
-# (robot id from the key, value, traceparent, partition, offset, append time ms).
+# (robot id from the key, value, traceparent, partition, offset, arrival ms).
+# A plain tuple: one is built per message and pickled between workers.
 Raw = tuple[str, bytes | None, str, int, int, int]
+
+# (partition, progress ms): the partition has been read up to that arrival time.
+Progress = tuple[int, int]
+
+# Why a message went to the DLQ, set where the dead letter is made (never parsed back
+# out of the reason text): a malformed report, a key that is not (or does not match) the
+# robot id, a valid report too late for its window, a ts too far ahead of or behind its
+# arrival, an exception in the per-robot logic.
+DeadKind = Literal["invalid", "key", "late", "future", "past", "error"]
 
 
 class DeadLetter(msgspec.Struct, frozen=True, gc=False):
@@ -22,39 +44,39 @@ class DeadLetter(msgspec.Struct, frozen=True, gc=False):
 
     key: bytes | None
     value: bytes | None
-    reason: str
+    kind: DeadKind
+    reason: str  # for people: what was wrong, with the exception text for `error`
     partition: int
     offset: int
-    late: bool = False  # a valid report, too late for its window (counted separately)
 
-    @property
-    def kind(self) -> str:
-        """The metric label: late, key (no usable robot key), kafka (a consume error) or invalid."""
-        if self.late:
-            return "late"
-        if self.reason.startswith("kafka error"):
-            return "kafka"
-        return "key" if self.reason.startswith(("message key", "key ")) else "invalid"
+
+class Control(msgspec.Struct, frozen=True, gc=False):
+    """An operator's command for one robot, read from the reports topic (key = robot)."""
+
+    robot_id: str
+    action: Literal["reset_order"]
+    by: str  # who asked (a token fingerprint), for the audit trail
+    partition: int
+    offset: int
+    arrival_ms: int
 
 
 class Out(msgspec.Struct, kw_only=True, gc=False):
-    """What one robot's step hands the sink: writes, dead letters, trace and timing."""
+    """What one shard step hands the sink: writes, dead letters, trace and timing."""
 
-    states: list[LiveState] = msgspec.field(default_factory=list)
+    states: list[LiveState] = msgspec.field(default_factory=list)  # in each robot's order
     alerts: list[Alert] = msgspec.field(default_factory=list)
     windows: list[WindowStats] = msgspec.field(default_factory=list)
     dead: list[DeadLetter] = msgspec.field(default_factory=list)
     traced: list[str] = msgspec.field(default_factory=list)  # process spans' traceparents
-    appended_ms: list[int] = msgspec.field(default_factory=list)  # Kafka append times, applied
+    appended_ms: dict[str, int] = msgspec.field(default_factory=dict)  # robot -> newest applied
     applied: int = 0
     stale: int = 0
     duplicate: int = 0
+    errors: int = 0  # exceptions contained (each also a dead letter of kind `error`)
 
-    def merge(self, emits: Emits) -> None:
-        """Add one pure step's output."""
-        self.states += emits.states
-        self.alerts += emits.alerts
-        self.windows += emits.windows
-        self.applied += emits.applied
-        self.stale += emits.stale
-        self.duplicate += emits.duplicate
+    def __bool__(self) -> bool:
+        return bool(
+            self.states or self.alerts or self.windows or self.dead or self.applied
+            or self.stale or self.duplicate
+        )  # fmt: skip

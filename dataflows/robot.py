@@ -1,24 +1,33 @@
 """The per-robot state machine of the dataflow: ordering, live state, alerts, offline.
 
-Pure functions over msgspec Structs, shaped ``(state, item) -> (state, emits)`` so a
-Bytewax ``StatefulLogic`` can wrap them (DESIGN.md, "Dataflow semantics"):
+Pure functions over msgspec Structs, shaped ``(state, item) -> (state, emits)`` so the
+shard step (``dataflows.shard``) can wrap them (DESIGN.md, "Dataflow semantics"):
 
-* :func:`on_report` — a report arrived (processing time ``now``),
-* :func:`on_tick` — processing time advanced to ``now`` (offline, closing windows),
-* :func:`on_restore` — the state came back from a snapshot,
-* :func:`next_wakeup` — when :func:`on_tick` should run next,
-* :func:`flush` — close every open window (end of stream, tests),
-* :func:`snapshot` — an independent copy for ``StatefulLogic.snapshot``.
+* :func:`on_report` — a report arrived (at Kafka append time ``arrival``),
+* :func:`on_progress` — the arrival clock of the robot's partition reached ``progress``
+  (every report appended until then has been read): offline, closing windows,
+* :func:`on_control` — an operator reset the robot's ordering.
 
-``RobotState`` is updated in place and returned: copying it (and its open windows) for
-every report would cost more than the rest of the step. It holds only Structs, tuples,
-lists and dicts, so Bytewax's pickled snapshots round-trip it.
+Each returns a *new* state and leaves the one it was given untouched (a shallow copy
+is taken first; reports, live states and window lists are never changed in place),
+so the caller keeps the old state when a step raises: one robot's bad step never
+corrupts its state.
 
 Order is ``(boot, seq)``, never a clock. A report is applied only if strictly newer
-than the newest applied one; windows count by event time regardless (see
-``dataflows.windows``). Offline is processing time: it is detected by whichever call
-first sees ``now`` at or past the deadline, so a silence yields exactly one offline
-alert however often (or rarely) ticks run.
+than the newest applied one (or right after an operator's reset); windows count by
+event time regardless (see ``dataflows.windows``).
+
+Time is the *arrival* clock (Kafka append time), never the flow's own: a robot is
+offline when no report of it arrived for ``offline_after_s``, judged by how far the
+source has read. A flow that stalls, lags or restarts therefore raises no offline
+alert for robots whose reports wait in Kafka, and a replay decides exactly what the
+first run decided. Every report that arrives, even a stale or duplicate one, shows
+the robot is alive.
+
+Every live-state change carries ``updated`` (arrival clock, strictly increasing per
+robot) so that Redis can order changes at an equal ``(boot, seq)`` (offline, back
+online, stale counts) and ignore replays. Alert ids name what raised them (the
+report's order, or the arrival time), so a replay rewrites the same alert.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from datetime import UTC, datetime
 
 import msgspec
 
+from dataflows.records import Control
 from dataflows.rules import Rules
 from dataflows.windows import Windows
 from fleetpulse.schema import Alert, AlertKind, LiveState, RobotReport, WindowStats
@@ -34,12 +44,10 @@ from fleetpulse.schema import Alert, AlertKind, LiveState, RobotReport, WindowSt
 __all__ = [
     "Emits",
     "RobotState",
-    "flush",
-    "next_wakeup",
+    "offline_at",
+    "on_control",
+    "on_progress",
     "on_report",
-    "on_restore",
-    "on_tick",
-    "snapshot",
 ]
 
 
@@ -54,19 +62,19 @@ class Emits(msgspec.Struct, kw_only=True):
     stale: int = 0
     duplicate: int = 0
 
-    @property
-    def late_count(self) -> int:
-        """Reports too late for their window in this step (``late`` holds them)."""
-        return len(self.late)
-
 
 class RobotState(msgspec.Struct, kw_only=True, gc=False):
-    """Everything the dataflow keeps for one robot (one Bytewax key)."""
+    """Everything the dataflow keeps for one robot.
 
-    live: LiveState  # newest applied report, last_seen, online, status_since
+    Persisted: shard snapshots hold it as msgpack (``dataflows.shard.ShardState``); a
+    new field needs a default, and a removed or retyped field needs a new shard
+    format number (old snapshots are then dropped and the log is replayed).
+    """
+
+    live: LiveState  # newest applied report, last_seen, online, stale run, resets
+    partition: int = 0  # Kafka partition of the newest report: its progress times this robot
     battery_low: bool = False  # low_battery raised and not yet cleared
-    # Processing time at which the robot goes offline; None while it is offline.
-    offline_at: float | None = None
+    stuck: bool = False  # the stuck alert of the current stale run was raised
     windows: Windows = msgspec.field(default_factory=Windows)
     # Totals over the state's life (Emits carries the per-step numbers).
     applied: int = 0
@@ -80,91 +88,113 @@ class RobotState(msgspec.Struct, kw_only=True, gc=False):
         return self.live.report.robot_id
 
 
+def offline_at(state: RobotState, rules: Rules) -> float | None:
+    """Arrival time at which the robot is offline if nothing arrives, None while offline."""
+    live = state.live
+    return live.last_seen + rules.offline_after_s if live.online else None
+
+
 def on_report(
-    state: RobotState | None, report: RobotReport, now: float, rules: Rules
+    state: RobotState | None, report: RobotReport, arrival: float, partition: int, rules: Rules
 ) -> tuple[RobotState, Emits]:
-    """Take one report of one robot at processing time ``now``.
+    """Take one report of one robot that Kafka appended at ``arrival`` (unix seconds).
 
     Applies it to the live state if its ``(boot, seq)`` is newer (else counts it stale
-    or duplicate), raises alerts, counts it in its event-time window or routes it to
-    ``Emits.late``, and returns windows the advanced watermark closed.
+    or duplicate, and notes the robot is alive), raises alerts, counts it in its
+    event-time window or routes it to ``Emits.late``, and returns windows it closed.
     """
     emits = Emits()
     if state is None:
-        state = RobotState(live=_first_live(report, now))
-        _applied(state, None, report, now, rules, emits)
+        live = LiveState(
+            report=report, last_seen=arrival, online=True, status_since=report.ts, updated=arrival
+        )
+        st = RobotState(live=live, partition=partition)
+        _applied(st, None, report, arrival, rules, emits)
     else:
-        # The silence may have ended without a tick seeing the deadline pass.
-        _check_offline(state, now, emits)
-        newest = state.live.report
-        if report.order > newest.order:
-            _applied(state, newest, report, now, rules, emits)
-        elif report.order == newest.order:
-            state.duplicate += 1
-            emits.duplicate += 1
+        st = _copy(state)
+        st.partition = partition
+        # The silence may have ended before the source's progress showed it.
+        _check_offline(st, arrival, rules, emits)
+        newest = st.live.report
+        if st.live.reset_pending or report.order > newest.order:
+            _applied(st, newest, report, arrival, rules, emits)
         else:
-            state.stale += 1
-            emits.stale += 1
+            _alive(st, report, arrival, rules, emits)
+    w = st.windows
+    robot = st.robot_id
     # Windows are about event time, so even a stale report counts if it is not late.
-    if not state.windows.add(report, now, rules):
-        state.late += 1
-        emits.late.append(report)
-    emits.windows.extend(state.windows.close_due(state.robot_id, now, rules))
-    return state, emits
+    if not w.add(report, arrival, rules):
+        if w.clock_went_back(arrival, rules):
+            emits.windows += w.rebase(robot, report, arrival, rules)
+            w.add(report, arrival, rules)
+        else:
+            st.late += 1
+            emits.late.append(report)
+    emits.windows += w.close_due(robot, arrival, rules)
+    return st, emits
 
 
-def on_tick(state: RobotState, now: float, rules: Rules) -> tuple[RobotState, Emits]:
-    """Processing time reached ``now``: mark the robot offline, close passed windows."""
+def on_progress(state: RobotState, progress: float, rules: Rules) -> tuple[RobotState, Emits]:
+    """The robot's partition was read up to arrival time ``progress``: offline, windows."""
     emits = Emits()
-    _check_offline(state, now, emits)
-    emits.windows.extend(state.windows.close_due(state.robot_id, now, rules))
-    return state, emits
+    st = _copy(state)
+    _check_offline(st, progress, rules, emits)
+    emits.windows += st.windows.close_due(st.robot_id, progress, rules)
+    return st, emits
 
 
-def on_restore(state: RobotState, now: float, rules: Rules) -> RobotState:
-    """Resume ``state`` from a snapshot at processing time ``now``.
+def on_control(state: RobotState, control: Control, rules: Rules) -> tuple[RobotState, Emits]:
+    """An operator reset the robot's ordering: its next report applies whatever its order.
 
-    An online robot gets a fresh grace period (``now + offline_after_s``): the downtime
-    was ours, not the robot's, and must not turn into an offline alert for the whole
-    fleet. The window watermark resumes where it was for the same reason.
+    For a robot stuck behind a ``(boot, seq)`` it will never reach again (reflashed,
+    boot counter lost). ``resets`` grows by one and orders ahead of any earlier
+    ``(boot, seq)`` in Redis, so the store follows too.
     """
-    if state.live.online:
-        state.offline_at = now + rules.offline_after_s
-    state.windows.rebase(now, rules)
-    return state
+    emits = Emits()
+    st = _copy(state)
+    live = st.live
+    arrival = control.arrival_ms / 1000
+    resets = live.resets + 1
+    st.live = msgspec.structs.replace(
+        live, resets=resets, stale=0, reset_pending=True, updated=_next(live, arrival)
+    )
+    st.stuck = False
+    emits.states.append(st.live)
+    emits.alerts.append(
+        Alert(
+            id=f"{st.robot_id}:order_reset:{resets}",
+            robot_id=st.robot_id,
+            kind="order_reset",
+            boot=live.report.boot,
+            seq=live.report.seq,
+            at=_utc(arrival),
+            detail=f"by {control.by}: the next report is applied whatever its (boot, seq)",
+        )
+    )
+    return st, emits
 
 
-def next_wakeup(state: RobotState) -> float | None:
-    """Processing time at which :func:`on_tick` has work to do, or None if never."""
-    times = [t for t in (state.offline_at, state.windows.close_at) if t is not None]
-    return min(times) if times else None
+def _copy(state: RobotState) -> RobotState:
+    # Everything else in the state is immutable or replaced, never changed in place.
+    return msgspec.structs.replace(state, windows=state.windows.copy())
 
 
-def flush(state: RobotState, rules: Rules) -> tuple[RobotState, Emits]:
-    """Close every open window now, whatever the watermark (end of stream, tests)."""
-    return state, Emits(windows=state.windows.flush(state.robot_id, rules))
+def _utc(unix_s: float) -> datetime:
+    return datetime.fromtimestamp(unix_s, UTC)
 
 
-def snapshot(state: RobotState) -> RobotState:
-    """A copy of ``state`` that later steps cannot change (Bytewax pickles it later).
-
-    Cheaper than ``copy.deepcopy``: reports and live states are frozen and points are
-    tuples, so only the containers the steps mutate are copied.
-    """
-    w = state.windows
-    windows = msgspec.structs.replace(w, open={s: list(p) for s, p in w.open.items()})
-    return msgspec.structs.replace(state, windows=windows)
+def _next(live: LiveState, at: float) -> float:
+    """``updated`` of the next change: its time, but strictly after the previous change."""
+    return max(at, live.updated + 0.001)
 
 
-def _first_live(report: RobotReport, now: float) -> LiveState:
-    return LiveState(report=report, last_seen=now, online=True, status_since=report.ts)
-
-
-def _alert(report: RobotReport, kind: AlertKind, at: datetime, detail: str = "") -> Alert:
-    # The id names the report that raised it, so a replay after recovery rewrites the
-    # same alert instead of adding a second one.
+def _alert(
+    live: LiveState, report: RobotReport, kind: AlertKind, at: datetime, detail: str = ""
+) -> Alert:
+    # The id names the report that raised it (and the ordering generation), so a replay
+    # after recovery rewrites the same alert instead of adding a second one.
     return Alert(
-        id=f"{report.robot_id}:{kind}:{report.boot}:{report.seq}",
+        id=f"{report.robot_id}:{kind}:{live.resets}:{report.boot}:{report.seq}",
         robot_id=report.robot_id,
         kind=kind,
         boot=report.boot,
@@ -174,55 +204,120 @@ def _alert(report: RobotReport, kind: AlertKind, at: datetime, detail: str = "")
     )
 
 
+def _back_online(live: LiveState, report: RobotReport, arrival: float) -> Alert:
+    ms = round(arrival * 1000)
+    return Alert(
+        id=f"{report.robot_id}:back_online:{ms}",
+        robot_id=report.robot_id,
+        kind="back_online",
+        boot=report.boot,
+        seq=report.seq,
+        at=_utc(arrival),
+    )
+
+
 def _applied(
-    state: RobotState,
+    st: RobotState,
     prev: RobotReport | None,
     report: RobotReport,
-    now: float,
+    arrival: float,
     rules: Rules,
     emits: Emits,
 ) -> None:
     """Make ``report`` (newer than ``prev``, the previous newest) the live report."""
-    live = state.live
+    live = st.live
     if prev is not None and not live.online:
-        emits.alerts.append(_alert(report, "back_online", report.ts))
+        emits.alerts.append(_back_online(live, report, arrival))
     new_status = prev is None or prev.status != report.status
     # Errors compare as sets: a robot listing the same faults in another order has
     # nothing new to tell. One alert per report even if both conditions hold (one id).
     entered_error = report.status == "error" and new_status
     new_errors = bool(report.errors) and (prev is None or set(report.errors) != set(prev.errors))
     if entered_error or new_errors:
-        emits.alerts.append(_alert(report, "error", report.ts, ", ".join(report.errors)))
+        emits.alerts.append(_alert(live, report, "error", report.ts, ", ".join(report.errors)))
     if report.status == "estop" and new_status:
-        emits.alerts.append(_alert(report, "estop", report.ts))
-    if not state.battery_low and report.battery <= rules.low_battery_pct:
-        state.battery_low = True
-        emits.alerts.append(_alert(report, "low_battery", report.ts, f"{report.battery:g}%"))
-    elif state.battery_low and report.battery >= rules.battery_ok_pct:
-        state.battery_low = False
-        emits.alerts.append(_alert(report, "battery_ok", report.ts, f"{report.battery:g}%"))
-    state.live = LiveState(
+        emits.alerts.append(_alert(live, report, "estop", report.ts))
+    if not st.battery_low and report.battery <= rules.low_battery_pct:
+        st.battery_low = True
+        emits.alerts.append(_alert(live, report, "low_battery", report.ts, f"{report.battery:g}%"))
+    elif st.battery_low and report.battery >= rules.battery_ok_pct:
+        st.battery_low = False
+        emits.alerts.append(_alert(live, report, "battery_ok", report.ts, f"{report.battery:g}%"))
+    st.live = LiveState(
         report=report,
-        last_seen=now,
+        last_seen=arrival,
         online=True,
         status_since=report.ts if new_status else live.status_since,
+        resets=live.resets,
+        updated=arrival if prev is None else _next(live, arrival),
     )
-    state.offline_at = now + rules.offline_after_s
-    state.applied += 1
+    st.stuck = False
+    st.applied += 1
     emits.applied += 1
-    emits.states.append(state.live)
+    emits.states.append(st.live)
 
 
-def _check_offline(state: RobotState, now: float, emits: Emits) -> None:
-    """Mark the robot offline once if ``now`` is at or past its deadline."""
-    deadline = state.offline_at
-    if deadline is None or now < deadline:
+def _alive(st: RobotState, report: RobotReport, arrival: float, rules: Rules, emits: Emits) -> None:
+    """A stale or duplicate report: not applied, but the robot is sending."""
+    live = st.live
+    newest = live.report
+    stale = live.stale
+    if report.order == newest.order:
+        st.duplicate += 1
+        emits.duplicate += 1
+    else:
+        st.stale += 1
+        emits.stale += 1
+        stale += 1
+    came_back = not live.online
+    if came_back:
+        emits.alerts.append(_back_online(live, report, arrival))
+    stuck = stale >= rules.stuck_after
+    if stuck and not st.stuck:
+        st.stuck = True
+        emits.alerts.append(
+            Alert(
+                id=f"{newest.robot_id}:stuck:{live.resets}:{newest.boot}:{newest.seq}",
+                robot_id=newest.robot_id,
+                kind="stuck",
+                boot=newest.boot,
+                seq=newest.seq,
+                at=_utc(arrival),
+                detail=f"{stale} reports in a row older than boot {newest.boot} seq "
+                f"{newest.seq}; POST /v1/robots/{newest.robot_id}/reset-order (admin) "
+                "applies the next report whatever its order",
+            )
+        )
+    st.live = msgspec.structs.replace(
+        live, last_seen=arrival, online=True, stale=stale, updated=_next(live, arrival)
+    )
+    # Written when it tells something: the robot came back, or it is stuck and its
+    # stale count grew (visible in its live state). Other stale or duplicate reports
+    # only move the offline deadline, kept here.
+    if came_back or (stuck and stale > live.stale):
+        emits.states.append(st.live)
+
+
+def _check_offline(st: RobotState, now: float, rules: Rules, emits: Emits) -> None:
+    """Mark the robot offline once if arrival time ``now`` is at or past its deadline."""
+    live = st.live
+    if not live.online:
         return
-    # offline_at is None from here until the next applied report: exactly one alert.
-    state.offline_at = None
-    state.live = msgspec.structs.replace(state.live, online=False)
-    emits.states.append(state.live)
-    # `at` is the deadline, the processing time the robot became offline: the same
-    # whether a tick saw it on time or a late tick or report found it afterwards.
-    at = datetime.fromtimestamp(deadline, UTC)
-    emits.alerts.append(_alert(state.live.report, "offline", at))
+    deadline = live.last_seen + rules.offline_after_s
+    if now < deadline:
+        return
+    # Offline until the next report arrives: exactly one alert per silence. `at` is the
+    # deadline on the arrival clock, the same whoever noticed (progress or a report).
+    st.live = msgspec.structs.replace(live, online=False, updated=_next(live, deadline))
+    emits.states.append(st.live)
+    report = live.report
+    emits.alerts.append(
+        Alert(
+            id=f"{report.robot_id}:offline:{round(deadline * 1000)}",
+            robot_id=report.robot_id,
+            kind="offline",
+            boot=report.boot,
+            seq=report.seq,
+            at=_utc(deadline),
+        )
+    )

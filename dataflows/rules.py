@@ -7,6 +7,8 @@ exactly the thresholds they exercise and the Bytewax wiring passes one object do
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 
 from fleetpulse.errors import ConfigError
@@ -18,11 +20,14 @@ __all__ = ["Rules"]
 class Rules(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Thresholds and timings of the per-robot state machine and its windows."""
 
-    offline_after_s: float  # processing time without an applied report before "offline"
+    offline_after_s: float  # arrival time without a report before "offline"
     low_battery_pct: float  # low_battery fires at or below this level
     battery_ok_pct: float  # a low robot clears at or above this level (hysteresis)
     window_s: int  # event-time tumbling window length, seconds (epoch-aligned)
     allowed_lateness_s: float  # how far (event time) the watermark trails the newest report
+    max_future_s: float = 300.0  # a ts further ahead of its arrival is a dead letter `future`
+    max_age_s: float = 604_800.0  # a ts further behind its arrival is a dead letter `past`
+    stuck_after: int = 10  # stale reports in a row that make a robot "stuck"
 
     def __post_init__(self) -> None:
         # Settings bounds each value alone; the pairs below only make sense together.
@@ -34,10 +39,21 @@ class Rules(msgspec.Struct, frozen=True, kw_only=True, gc=False):
                 f"({self.low_battery_pct:g}); set FLEETPULSE_BATTERY_OK_PCT higher than "
                 "FLEETPULSE_LOW_BATTERY_PCT"
             )
-        if self.offline_after_s <= 0 or self.window_s < 1 or self.allowed_lateness_s < 0:
+        if (
+            self.offline_after_s <= 0
+            or self.window_s < 1
+            # Infinite lateness would put every window's close at infinity, which no
+            # timer can hold (and NaN passes every comparison above and below).
+            or not 0 <= self.allowed_lateness_s < math.inf
+            or self.max_future_s < 0
+            or self.max_age_s <= 0
+            or self.stuck_after < 1
+        ):
             raise ConfigError(
-                "offline_after_s must be > 0, window_s >= 1 and allowed_lateness_s >= 0; "
-                f"got {self.offline_after_s:g}, {self.window_s}, {self.allowed_lateness_s:g}"
+                "offline_after_s, max_age_s must be > 0, window_s, stuck_after >= 1, "
+                "allowed_lateness_s (finite), max_future_s >= 0; got "
+                f"{self.offline_after_s:g}, {self.max_age_s:g}, {self.window_s}, "
+                f"{self.stuck_after}, {self.allowed_lateness_s:g}, {self.max_future_s:g}"
             )
 
     @classmethod
@@ -49,4 +65,7 @@ class Rules(msgspec.Struct, frozen=True, kw_only=True, gc=False):
             battery_ok_pct=settings.battery_ok_pct,
             window_s=settings.window_s,
             allowed_lateness_s=settings.allowed_lateness_s,
+            max_future_s=settings.max_future_s,
+            max_age_s=settings.max_age_s,
+            stuck_after=settings.stuck_after,
         )

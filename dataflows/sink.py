@@ -1,8 +1,12 @@
-"""The dataflow's one sink: a batch of robot outputs -> one idempotent Redis write + Kafka.
+"""The dataflow's one sink: a batch of shard outputs -> one idempotent Redis write + Kafka.
 
-Each worker writes what its own robots produced (no exchange before the sink). One
+Each worker writes what its own shards produced (no exchange before the sink). One
 ``write_batch`` call costs one Redis round trip (``state.RedisStateWriter``) and one
 producer flush for alerts and dead letters, whose delivery is checked.
+
+Outages stall, they do not crash: a Redis or Kafka write that fails is retried with
+back-off (every write is idempotent, so a retry is safe), and the flow waits meanwhile.
+Because offline detection runs on the arrival clock, a stall raises no false alerts.
 
 Tracing: for every sampled report whose state is in the batch, a ``redis write`` span
 is made as a child of that report's ``process report`` span, covering the batch write.
@@ -14,22 +18,33 @@ while unsampled reports cost no span at all.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import redis
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from opentelemetry.trace import SpanKind
 
-from dataflows.kafka_out import CheckedProducer, OutMessage
+from dataflows.chaos import Chaos
+from dataflows.kafka_out import CheckedProducer, DeliveryFailed, OutMessage
 from dataflows.records import DeadLetter, Out
-from fleetpulse.schema import Alert, LiveState, RobotReport, WindowStats, encode
+from fleetpulse.schema import Alert, WindowStats, encode
 from fleetpulse.settings import Settings
 from observability.metrics import dataflow_metrics
 from observability.tracing import context_from_traceparent, setup_tracing
 from state.connect import connect
-from state.writer import RedisStateWriter
+from state.writer import RedisStateWriter, WriteResult, coalesce
+
+log = logging.getLogger("fleetpulse.dataflow.sink")
+
+T = TypeVar("T")
+
+# Redis errors that pass (a restart, a failover, a network blip); others are bugs.
+_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
 
 __all__ = ["FleetSink", "process_id"]
 
@@ -48,20 +63,39 @@ def process_id() -> int:
 
 
 class FleetSink(DynamicSink[tuple[str, Out]]):
-    """Writes the robots' outputs: state to Redis, alerts and dead letters to Kafka."""
+    """Writes the shards' outputs: state to Redis, alerts and dead letters to Kafka."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, chaos: Chaos | None = None) -> None:
         self.settings = settings
+        self.chaos = chaos or Chaos({})
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _FleetSinkPartition:
-        return _FleetSinkPartition(self.settings, worker_index)
+        return _FleetSinkPartition(self.settings, worker_index, self.chaos)
+
+
+def _retry(what: str, call: Callable[[], T], transient: tuple[type[Exception], ...]) -> T:
+    """``call()`` until it succeeds; transient failures wait (0.1 s doubling to 5 s)."""
+    delay, failures = 0.1, 0
+    while True:
+        try:
+            return call()
+        except transient as exc:
+            failures += 1
+            if failures == 1 or failures % 20 == 0:
+                log.warning("%s failed (%s); retrying (attempt %d)", what, exc, failures + 1)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
-    def __init__(self, settings: Settings, worker_index: int) -> None:
+    def __init__(self, settings: Settings, worker_index: int, chaos: Chaos) -> None:
         self.settings = settings
         self.worker = worker_index
-        self.writer = RedisStateWriter(connect(settings), settings)
+        self.after_redis = chaos.point("sink")
+        client = connect(settings)
+        self.writer = _retry(
+            "connecting to Redis", lambda: RedisStateWriter(client, settings), _TRANSIENT
+        )
         self.kafka = CheckedProducer(settings)
         self.tracer = setup_tracing(settings, "fleetpulse-dataflow").get_tracer("fleetpulse.sink")
         self.metrics = dataflow_metrics(
@@ -69,26 +103,17 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
         )
 
     def write_batch(self, items: list[tuple[str, Out]]) -> None:
-        # A robot's many states in one batch coalesce into its newest (items arrive in
-        # the order the robot's step emitted them); the reports applied on the way go
-        # to its history, so a backlog costs one state write per robot, not per report.
-        newest: dict[str, LiveState] = {}
-        history: dict[str, list[RobotReport]] = {}
-        appended: dict[str, int] = {}  # Kafka append time of each robot's newest report
+        # A robot's many states in one batch coalesce into its newest (each robot's
+        # states arrive in the order its shard emitted them); the reports applied on the
+        # way go to its history, so a backlog costs one state write per robot.
         windows: list[WindowStats] = []
         alerts: list[Alert] = []
         dead: list[DeadLetter] = []
         traced: list[str] = []
-        applied = stale = duplicate = 0
-        for robot, out in items:
-            if out.states:
-                newest[robot] = out.states[-1]
-                robot_history = history.setdefault(robot, [])
-                for st in out.states:
-                    if not robot_history or robot_history[-1].order != st.report.order:
-                        robot_history.append(st.report)
-            if out.appended_ms:
-                appended[robot] = out.appended_ms[-1]
+        appended: dict[str, int] = {}  # Kafka append time of each robot's newest report
+        applied = stale = duplicate = errors = 0
+        for _shard, out in items:
+            appended.update(out.appended_ms)
             windows += out.windows
             alerts += out.alerts
             dead += out.dead
@@ -96,11 +121,16 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
             applied += out.applied
             stale += out.stale
             duplicate += out.duplicate
-        states = list(newest.values())
+            errors += out.errors
+        states, history = coalesce(st for _shard, out in items for st in out.states)
         m = self.metrics
         if states or windows or alerts:
             started_ns = time.time_ns()
-            result = self.writer.write(states, windows, alerts, history)
+            result: WriteResult = _retry(
+                "writing to Redis",
+                lambda: self.writer.write(states, windows, alerts, history),
+                _TRANSIENT,
+            )
             ended_ns = time.time_ns()
             m.writes.inc()
             # Freshness of what became visible: each robot's newest applied report.
@@ -109,10 +139,19 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
                 if append_ms > 0:
                     m.freshness.observe(max(0, written_ms - append_ms) / 1000)
             self._trace_writes(traced, started_ns, ended_ns, len(states), result.states_applied)
+            if self.after_redis is not None:
+                self.after_redis()  # chaos: die between the Redis write and Kafka
         m.applied.inc(applied)
         m.stale.inc(stale)
         m.duplicate.inc(duplicate)
-        self.kafka.send(self._kafka_messages(alerts, dead))
+        m.errors.inc(errors)
+        messages = self._kafka_messages(alerts, dead)
+        if messages:
+            _retry(
+                "sending alerts and dead letters to Kafka",
+                lambda: self.kafka.send(messages),
+                (DeliveryFailed,),
+            )
         for a in alerts:
             m.alerts.labels(a.kind).inc()
         for d in dead:
@@ -147,6 +186,7 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
         ]
         for d in dead:
             headers: list[tuple[str, Any]] = [
+                ("kind", d.kind.encode()),
                 ("reason", d.reason.encode()[:1000]),
                 ("source_topic", s.topic_reports.encode()),
                 ("source_partition", str(d.partition).encode()),

@@ -1,34 +1,126 @@
-"""The reports topic as a Bytewax source that emits items already keyed by robot.
+"""The reports topic as a Bytewax source: messages keyed by shard, plus the arrival clock.
 
-Bytewax's own KafkaSource builds a ``KafkaSourceMessage`` dataclass per message and
-the flow then needs a step to key it; the profile of a drain put the two at about a
-fifth of a process's time. This source does both in one pass over librdkafka's
-messages: each becomes ``(robot id, Raw)`` — the raw value kept as bytes, decoded later
-inside the per-robot step — or ``("!dlq", DeadLetter)`` when it cannot be keyed.
+Each Kafka message becomes ``(shard key, Raw)`` — the value kept as bytes, decoded
+later inside the shard step — or ``("!dlq", DeadLetter)`` when its key is not a robot
+id, or ``(shard key, Control)`` for an operator's command (:mod:`fleetpulse.control`).
 
-Like Bytewax's, it is a fixed-partitioned source: one partition per Kafka partition,
-its snapshot is the next offset to read, so a restart resumes from the last epoch.
-It also reports each partition's consumer lag (from librdkafka's statistics).
+**Progress.** After the messages it read, each partition sends every shard a
+:data:`~dataflows.records.Progress` mark: the arrival time (Kafka append time) up to
+which it has read everything. While it reads a backlog that is the append time of
+the last message read; once the broker says (asked at time t, never from a cached
+answer: after a pause the cache is stale) that nothing lies beyond what was read, it
+is t minus :data:`PROGRESS_MARGIN_S` (for clock skew between broker and flow).
+Offline detection and window closing run on these marks, so a flow that stalls or
+lags decides nothing on time it has not read. The reports topic stamps
+``LogAppendTime`` (the stack creates it so); on a topic with producer timestamps the
+timestamp is capped at the wall clock.
+
+**Recovery.** Like Bytewax's own, it is a fixed-partitioned source: one partition per
+Kafka partition, its snapshot the next offset to read — bound to the Kafka cluster id,
+the topic id and the shard count (:class:`Binding`). A snapshot bound to anything else
+(the topic was deleted and created again, another cluster, a reset stack) is said
+loudly and ignored: the partition starts from the beginning of the retained log, and
+the shards start empty (``dataflows.shard``). A topic recreated while the flow runs
+stops the flow with that message, for its supervisor to restart it clean.
+
+**Kafka edges.** An offset that retention deleted while the flow was down resumes at
+the earliest retained one, the skipped range logged and counted (never librdkafka's
+silent jump to the end). Transport errors are logged and counted, never dead-lettered.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import msgspec
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    TIMESTAMP_LOG_APPEND_TIME,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicCollection,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 
-from dataflows.records import DLQ_KEY, DeadLetter, Raw
+from dataflows.records import DLQ_KEY, Control, DeadLetter, Raw
+from dataflows.shard import shard_key, shard_keys
+from fleetpulse import control
+from fleetpulse.errors import FleetpulseError
 from fleetpulse.schema import is_robot_id
 from fleetpulse.settings import Settings
 from observability.metrics import DataflowMetrics
 
-__all__ = ["Keyed", "ReportSource", "key_message"]
+__all__ = [
+    "PROGRESS_MARGIN_S",
+    "Binding",
+    "Keyed",
+    "RecoveryMismatch",
+    "ReportSource",
+    "SourcePosition",
+    "key_message",
+]
 
-Keyed = tuple[str, Raw | DeadLetter]
+log = logging.getLogger("fleetpulse.dataflow.source")
+
+Keyed = tuple[str, Raw | DeadLetter | Control | tuple[int, int]]
+
+# Room for clock skew between the broker (append times) and this host (the time we
+# asked for the partition's end).
+PROGRESS_MARGIN_S = 1.0
+MARK_EVERY_S = 0.2  # how often a partition tells the shards its progress
+TOPIC_CHECK_S = 10.0  # how often a running flow checks that its topic was not recreated
+_LOG_EVERY_S = 30.0  # repeated consumer errors are logged at most this often
+
+
+class RecoveryMismatch(FleetpulseError):  # noqa: N818 - named for what happened
+    """The reports topic is not the one the flow's recovery snapshots were taken from."""
+
+
+class Binding(msgspec.Struct, frozen=True):
+    """What recovery snapshots belong to: a cluster, a topic (by id) and a shard count."""
+
+    cluster_id: str
+    topic: str
+    topic_id: str
+    shards: int
+
+    @property
+    def text(self) -> str:
+        """The form stored in snapshots."""
+        return (
+            f"cluster {self.cluster_id}, topic {self.topic} ({self.topic_id}), {self.shards} shards"
+        )
+
+    @classmethod
+    def read(cls, settings: Settings, timeout_s: float = 30.0) -> Binding:
+        """Ask Kafka for the cluster id and the reports topic's id."""
+        admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+        topic = settings.topic_reports
+        try:
+            cluster = admin.describe_cluster(request_timeout=timeout_s).result(timeout_s)
+            described = admin.describe_topics(TopicCollection([topic]), request_timeout=timeout_s)
+            topic_id = str(described[topic].result(timeout_s).topic_id)
+        except KafkaException as exc:
+            raise FleetpulseError(
+                f"cannot read topic {topic} and its cluster id from Kafka at "
+                f"{settings.kafka_bootstrap_servers} ({exc}); is Kafka up?"
+            ) from None
+        return cls(str(cluster.cluster_id), topic, topic_id, settings.shards)
+
+
+class SourcePosition(msgspec.Struct, frozen=True, array_like=True):
+    """A partition's snapshot: the next offset to read, and what it belongs to."""
+
+    binding: str
+    offset: int
 
 
 def key_message(
@@ -37,38 +129,62 @@ def key_message(
     headers: Sequence[tuple[str, str | bytes | None]] | Mapping[str, str | bytes | None] | None,
     partition: int,
     offset: int,
-    append_ms: int,
+    arrival_ms: int,
+    shards: int,
 ) -> Keyed:
-    """Key one message by robot id without decoding its value (pure; unit-tested)."""
+    """Key one message by its robot's shard without decoding its value (pure; unit-tested)."""
     try:
         robot = key.decode("ascii") if key else ""
     except UnicodeDecodeError:
         robot = ""
     if not is_robot_id(robot):
-        return (DLQ_KEY, DeadLetter(key, value, "message key is not a robot id", partition, offset))
+        dead = DeadLetter(key, value, "key", "message key is not a robot id", partition, offset)
+        return (DLQ_KEY, dead)
     traceparent = ""
+    is_control = False
     pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
     for name, header in pairs:
         if name == "traceparent" and header:
             traceparent = header if isinstance(header, str) else header.decode("ascii", "replace")
-    return (robot, (robot, value, traceparent, partition, offset, append_ms))
+        elif name == control.CONTROL_HEADER:
+            is_control = True
+    shard = shard_key(robot, shards)
+    if is_control:
+        try:
+            command = control.decode_control(value or b"")
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            dead = DeadLetter(
+                key, value, "invalid", f"invalid control record: {exc}", partition, offset
+            )
+            return (shard, dead)
+        if command.robot_id != robot:
+            reason = f"key {robot!r} does not match the control record's robot_id"
+            return (shard, DeadLetter(key, value, "key", reason, partition, offset))
+        return (shard, Control(robot, command.control, command.by, partition, offset, arrival_ms))
+    return (shard, (robot, value, traceparent, partition, offset, arrival_ms))
 
 
-class ReportSource(FixedPartitionedSource[Keyed, int]):
+class ReportSource(FixedPartitionedSource[Keyed, SourcePosition]):
     """Every partition of the reports topic, from the beginning (or the snapshot's offset)."""
 
     def __init__(
         self,
         settings: Settings,
         metrics: DataflowMetrics | None,
+        binding: Binding,
         *,
         tail: bool = True,
         batch_size: int = 2000,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.binding = binding
         self.tail = tail
         self.batch_size = batch_size
+        self.keys = shard_keys(settings.shards)
+        self.ends = _Ends(settings)
+        self._watch: _TopicWatch | None = None
+        self._lock = threading.Lock()
 
     def list_parts(self) -> list[str]:
         topic = self.settings.topic_reports
@@ -78,24 +194,125 @@ class ReportSource(FixedPartitionedSource[Keyed, int]):
             raise RuntimeError(f"cannot read topic {topic}: {meta.error.str()}")
         return [f"{p}-{topic}" for p in sorted(meta.partitions)]
 
-    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _Partition:
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: SourcePosition | None
+    ) -> _Partition:
         index, _, topic = for_part.partition("-")
         if topic != self.settings.topic_reports:
             raise RuntimeError(
                 f"the recovery snapshot is for topic {topic!r}, not {self.settings.topic_reports!r}"
             )
-        return _Partition(self, int(index), resume_state)
+        offset = None
+        if resume_state is not None:
+            bound = getattr(resume_state, "binding", None)
+            if bound == self.binding.text:
+                offset = resume_state.offset
+            else:
+                _note_clean(
+                    f"the recovery snapshot of {for_part} belongs to {bound or 'an older format'}, "
+                    f"not to {self.binding.text}"
+                )
+        with self._lock:
+            if self._watch is None and self.tail:
+                self._watch = _TopicWatch(self.settings, self.binding)
+        return _Partition(self, int(index), offset)
 
 
-class _Partition(StatefulSourcePartition[Keyed, int]):
+_noted: set[str] = set()
+
+
+def _note_clean(why: str) -> None:
+    if why not in _noted:
+        _noted.add(why)
+        log.error("%s: this partition is read again from its earliest retained offset", why)
+
+
+class _Ends:
+    """The partitions' end offsets, asked of the broker (one request for all of this
+    process's partitions) at most every MARK_EVERY_S.
+
+    Not the consumers' own ``get_watermark_offsets``: on the consumer's connection that
+    request waits behind the fetch long poll (up to fetch.wait.max.ms, 500 ms), which
+    stalled the flow's epochs; an admin client has a connection of its own.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+        self._topic = settings.topic_reports
+        self._lock = threading.Lock()
+        self._partitions: set[int] = set()
+        self._asked_at = 0.0
+        self._ends: dict[int, int] = {}
+
+    def add(self, partition: int) -> None:
+        """Ask for ``partition``'s end too from now on."""
+        with self._lock:
+            self._partitions.add(partition)
+
+    def end(self, partition: int) -> tuple[float, int] | None:
+        """(when it was asked, the end offset) of ``partition``, or None if unknown."""
+        with self._lock:
+            asked = time.time()
+            if asked - self._asked_at >= MARK_EVERY_S:
+                latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
+                request = {TopicPartition(self._topic, p): latest for p in self._partitions}
+                try:
+                    answers = self._admin.list_offsets(request, request_timeout=2)
+                    self._ends = {tp.partition: f.result(3).offset for tp, f in answers.items()}
+                except Exception as exc:  # unreachable for now: nothing is claimed
+                    log.warning("cannot ask for the end of %s: %s", self._topic, exc)
+                    self._ends = {}
+                self._asked_at = asked
+            end = self._ends.get(partition)
+            return None if end is None else (self._asked_at, end)
+
+
+class _TopicWatch:
+    """Checks now and then (in a thread of its own) that the topic is still the same one."""
+
+    def __init__(self, settings: Settings, binding: Binding) -> None:
+        self.binding = binding
+        self.problem: str | None = None
+        self._admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+        thread = threading.Thread(target=self._run, name="topic-watch", daemon=True)
+        thread.start()
+
+    def _run(self) -> None:
+        topic = self.binding.topic
+        while self.problem is None:
+            time.sleep(TOPIC_CHECK_S)
+            try:
+                found = self._admin.describe_topics(TopicCollection([topic]), request_timeout=10)
+                topic_id = str(found[topic].result(15).topic_id)
+            except Exception as exc:  # missing for now, or Kafka unreachable: keep looking
+                log.warning("cannot check topic %s: %s", topic, exc)
+                continue
+            if topic_id != self.binding.topic_id:
+                self.problem = (
+                    f"topic {topic} was deleted and created again (id {self.binding.topic_id} "
+                    f"-> {topic_id}); the flow's state and offsets belong to the old topic. "
+                    "Stopping: a restart starts clean from the new topic's beginning"
+                )
+
+
+class _Partition(StatefulSourcePartition[Keyed, SourcePosition]):
     def __init__(self, source: ReportSource, index: int, resume: int | None) -> None:
         s = source.settings
+        self.source = source
         self.topic = s.topic_reports
         self.index = index
         self.batch_size = source.batch_size
         self.metrics = source.metrics
+        self.keys = source.keys
+        self.shards = s.shards
         self.offset = resume if resume is not None else OFFSET_BEGINNING
+        self.read_to = 0.0  # arrival clock (s) up to which everything was read
+        self.last_arrival_ms = 0  # arrival of the newest message read
+        self.marked = 0.0  # read_to of the last progress mark sent
+        self.marked_at = 0.0  # wall clock of the last mark
         self.eof = False
+        self.ended = False
+        self._last_log: dict[int, float] = {}
         self.consumer = Consumer(
             {
                 "bootstrap.servers": s.kafka_bootstrap_servers,
@@ -103,11 +320,17 @@ class _Partition(StatefulSourcePartition[Keyed, int]):
                 "group.id": s.consumer_group,
                 "enable.auto.commit": False,
                 "enable.partition.eof": not source.tail,
+                # Out of range: tell us (we resume at the earliest retained offset and
+                # say so) instead of librdkafka's default silent jump to the end.
+                "auto.offset.reset": "error",
                 "statistics.interval.ms": 1000,
                 "stats_cb": self._stats,
+                "error_cb": self._client_error,
             }
         )
-        self.consumer.assign([TopicPartition(self.topic, index, self.offset)])
+        self.tp = TopicPartition(self.topic, index, self.offset)
+        self.consumer.assign([self.tp])
+        source.ends.add(index)
 
     def _stats(self, stats_json: str) -> None:
         if self.metrics is None:
@@ -124,28 +347,116 @@ class _Partition(StatefulSourcePartition[Keyed, int]):
             max(0, mine["hi_offset"] - max(read_from, 0))
         )
 
+    def _client_error(self, err: KafkaError) -> None:
+        self._transport(err)
+
+    def _transport(self, err: KafkaError) -> None:
+        """A consumer or transport error: counted, logged now and then, never dead-lettered."""
+        if self.metrics is not None:
+            self.metrics.consumer_errors.labels(err.name()).inc()
+        now = time.monotonic()
+        if now - self._last_log.get(err.code(), -_LOG_EVERY_S) >= _LOG_EVERY_S:
+            self._last_log[err.code()] = now
+            log.warning(
+                "Kafka consumer of %s[%d]: %s (retrying)", self.topic, self.index, err.str()
+            )
+
     def next_batch(self) -> list[Keyed]:
-        if self.eof:
+        if self.ended:
             raise StopIteration
+        watch = self.source._watch
+        if watch is not None and watch.problem is not None:
+            raise RecoveryMismatch(watch.problem)
         out: list[Keyed] = []
-        for msg in self.consumer.consume(self.batch_size, 0.001):
+        msgs = [] if self.eof else self.consumer.consume(self.batch_size, 0.001)
+        now = time.time()
+        newest = -1.0
+        for msg in msgs:
             err = msg.error()
-            offset = msg.offset() or 0
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
                     self.eof = True
+                elif err.code() in (KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE):
+                    self._out_of_range(err)
                     break
-                dead = DeadLetter(msg.key(), msg.value(), f"kafka error: {err.str()}",
-                                  self.index, offset)  # fmt: skip
-                out.append((DLQ_KEY, dead))
+                else:
+                    self._transport(err)
                 continue
-            ts = msg.timestamp()[1]
-            out.append(key_message(msg.key(), msg.value(), msg.headers(), self.index, offset, ts))
+            offset = msg.offset() or 0
+            kind, stamp = msg.timestamp()
+            # Producer timestamps (another topic setup) are capped at our clock.
+            arrival_ms = stamp if kind == TIMESTAMP_LOG_APPEND_TIME else min(stamp, int(now * 1000))
+            if arrival_ms <= 0:
+                arrival_ms = int(now * 1000)
+            # Never backwards within a partition (the timers rely on it): a broker clock
+            # step, or producer timestamps on a topic not set to LogAppendTime.
+            arrival_ms = max(arrival_ms, self.last_arrival_ms)
+            self.last_arrival_ms = arrival_ms
+            out.append(
+                key_message(
+                    msg.key(),
+                    msg.value(),
+                    msg.headers(),
+                    self.index,
+                    offset,
+                    arrival_ms,
+                    self.shards,
+                )
+            )
             self.offset = offset + 1
+            # A later message may share the last one's millisecond: claim one ms less.
+            newest = max(newest, arrival_ms / 1000 - 0.001)
+        if newest > self.read_to:
+            self.read_to = newest
+        if not msgs or self.eof:
+            self._caught_up()
+        if self.read_to > self.marked and (now - self.marked_at >= MARK_EVERY_S or self.eof):
+            mark = (self.index, int(self.read_to * 1000))
+            out += [(key, mark) for key in self.keys]
+            self.marked, self.marked_at = self.read_to, now
+        if self.eof:
+            self.ended = True
         return out
 
-    def snapshot(self) -> int:
-        return self.offset
+    def _caught_up(self) -> None:
+        """Nothing came: if the broker's end is where we are, the clock moved on."""
+        # Asked of the broker, never librdkafka's cached end: after a pause (SIGSTOP, a
+        # long GC) the cache still holds the end from before, and messages appended
+        # meanwhile would be taken as never sent.
+        answer = self.source.ends.end(self.index)
+        if answer is None:
+            return
+        asked, end = answer
+        # Before the first message (offset still "beginning") only an empty log is read.
+        # (A log whose every message retention deleted holds no robot's reports either.)
+        if max(self.offset, 0) >= end:
+            self.read_to = max(self.read_to, asked - PROGRESS_MARGIN_S)
+
+    def _out_of_range(self, err: KafkaError) -> None:
+        """Resume at the earliest retained offset; log and count what was skipped."""
+        low, high = self.consumer.get_watermark_offsets(self.tp, timeout=10, cached=False)
+        at = self.offset
+        if at < low:
+            skipped = low - max(at, 0)
+            log.error(
+                "%s[%d]: offsets %d..%d were deleted (retention) before the flow read them: "
+                "%d messages skipped; resuming at %d",
+                self.topic, self.index, at, low - 1, skipped, low,
+            )  # fmt: skip
+            if self.metrics is not None:
+                self.metrics.skipped.labels(str(self.index)).inc(skipped)
+        else:
+            log.error(
+                "%s[%d]: offset %d is past the end (%d): the partition was truncated or "
+                "recreated; resuming at its earliest offset %d (%s)",
+                self.topic, self.index, at, high, low, err.str(),
+            )  # fmt: skip
+        self.offset = low
+        self.tp = TopicPartition(self.topic, self.index, low)
+        self.consumer.assign([self.tp])
+
+    def snapshot(self) -> SourcePosition:
+        return SourcePosition(self.source.binding.text, self.offset)
 
     def close(self) -> None:
         self.consumer.close()

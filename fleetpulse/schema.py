@@ -112,6 +112,7 @@ class LiveState(msgspec.Struct, frozen=True, kw_only=True):
     # counter went backwards reports "stale" forever; see FLEETPULSE_STUCK_AFTER).
     stale: int = 0
     resets: int = 0  # times an operator reset this robot's ordering (POST .../reset-order)
+    reset_pending: bool = False  # reset, and no report since: the next one applies
     # Arrival-clock time of this change (the report's arrival, or the offline deadline);
     # with (resets, boot, seq) it orders a robot's changes, so replays change nothing.
     updated: float = 0.0

@@ -168,10 +168,12 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 
     # --- dataflow ---------------------------------------------------------------------
     offline_after_s: Annotated[
-        Seconds,
+        float,
         _doc(
             "Time without a report arriving (Kafka append time, not the flow's clock) "
-            "before a robot is offline."
+            "before a robot is offline.",
+            gt=0,
+            le=2_592_000,
         ),
     ] = 30.0
     low_battery_pct: Annotated[
@@ -181,9 +183,16 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
         float,
         _doc("Battery level (%) a low robot must reach again to clear (hysteresis).", ge=0, le=100),
     ] = 25.0
-    window_s: Annotated[int, _doc("Event-time tumbling window length, seconds.", ge=1)] = 60
+    window_s: Annotated[
+        int, _doc("Event-time tumbling window length, seconds.", ge=1, le=86_400)
+    ] = 60
     allowed_lateness_s: Annotated[
-        float, _doc("How late (event time) a report may be and still count in its window.", ge=0)
+        float,
+        _doc(
+            "How late (event time) a report may be and still count in its window.",
+            ge=0,
+            le=86_400,
+        ),
     ] = 10.0
     stuck_after: Annotated[
         int,
@@ -206,10 +215,14 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
         str, _doc("Bytewax recovery partitions; empty turns recovery off (re-reads Kafka).")
     ] = ".stack/recovery"
     recovery_partitions: Annotated[int, _doc("Recovery partitions created on first run.", ge=1)] = 2
-    snapshot_interval_s: Annotated[Seconds, _doc("Bytewax epoch / snapshot interval.")] = 2.0
+    # Whole seconds: Bytewax's runner takes no fractions (BYTEWAX_SNAPSHOT_INTERVAL).
+    snapshot_interval_s: Annotated[
+        int, _doc("Bytewax epoch / snapshot interval, whole seconds.", ge=1, le=3600)
+    ] = 2
     backup_interval_s: Annotated[
-        float, _doc("How long old snapshots are kept for other workers to resume.", ge=0)
-    ] = 0.0
+        int,
+        _doc("How long old snapshots are kept for other workers to resume, whole seconds.", ge=0),
+    ] = 0
     dataflow_metrics_port: Annotated[
         int,
         _doc(

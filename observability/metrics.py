@@ -94,8 +94,25 @@ class DataflowMetrics:
         )
         self.dead = Counter(
             "fleetpulse_flow_dead_letters",
-            "Messages sent to the DLQ, by reason (invalid, key, late).",
-            ["reason"],
+            "Messages sent to the DLQ, by kind (invalid, key, late, future, past, error).",
+            ["kind"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "fleetpulse_flow_errors",
+            "Exceptions in one robot's step, contained (the robot's state kept as it was).",
+            registry=r,
+        )
+        self.skipped = Counter(
+            "fleetpulse_flow_skipped_offsets",
+            "Messages deleted by retention before the flow read them, by partition.",
+            ["partition"],
+            registry=r,
+        )
+        self.consumer_errors = Counter(
+            "fleetpulse_flow_consumer_errors",
+            "Kafka consumer and transport errors (retried, never dead-lettered), by code.",
+            ["code"],
             registry=r,
         )
         self.alerts = Counter(

@@ -6,13 +6,16 @@ robot share a Redis Cluster slot; global keys do not.
 
 Per robot (``r`` = robot id, one slot per robot)::
 
-    P:robot:{r}    HASH    boot, seq, online (1/0), status, site ('' = none), battery,
-                           low (1/0), state (LiveState JSON) — the conditional upsert reads
-                           boot/seq/online and the old index buckets from here
+    P:robot:{r}    HASH    gen, boot, seq, t (the state's version, state.writer.version),
+                           online (1/0), status, site ('' = none), battery, low (1/0),
+                           state (LiveState JSON) — the conditional upsert reads the
+                           version and the old index buckets from here
     P:hist:{r}     LIST    applied RobotReport JSON, newest first, capped at history_len
-    P:win:{r}      HASH    window start (µs since epoch) -> WindowStats JSON
-    P:wins:{r}     ZSET    window starts (member = score = start µs), capped at
-                           WINDOWS_PER_ROBOT; the order behind stats(since=...)
+    P:win:{r}      HASH    window name -> WindowStats JSON; the name is the start (µs
+                           since epoch), "<start>:<part>" for a reopened minute
+                           (window_name)
+    P:wins:{r}     ZSET    window names scored by start µs, capped at WINDOWS_PER_ROBOT;
+                           the order behind stats(since=...)
     P:alert:{r}    HASH    alert id -> Alert JSON; a present field is the dedupe marker
     P:alerts:{r}   ZSET    alert ids scored by event time (µs), capped at ALERTS_PER_ROBOT
 
@@ -51,7 +54,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-__all__ = ["ALERTS_PER_ROBOT", "WINDOWS_PER_ROBOT", "Keys", "epoch_us", "from_epoch_us"]
+__all__ = [
+    "ALERTS_PER_ROBOT",
+    "WINDOWS_PER_ROBOT",
+    "Keys",
+    "epoch_us",
+    "from_epoch_us",
+    "window_name",
+]
 
 # Retention of the per-robot window and alert sets. Fixed here rather than in
 # Settings (which this module does not own); a day of 1-minute windows.
@@ -70,6 +80,11 @@ def epoch_us(dt: datetime) -> int:
     if dt.tzinfo is None:
         raise ValueError(f"{dt.isoformat()} has no timezone; pass an aware datetime")
     return (dt - _EPOCH) // _US
+
+
+def window_name(start_us: int, part: int) -> str:
+    """A window's field/member name: its start, plus ``:part`` for a reopened minute."""
+    return str(start_us) if part == 0 else f"{start_us}:{part}"
 
 
 def from_epoch_us(us: int) -> datetime:

@@ -15,15 +15,22 @@ from __future__ import annotations
 __all__ = ["ALERTS", "STATES", "STATE_FIELDS", "WINDOWS"]
 
 # Values per robot in the STATES script's ARGV, in this order.
-STATE_FIELDS = 10
+STATE_FIELDS = 12
 
 # KEYS: 1 summary, 2 idx:all, 3 idx:online, 4 idx:offline, 5 idx:battery, 6 changes,
 #       then per state: robot hash, history list.
 # ARGV: 1 status-index prefix, 2 site-index prefix, 3 history_len, 4 changes_len, 5 n,
-#       then per state: id, boot, seq, online, status, site, battery, low, state, history.
+#       then per state: id, gen, boot, seq, t, online, status, site, battery, low, state,
+#       history (12 values: STATE_FIELDS).
+# A state applies iff its version (gen, boot, seq, t) is greater than the stored one:
+# gen = operator order resets, (boot, seq) the report's order, t the arrival-clock ms of
+# the change (offline, back online and stale counts change the state at an equal
+# order, each later than the last). The dataflow computes the same versions when it
+# replays, so a replayed batch changes nothing. A robot stored before versions had
+# gen/t reads as gen 0, t -1.
 # history: the reports applied since the last write, oldest first, one per line as
-# "boot seq json" (JSON never holds a raw newline); those newer than the stored order
-# enter the history list, so a replayed batch adds nothing.
+# "gen boot seq json" (JSON never holds a raw newline); those whose (gen, boot, seq) is
+# newer than the stored one enter the history list, so a replayed batch adds nothing.
 STATES = """
 local summary, all_idx, on_idx, off_idx, bat_idx, changes =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
@@ -39,31 +46,37 @@ local function bump(field, by)
   end
 end
 
+-- (a1, a2, a3, a4) > (b1, b2, b3, b4), compared left to right.
+local function after(a1, a2, a3, a4, b1, b2, b3, b4)
+  if a1 ~= b1 then return a1 > b1 end
+  if a2 ~= b2 then return a2 > b2 end
+  if a3 ~= b3 then return a3 > b3 end
+  return a4 > b4
+end
+
 local applied = 0
 for i = 0, n - 1 do
-  local a = 6 + i * 10
-  local rid, boot, seq = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local online, status, site = ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
-  local battery, low, state, history = ARGV[a + 6], ARGV[a + 7], ARGV[a + 8], ARGV[a + 9]
+  local a = 6 + i * @FIELDS@
+  local rid = ARGV[a]
+  local gen, boot, seq, t =
+    tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local online, status, site = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
+  local battery, low, state, history = ARGV[a + 8], ARGV[a + 9], ARGV[a + 10], ARGV[a + 11]
   local rkey, hkey = KEYS[7 + i * 2], KEYS[8 + i * 2]
-  local old = redis.call('HMGET', rkey, 'boot', 'seq', 'online', 'status', 'site', 'low')
-  local oonline, ostatus, osite, olow = old[3], old[4], old[5], old[6]
-  local newer, flip = true, false
-  local ob, os = -1, -1
-  if old[1] then
-    ob, os = tonumber(old[1]), tonumber(old[2])
-    newer = boot > ob or (boot == ob and seq > os)
-    -- The dataflow marks a robot offline without a new report. Only that direction
-    -- applies at an equal (boot, seq): back online always comes with a newer report,
-    -- and accepting offline -> online here would let a replayed older batch flip a
-    -- robot back and forth (and repeat change events).
-    flip = boot == ob and seq == os and online == '0' and oonline == '1'
+  local old = redis.call('HMGET', rkey,
+    'gen', 'boot', 'seq', 't', 'online', 'status', 'site', 'low')
+  local oonline, ostatus, osite, olow = old[5], old[6], old[7], old[8]
+  local og, ob, os, ot = 0, -1, -1, -1
+  if old[2] then
+    og, ob, os = tonumber(old[1]) or 0, tonumber(old[2]), tonumber(old[3])
+    ot = tonumber(old[4]) or -1
   end
-  if newer or flip then
+  if after(gen, boot, seq, t, og, ob, os, ot) then
     applied = applied + 1
-    redis.call('HSET', rkey, 'boot', ARGV[a + 1], 'seq', ARGV[a + 2], 'online', online,
-      'status', status, 'site', site, 'battery', battery, 'low', low, 'state', state)
-    if not old[1] then
+    redis.call('HSET', rkey, 'gen', ARGV[a + 1], 'boot', ARGV[a + 2], 'seq', ARGV[a + 3],
+      't', ARGV[a + 4], 'online', online, 'status', status, 'site', site, 'battery', battery,
+      'low', low, 'state', state)
+    if not old[2] then
       redis.call('ZADD', all_idx, 0, rid)
       bump('total', 1)
     end
@@ -108,44 +121,47 @@ for i = 0, n - 1 do
       if low == '1' then bump('low', 1) end
     end
     redis.call('ZADD', bat_idx, battery, rid)
-    -- Only newer reports enter the history; a flip or a replay never does.
-    if newer then
-      for line in string.gmatch(history, '[^\\n]+') do
-        local hb, hs, json = string.match(line, '^(%d+) (%d+) (.*)$')
-        hb, hs = tonumber(hb), tonumber(hs)
-        if hb > ob or (hb == ob and hs > os) then
-          redis.call('LPUSH', hkey, json)
-        end
+    -- Only reports newer than the stored order enter the history; replays never do.
+    local pushed = false
+    for line in string.gmatch(history, '[^\\n]+') do
+      local hg, hb, hs, json = string.match(line, '^(%d+) (%d+) (%d+) (.*)$')
+      hg, hb, hs = tonumber(hg), tonumber(hb), tonumber(hs)
+      if after(hg, hb, hs, 0, og, ob, os, 0) then
+        redis.call('LPUSH', hkey, json)
+        pushed = true
       end
-      redis.call('LTRIM', hkey, 0, hist_last)
     end
+    if pushed then redis.call('LTRIM', hkey, 0, hist_last) end
     redis.call('XADD', changes, 'MAXLEN', '~', changes_len, '*',
       'data', '{"type":"state","state":' .. state .. '}')
   end
 end
 return {applied, n - applied}
-"""
+""".replace("@FIELDS@", str(STATE_FIELDS))
 
 # KEYS: per window: windows hash, window-index zset.
-# ARGV: 1 windows kept per robot, 2 n, then per window: start µs, WindowStats JSON.
+# ARGV: 1 windows kept per robot, 2 n, then per window: name, start µs, WindowStats JSON.
+# The name is the start µs, or "<start µs>:<part>" for a window reopened after the
+# robot's clock went back (state.keys); it is the hash field and the zset member, the
+# start is the score.
 WINDOWS = """
 local cap, n = tonumber(ARGV[1]), tonumber(ARGV[2])
 local applied = 0
 for i = 0, n - 1 do
   local wkey, zkey = KEYS[1 + i * 2], KEYS[2 + i * 2]
-  local start, data = ARGV[3 + i * 2], ARGV[4 + i * 2]
-  if redis.call('HGET', wkey, start) ~= data then
+  local name, start, data = ARGV[3 + i * 3], ARGV[4 + i * 3], ARGV[5 + i * 3]
+  if redis.call('HGET', wkey, name) ~= data then
     -- A window older than every kept one of a full set would be trimmed at once;
     -- skipping it keeps a replay after trimming a no-op.
     local keep = true
-    if redis.call('ZSCORE', zkey, start) == false and redis.call('ZCARD', zkey) >= cap then
+    if redis.call('ZSCORE', zkey, name) == false and redis.call('ZCARD', zkey) >= cap then
       local first = redis.call('ZRANGE', zkey, 0, 0, 'WITHSCORES')
       keep = tonumber(start) > tonumber(first[2])
     end
     if keep then
       applied = applied + 1
-      redis.call('HSET', wkey, start, data)
-      redis.call('ZADD', zkey, start, start)
+      redis.call('HSET', wkey, name, data)
+      redis.call('ZADD', zkey, start, name)
       local extra = redis.call('ZCARD', zkey) - cap
       if extra > 0 then
         local gone = redis.call('ZRANGE', zkey, 0, extra - 1)

@@ -2,14 +2,15 @@
 
 What makes a replayed batch change nothing (the rules live in :mod:`state.scripts`):
 
-- live state is applied only if its report's ``(boot, seq)`` is newer than the
-  stored one, or equal and it marks an online robot offline (the dataflow's offline
-  detection, which has no new report). Offline -> online at an equal order is
-  ignored: a robot comes back online with its next, newer report, and accepting it
-  would let a replay of an older batch flip the robot back. Only a newer report is
-  pushed to the history, so replays add no duplicates; counters and indexes move
-  only when a state is applied, in the same script.
-- windows are stored by their start: rewriting one is a no-op or an overwrite.
+- live state is applied only if its version ``(resets, boot, seq, updated)`` is
+  greater than the stored one (:func:`version`): a newer report, or at an equal
+  order a later change (offline, back online, a stuck robot's stale count). The
+  dataflow derives every version from the Kafka log, so a replay computes the same
+  ones and changes nothing. Only reports newer than the stored order are pushed to
+  the history, so replays add no duplicates; counters and indexes move only when a
+  state is applied, in the same script.
+- windows are stored by their start (and part): rewriting one is a no-op or an
+  overwrite.
 - alerts are stored by ``alert.id`` per robot; a known id is a duplicate and is not
   appended to the alert or change streams again.
 
@@ -23,7 +24,7 @@ again and the whole batch is sent again — safe, because every write is idempot
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -33,9 +34,53 @@ from redis.exceptions import NoScriptError
 from fleetpulse.schema import Alert, LiveState, RobotReport, WindowStats, encode
 from fleetpulse.settings import Settings
 from state import scripts
-from state.keys import ALERTS_PER_ROBOT, WINDOWS_PER_ROBOT, Keys, epoch_us
+from state.keys import ALERTS_PER_ROBOT, WINDOWS_PER_ROBOT, Keys, epoch_us, window_name
 
-__all__ = ["RedisStateWriter", "StateWriter", "WriteResult"]
+__all__ = [
+    "HistoryEntry",
+    "RedisStateWriter",
+    "StateWriter",
+    "WriteResult",
+    "coalesce",
+    "version",
+]
+
+# A report applied to live state, with the ordering generation (LiveState.resets) it
+# was applied in.
+HistoryEntry = tuple[int, RobotReport]
+
+
+def version(state: LiveState) -> tuple[int, int, int, int]:
+    """The order of a robot's state changes: ``(resets, boot, seq, updated ms)``.
+
+    Right after an operator's reset (``reset_pending``) the order is ``(-1, -1)``, so the
+    next report of that generation applies and enters the history whatever its order.
+    """
+    report = state.report
+    boot, seq = (-1, -1) if state.reset_pending else (report.boot, report.seq)
+    return (state.resets, boot, seq, round(state.updated * 1000))
+
+
+def coalesce(
+    states: Iterable[LiveState],
+) -> tuple[list[LiveState], dict[str, list[HistoryEntry]]]:
+    """Each robot's newest state, and the reports applied on the way (its history).
+
+    ``states`` holds each robot's changes in the order they happened (robots may
+    interleave). A backlog then costs one state write per robot, and no applied report
+    is missing from the history.
+    """
+    newest: dict[str, LiveState] = {}
+    history: dict[str, list[HistoryEntry]] = {}
+    for st in states:
+        robot = st.report.robot_id
+        newest[robot] = st
+        if st.reset_pending:
+            continue  # the reset itself applied no report
+        entries = history.setdefault(robot, [])
+        if not entries or (entries[-1][0], entries[-1][1].order) != (st.resets, st.report.order):
+            entries.append((st.resets, st.report))
+    return list(newest.values()), history
 
 
 class WriteResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -67,7 +112,7 @@ class StateWriter(Protocol):
         states: Sequence[LiveState],
         windows: Sequence[WindowStats],
         alerts: Sequence[Alert],
-        history: Mapping[str, Sequence[RobotReport]] | None = None,
+        history: Mapping[str, Sequence[HistoryEntry]] | None = None,
     ) -> WriteResult:
         """Apply one batch; replaying the same batch must change nothing."""
         ...
@@ -122,7 +167,7 @@ class RedisStateWriter:
         states: Sequence[LiveState],
         windows: Sequence[WindowStats],
         alerts: Sequence[Alert],
-        history: Mapping[str, Sequence[RobotReport]] | None = None,
+        history: Mapping[str, Sequence[HistoryEntry]] | None = None,
     ) -> WriteResult:
         """Apply a batch: newer states, new or changed windows, alerts not seen before.
 
@@ -169,7 +214,7 @@ class RedisStateWriter:
         return pipe.execute()
 
     def _states_call(
-        self, states: Sequence[LiveState], history: Mapping[str, Sequence[RobotReport]]
+        self, states: Sequence[LiveState], history: Mapping[str, Sequence[HistoryEntry]]
     ) -> _Call:
         k = self._keys
         keys: list[str] = [k.summary, k.all, k.online, k.offline, k.battery, k.changes]
@@ -183,10 +228,14 @@ class RedisStateWriter:
         for state in states:
             r = state.report
             keys += (k.robot(r.robot_id), k.history(r.robot_id))
+            gen, boot, seq, t = version(state)
+            own: Sequence[HistoryEntry] = () if state.reset_pending else ((gen, r),)
             argv += (
                 r.robot_id,
-                r.boot,
-                r.seq,
+                gen,
+                boot,
+                seq,
+                t,
                 "1" if state.online else "0",
                 r.status,
                 r.site or "",
@@ -194,8 +243,8 @@ class RedisStateWriter:
                 "1" if r.battery <= self._low_battery else "0",
                 encode(state),
                 b"\n".join(
-                    b"%d %d %s" % (h.boot, h.seq, encode(h))
-                    for h in history.get(r.robot_id, (r,))[-self._history_len :]
+                    b"%d %d %d %s" % (g, h.boot, h.seq, encode(h))
+                    for g, h in history.get(r.robot_id, own)[-self._history_len :]
                 ),
             )
         return _STATES, [len(keys), *keys, *argv]
@@ -206,7 +255,8 @@ class RedisStateWriter:
         argv: list[str | bytes | int] = [WINDOWS_PER_ROBOT, len(windows)]
         for w in windows:
             keys += (k.windows(w.robot_id), k.window_index(w.robot_id))
-            argv += (epoch_us(w.window_start), encode(w))
+            start = epoch_us(w.window_start)
+            argv += (window_name(start, w.part), start, encode(w))
         return _WINDOWS, [len(keys), *keys, *argv]
 
     def _alerts_call(self, alerts: Sequence[Alert]) -> _Call:

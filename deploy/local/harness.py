@@ -23,7 +23,9 @@ from fleetpulse.settings import Settings, to_env
 
 T = TypeVar("T")
 FLOW = "dataflows.fleet:build_flow()"
-BASE_TS = 1_795_700_000  # an event-time origin aligned to whole minutes
+# An event-time origin aligned to a whole hour, two to three hours before now: inside
+# the accepted range around a report's arrival (FLEETPULSE_MAX_AGE_S) whenever it runs.
+BASE_TS = (int(time.time()) // 3600 - 2) * 3600
 
 
 # What isolated() made in this process, so a test session can remove it at its end
@@ -43,8 +45,8 @@ def isolated(settings: Settings, tmp: Path, partitions: int = 12, **over: Any) -
         redis_prefix=f"t{tag}",
         recovery_dir=str(tmp / f"recovery-{tag}"),
         kafka_partitions=partitions,
-        snapshot_interval_s=1.0,
-        **{"dataflow_metrics_port": 0, **over},  # tests that scrape metrics pick a free port
+        # Tests that scrape metrics pick a free port.
+        **{"snapshot_interval_s": 1, "dataflow_metrics_port": 0, **over},
     )
     admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap_servers})
     topics = [s.topic_reports, s.topic_dlq, s.topic_alerts]
@@ -84,15 +86,16 @@ def remove_made(settings: Settings) -> None:
 def report(
     robot: str, seq: int, *, boot: int = 0, t: float | None = None, **over: Any
 ) -> dict[str, Any]:
-    ts = BASE_TS + (seq if t is None else t)
+    at = BASE_TS + (seq if t is None else t)
+    ts = over.pop("ts", None) or datetime.fromtimestamp(at, UTC).isoformat()
     body: dict[str, Any] = {
         "robot_id": robot,
         "boot": boot,
         "seq": seq,
-        "ts": datetime.fromtimestamp(ts, UTC).isoformat(),
+        "ts": ts,
         "status": "moving",
         "battery": max(0.0, 100.0 - seq * 0.25),
-        "pose": {"x": seq * 0.5, "y": 0.0, "theta": 0.0},
+        "pose": {"x": (seq % 1000) * 0.5, "y": 0.0, "theta": 0.0},
         "speed": 0.5,
         "errors": [],
         "site": "plant-1",
@@ -163,6 +166,12 @@ class FlowProcess:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def wait(self, timeout_s: float = 30.0) -> int:
+        """Wait for the process to end by itself; its exit status."""
+        code = self.proc.wait(timeout_s)
+        self._log.close()
+        return code
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]

@@ -57,31 +57,48 @@ def test_silent_robot_goes_offline_once_and_comes_back(
         flow.stop()
 
 
-def test_restart_gives_a_fresh_grace_period_not_an_offline_storm(
+def test_after_a_restart_silence_is_judged_by_arrivals_not_by_the_downtime(
     stack: Stack, settings: Settings, tmp_path: Path
 ) -> None:
+    # While the flow is down, three robots keep reporting and two fall silent. After the
+    # restart, no offline storm: the three never went offline (their reports were in
+    # Kafka all along); the two did, at their own deadline, not at the restart.
     s = isolated(settings, tmp_path, offline_after_s=4.0)
     reader = _reader(s)
+    robots = [f"amr-g{i}" for i in range(5)]
     flow = FlowProcess(s, tmp_path / "a.log")
     try:
-        produce(s, encoded([report(f"amr-g{i}", 0) for i in range(5)]))
+        produce(s, encoded([report(r, 0) for r in robots]))
         wait_until("five robots online", lambda: reader.summary().online == 5, 60, [flow])
-        time.sleep(2.5)
     finally:
         flow.stop()
-    time.sleep(3.0)  # down longer than the rest of their offline_after
-    restarted = time.monotonic()
+    silent_since = time.time()
+    for seq in range(1, 15):  # 7 s of reports from three of them, none read yet
+        produce(s, encoded([report(r, seq) for r in robots[:3]]))
+        time.sleep(0.5)
     flow = FlowProcess(s, tmp_path / "b.log")
     try:
-        # The snapshot said "online, 1.5 s of grace left"; after 3 s down they would be
-        # overdue at once. A fresh grace period keeps them online for offline_after.
-        time.sleep(2.0)
-        assert reader.summary().online == 5
-        wait_until("the fleet offline", lambda: reader.summary().offline == 5, 20, [flow])
-        assert time.monotonic() - restarted >= 4.0
-        for i in range(5):
-            kinds = [a.kind for a in reader.alerts(robot_id=f"amr-g{i}", limit=10)]
-            assert kinds == ["offline"]
+        wait_until(
+            "the two silent robots offline",
+            lambda: reader.summary().offline == 2,
+            30,
+            [flow],
+        )
+        wait_until(
+            "the reports sent while the flow was down",
+            lambda: all((st := reader.get(r)) and st.report.seq == 14 for r in robots[:3]),
+            30,
+            [flow],
+        )
+        time.sleep(1)
+        assert reader.summary().online == 3
+        for r in robots[:3]:
+            assert reader.alerts(robot_id=r, limit=10) == []
+        for r in robots[3:]:
+            [offline] = reader.alerts(robot_id=r, limit=10)
+            assert offline.kind == "offline"
+            # At its deadline on the arrival clock: during the downtime.
+            assert offline.at.timestamp() < silent_since + 4.0
     finally:
         flow.stop()
 

@@ -193,8 +193,8 @@ def test_metrics_equal_a_known_workload(stack: Stack, settings: Settings, tmp_pa
     # 100..103 are older than the newest, i.e. stale.
     assert _sum(flow_m, "fleetpulse_flow_reports_duplicate_total") == 1
     assert _sum(flow_m, "fleetpulse_flow_reports_stale_total") == 4
-    assert flow_m[("fleetpulse_flow_dead_letters_total", (("reason", "invalid"),))] == 2
-    assert flow_m[("fleetpulse_flow_dead_letters_total", (("reason", "key"),))] == 1
+    assert flow_m[("fleetpulse_flow_dead_letters_total", (("kind", "invalid"),))] == 2
+    assert flow_m[("fleetpulse_flow_dead_letters_total", (("kind", "key"),))] == 1
     # Freshness is observed per robot state made visible: at least once per robot, at
     # most once per applied report.
     assert 10 <= flow_m[("fleetpulse_flow_freshness_seconds_count", ())] <= 95

@@ -58,6 +58,7 @@ from state import (
     connect_reader,
     decode_change,
 )
+from state.writer import version
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +76,10 @@ def live(
     battery: float = 50.0,
     site: str | None = "north",
     online: bool = True,
+    updated: float | None = None,
 ) -> LiveState:
+    """A live state; ``updated`` (the change's arrival clock) follows the order, and an
+    offline mark comes half a second after the report it keeps."""
     report = RobotReport(
         robot_id=robot_id,
         boot=boot,
@@ -86,7 +90,14 @@ def live(
         pose=Pose(x=float(seq), y=0.5, theta=0.1),
         site=site,
     )
-    return LiveState(report=report, last_seen=1.7e9 + seq, online=online, status_since=report.ts)
+    arrived = 1.7e9 + boot * 1000 + seq
+    return LiveState(
+        report=report,
+        last_seen=arrived,
+        online=online,
+        status_since=report.ts,
+        updated=updated if updated is not None else arrived + (0.0 if online else 0.5),
+    )
 
 
 def window(robot_id: str, minute: int, *, count: int = 10) -> WindowStats:
@@ -131,18 +142,13 @@ class Model:
     def write(self, states: Sequence[LiveState], alerts: Sequence[Alert] = ()) -> None:
         for s in states:
             rid, old = s.report.robot_id, self.states.get(s.report.robot_id)
-            newer = old is None or s.report.order > old.report.order
-            offline_mark = (
-                old is not None
-                and s.report.order == old.report.order
-                and old.online
-                and not s.online
-            )
-            if newer or offline_mark:
+            # The writer's rule: a state applies iff its version is greater; its report
+            # enters the history iff its order (resets, boot, seq) is.
+            if old is None or version(s) > version(old):
                 self.states[rid] = s
                 self.events.append(StateChanged(state=s))
-            if newer:
-                self.history[rid] = [s.report, *self.history.get(rid, [])][: self.history_len]
+                if old is None or version(s)[:3] > version(old)[:3]:
+                    self.history[rid] = [s.report, *self.history.get(rid, [])][: self.history_len]
         for a in alerts:
             if a.id not in self.alert_ids:
                 self.alert_ids.add(a.id)
@@ -397,15 +403,16 @@ class TestStateContract:
     def test_coalesced_state_carries_its_history_once(self, store: Store) -> None:
         w, r = store.writer, store.reader
         reports = [live("amr-c", seq).report for seq in range(1, 6)]
+        entries = [(0, report) for report in reports]
         # Three applied reports coalesced into the newest state: all three in history.
-        res = w.write([live("amr-c", 3)], [], [], history={"amr-c": reports[:3]})
+        res = w.write([live("amr-c", 3)], [], [], history={"amr-c": entries[:3]})
         assert res.states_applied == 1
         assert [h.seq for h in r.history("amr-c")] == [3, 2, 1]
         before = store.dump()
-        w.write([live("amr-c", 3)], [], [], history={"amr-c": reports[:3]})
+        w.write([live("amr-c", 3)], [], [], history={"amr-c": entries[:3]})
         assert store.dump() == before  # a replay adds nothing
         # A replay that overlaps what is stored adds only the newer reports.
-        w.write([live("amr-c", 5)], [], [], history={"amr-c": reports[1:]})
+        w.write([live("amr-c", 5)], [], [], history={"amr-c": entries[1:]})
         assert [h.seq for h in r.history("amr-c")] == [5, 4, 3, 2, 1]
         assert r.get("amr-c") == live("amr-c", 5)
 
@@ -481,10 +488,38 @@ class TestStateContract:
         assert res.states_applied == 0
         assert len(r.history("amr-3")) == 1
         assert len(r.changes(None, 100)) == 2
-        # Back online comes with the next report.
-        w.write([live("amr-3", 5, site="south")], [], [])
+        # Back online comes with the next report that arrives, even an older one (the
+        # robot is sending): a later change at the same order, no history entry.
+        back = live("amr-3", 4, site="south", updated=1.7e9 + 4 + 9.0)
+        assert w.write([back], [], []).states_applied == 1
+        assert r.summary().online == 1
+        assert len(r.history("amr-3")) == 1
+        w.write([live("amr-3", 5, site="south", updated=1.7e9 + 5 + 10.0)], [], [])
         assert r.summary().online == 1
         assert [x.report.seq for x in list_all(r, 10, online=True)] == [5]
+        assert [x.seq for x in r.history("amr-3")] == [5, 4]
+
+    def test_an_order_reset_lets_a_lower_boot_and_seq_apply_and_enter_history(
+        self, store: Store
+    ) -> None:
+        w, r = store.writer, store.reader
+        w.write([live("amr-r", 9, boot=5)], [], [])
+        stuck = live("amr-r", 2, boot=0)
+        assert w.write([stuck], [], []).states_applied == 0  # older: stale
+        reset = msgspec.structs.replace(
+            live("amr-r", 9, boot=5), resets=1, reset_pending=True, updated=1.8e9
+        )
+        assert w.write([reset], [], []).states_applied == 1
+        assert len(r.history("amr-r")) == 1  # the reset itself applies no report
+        after = msgspec.structs.replace(live("amr-r", 3, boot=0), resets=1, updated=1.8e9 + 1)
+        assert w.write([after], [], []).states_applied == 1
+        assert [(x.boot, x.seq) for x in r.history("amr-r")] == [(0, 3), (5, 9)]
+        got = r.get("amr-r")
+        assert got is not None and (got.resets, got.report.order) == (1, (0, 3))
+        # Replays of anything before change nothing.
+        before = store.dump()
+        assert w.write([reset, live("amr-r", 9, boot=5), stuck], [], []).states_applied == 0
+        assert store.dump() == before
 
     def test_alerts_written_twice_appear_once(self, store: Store) -> None:
         w, r = store.writer, store.reader
@@ -522,6 +557,17 @@ class TestStateContract:
         ]
         assert r.stats("amr-2") == []
         assert r.changes(None, 10) == []  # windows are not change events
+
+    def test_a_reopened_minute_is_kept_beside_the_first(self, store: Store) -> None:
+        # After a robot's clock went back, the flow writes a minute it had closed before
+        # as a new part: both are kept, neither overwrites the other, replays change nothing.
+        w, r = store.writer, store.reader
+        first = window("amr-p", 0, count=7)
+        again = msgspec.structs.replace(window("amr-p", 0, count=3), part=1)
+        assert w.write([], [first, again, window("amr-p", 1)], []).windows_applied == 3
+        assert w.write([], [again, first], []).windows_ignored == 2
+        assert r.stats("amr-p") == [window("amr-p", 1), again, first]
+        assert r.stats("amr-p", since=T0 + timedelta(minutes=1)) == [window("amr-p", 1)]
 
     def test_history_is_capped_newest_first(self, make_store: Callable[..., Store]) -> None:
         store = make_store(history_len=5)
