@@ -50,7 +50,7 @@ def isolated(settings: Settings, tmp: Path, partitions: int = 12, **over: Any) -
     )
     admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap_servers})
     topics = [s.topic_reports, s.topic_dlq, s.topic_alerts]
-    ensure_topics(admin, topics, partitions, 1)
+    ensure_topics(admin, topics, partitions, 1, reports_topic=s.topic_reports)
     MADE_TOPICS.extend(topics)
     MADE_PREFIXES.append(s.redis_prefix)
     return s

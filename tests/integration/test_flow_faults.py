@@ -120,7 +120,7 @@ def _recreate(admin: AdminClient, s: Settings) -> None:
         time.sleep(0.2)
     while True:
         try:
-            ensure_topics(admin, topics, s.kafka_partitions, 1)
+            ensure_topics(admin, topics, s.kafka_partitions, 1, reports_topic=s.topic_reports)
             return
         except Exception:  # "marked for deletion" for a moment after the delete
             assert time.monotonic() < deadline
