@@ -98,8 +98,12 @@ bench-freshness *ARGS: stack-up
 bench-profile *ARGS: stack-up
     {{py}} -m bench.profile_flow {{ARGS}}
 
+# recovery after kill -9: restart -> caught up at 1k, 10k and 100k robots (writes bench/results)
+bench-recovery *ARGS: stack-up
+    {{py}} -m bench.recovery {{ARGS}}
+
 # every benchmark, one after the other (each writes bench/results and bench/README.md)
-bench: bench-ingest bench-dataflow bench-drain bench-freshness bench-query
+bench: bench-ingest bench-dataflow bench-drain bench-freshness bench-query bench-recovery
 
 # ingest benchmark: accepted reports/s, p50/p99, single and batch posts (writes bench/results)
 bench-ingest *ARGS: stack-up

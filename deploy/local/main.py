@@ -229,9 +229,26 @@ class Supervisor:
             child.stop()
 
 
-def _where_to_look(s: Settings, logs: Path, read_token: str, ingest_token: str, robot: str) -> str:
+class Tokens(NamedTuple):
+    """The dev tokens of one run, one per scope."""
+
+    read: str
+    ingest: str
+    admin: str
+
+    @classmethod
+    def new(cls) -> Tokens:
+        return cls(new_token(), new_token(), new_token())
+
+    def setting(self) -> str:
+        """Their FLEETPULSE_API_TOKENS entries (hashes only)."""
+        return ",".join(f"{scope}:{hash_token(token)}" for scope, token in self._asdict().items())
+
+
+def _where_to_look(s: Settings, logs: Path, tokens: Tokens, robot: str) -> str:
     q = f"http://127.0.0.1:{s.query_port}"
-    auth = f'-H "Authorization: Bearer {read_token}"'
+    auth = f'-H "Authorization: Bearer {tokens.read}"'
+    admin = f'-H "Authorization: Bearer {tokens.admin}"'
     key = Keys(s.redis_prefix).robot(robot)
     return f"""
 fleetpulse is running — where to look:
@@ -242,9 +259,11 @@ fleetpulse is running — where to look:
   live state in Redis redis-cli -p {s.redis_port} HGETALL '{key}'
   a trace in Jaeger   curl '{s.jaeger_api}/api/traces?service=fleetpulse-dataflow&limit=1'
   metrics             http://127.0.0.1:{s.ingest_port}/metrics  {q}/metrics  http://127.0.0.1:{s.dataflow_metrics_port}/metrics
+  a stuck robot       curl -X POST {admin} http://127.0.0.1:{s.ingest_port}/v1/robots/{robot}/reset-order
   logs                {logs}/
-  dev tokens          read: {read_token}
-                      ingest: {ingest_token}
+  dev tokens          read: {tokens.read}
+                      ingest: {tokens.ingest}
+                      admin: {tokens.admin}
 Ctrl-C stops everything this command started.
 """
 
@@ -268,9 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    read_token, ingest_token = new_token(), new_token()
-    tokens = f"ingest:{hash_token(ingest_token)},read:{hash_token(read_token)}"
-    env = {**os.environ, **to_env(base), env_name("api_tokens"): tokens}
+    tokens = Tokens.new()
+    env = {**os.environ, **to_env(base), env_name("api_tokens"): tokens.setting()}
     logs = args.logs.resolve() if args.logs else REPO_ROOT / base.stack_dir / "logs"
     stack = Stack(base)
     started_services: list[str] = []
@@ -293,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             server = Child(role, [py, "-m", "api.serve", role], env, logs / f"{role}.log")
             proc = supervisor.start(server)
             wait_http_ready(f"http://127.0.0.1:{port}/readyz", proc, 60, server.log)
-        print(_where_to_look(base, logs, read_token, ingest_token, "amr-000"), flush=True)
+        print(_where_to_look(base, logs, tokens, "amr-000"), flush=True)
         sim_cmd = [
             py, "-m", "sim",
             "--robots", str(args.robots),
@@ -301,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--url", f"http://127.0.0.1:{base.ingest_port}",
             *args.sim_args,
         ]  # fmt: skip
-        sim_env = {**env, env_name("sim_token"): ingest_token}
+        sim_env = {**env, env_name("sim_token"): tokens.ingest}
         supervisor.start(Child("simulator", sim_cmd, sim_env, may_finish=True))
         ends = time.monotonic() + args.duration if args.duration else None
         while not stopping and (ends is None or time.monotonic() < ends):
