@@ -71,6 +71,15 @@ CASES = [
 ]
 
 
+def _on_the_wire(case: Any) -> bool:
+    """Whether every query value can be sent as such: a negative case whose violation is
+    a list, an object or null in the query is sent without it (a valid request that the
+    server rightly accepts, which schemathesis would then count as a leniency)."""
+    return all(
+        not isinstance(v, list | dict) and v is not None for v in (case.query or {}).values()
+    )
+
+
 @pytest.mark.parametrize(("path", "mode", "known_robot"), CASES)
 def test_query_routes_conform_to_their_openapi(
     api_schema: Any, path: str, mode: GenerationMode, known_robot: bool
@@ -79,7 +88,7 @@ def test_query_routes_conform_to_their_openapi(
     fixed = {"robot_id": "amr-7"} if known_robot else None
     statuses: list[int] = []
 
-    @given(case=operation.as_strategy(mode, path_parameters=fixed))
+    @given(case=operation.as_strategy(mode, path_parameters=fixed).filter(_on_the_wire))
     @hsettings(
         max_examples=25,
         deadline=None,
