@@ -53,7 +53,8 @@ log = logging.getLogger("fleetpulse.dataflow")
 # The version of ShardState's layout. Bump it when a persisted field is removed or
 # changes meaning: snapshots of another format are then not loaded (the flow starts
 # clean and replays the retained log, which the idempotent sink makes safe).
-SHARD_FORMAT = 1
+# 1: open windows as lists of points; 2: as running statistics (windows.Window).
+SHARD_FORMAT = 2
 
 Item = Raw | Progress | DeadLetter | Control
 

@@ -1,11 +1,15 @@
 """Event-time tumbling windows of one robot, closed by that robot's watermark.
 
 Windows are ``[start, start + window_s)`` aligned to the UNIX epoch and keyed by
-``start`` (integer UNIX seconds). A window keeps one :data:`Point` per ``(boot, seq)``
-sorted in that order, so duplicates count once and the distance follows the robot's
-own order whatever order the reports arrived in; every statistic is computed when the
-window closes, from the sorted points, so the result does not depend on arrival order
-(not even in the last bit of a float sum).
+``start`` (integer UNIX seconds). An open window holds running statistics, not the
+reports (:class:`Window`): count, battery min/max and an exact sum, max speed, error
+count, and the distance travelled in ``(boot, seq)`` order. To count duplicates once
+and to keep the distance in the robot's own order whatever order reports arrive in,
+it keeps the ``(boot, seq)`` it holds as runs of consecutive seqs, with the position
+at each run's ends: a report arriving between two others replaces the segment
+between its neighbours by the two through it. Sums are kept as exact partial sums
+(Shewchuk), so every statistic is the same for any arrival order, to the last bit —
+the same values as summing the sorted reports at the close.
 
 The watermark is Bytewax's ``EventClock`` restated on the *arrival* clock (Kafka append
 time) instead of the flow's own: ``watermark = offset + arrival`` where ``offset`` is the
@@ -31,16 +35,15 @@ the first one, never over it.
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
+from bisect import bisect_right
 from datetime import UTC, datetime, timedelta
-from itertools import pairwise
 
 import msgspec
 
 from dataflows.rules import Rules
 from fleetpulse.schema import RobotReport, WindowStats
 
-__all__ = ["Point", "Windows", "window_fits", "window_start"]
+__all__ = ["Run", "Window", "Windows", "window_fits", "window_start"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
@@ -48,9 +51,103 @@ _US = timedelta(microseconds=1)
 _FIRST_S = (datetime.min.replace(tzinfo=UTC) - _EPOCH) // timedelta(seconds=1)
 _LAST_S = (datetime.max.replace(tzinfo=UTC) - _EPOCH) // timedelta(seconds=1)
 
-# (boot, seq, battery, x, y, speed, error_count): one report reduced to what the stats
-# need. A plain tuple sorts by (boot, seq) first and pickles small.
-Point = tuple[int, int, float, float, float, float, int]
+# Consecutive seqs of one boot held by a window, with the positions at both ends:
+# (boot, first seq, last seq, x first, y first, x last, y last). Sorts by (boot, seq).
+Run = tuple[int, int, int, float, float, float, float]
+
+
+def _grow(partials: list[float], x: float) -> list[float]:
+    """``partials`` plus ``x``, exactly: fsum(result) is the exactly rounded total.
+
+    Shewchuk's algorithm (what math.fsum does inside); partials stay few (one or two).
+    """
+    out = []
+    for y in partials:
+        if abs(x) < abs(y):
+            x, y = y, x
+        hi = x + y
+        lo = y - (hi - x)
+        if lo:
+            out.append(lo)
+        x = hi
+    out.append(x)
+    return out
+
+
+class Window(msgspec.Struct, array_like=True, gc=False):
+    """One open window's running statistics (part of the snapshotted state).
+
+    Never changed in place: adding a report makes a new one.
+    """
+
+    count: int
+    battery_min: float
+    battery_max: float
+    battery_sum: list[float]  # exact partial sums
+    distance: list[float]  # exact partial sums of the segments in (boot, seq) order
+    max_speed: float
+    errors: int
+    runs: list[Run]
+
+    def added(self, report: RobotReport) -> Window | None:
+        """This window with ``report`` counted; None if it holds that ``(boot, seq)``."""
+        boot, seq = report.boot, report.seq
+        x, y = report.pose.x, report.pose.y
+        runs = self.runs
+        i = bisect_right(runs, (boot, seq, math.inf))  # the first run starting after it
+        before = runs[i - 1] if i else None
+        after = runs[i] if i < len(runs) else None
+        if before is not None and before[0] == boot and before[2] >= seq:
+            return None  # already counted: the first one wins
+        distance = self.distance
+        if before is not None and after is not None:  # they were neighbours: not any more
+            distance = _grow(distance, -math.hypot(after[3] - before[5], after[4] - before[6]))
+        if before is not None:
+            distance = _grow(distance, math.hypot(x - before[5], y - before[6]))
+        if after is not None:
+            distance = _grow(distance, math.hypot(after[3] - x, after[4] - y))
+        lo, hi = i, i  # the runs [lo:hi] give way to the one that holds the report now
+        first, last = seq, seq
+        x0, y0, x1, y1 = x, y, x, y
+        if before is not None and before[0] == boot and before[2] == seq - 1:
+            lo, first, x0, y0 = i - 1, before[1], before[3], before[4]
+        if after is not None and after[0] == boot and after[1] == seq + 1:
+            hi, last, x1, y1 = i + 1, after[2], after[5], after[6]
+        runs = [*runs[:lo], (boot, first, last, x0, y0, x1, y1), *runs[hi:]]
+        battery = report.battery
+        return Window(
+            self.count + 1,
+            min(self.battery_min, battery),
+            max(self.battery_max, battery),
+            _grow(self.battery_sum, battery),
+            distance,
+            max(self.max_speed, report.speed),
+            self.errors + len(report.errors),
+            runs,
+        )
+
+    @classmethod
+    def first(cls, report: RobotReport) -> Window:
+        """A window holding only ``report``."""
+        b, x, y = report.battery, report.pose.x, report.pose.y
+        run: Run = (report.boot, report.seq, report.seq, x, y, x, y)
+        return cls(1, b, b, [b], [], report.speed, len(report.errors), [run])
+
+    def stats(self, robot_id: str, start: int, part: int, window_s: int) -> WindowStats:
+        """The closed window's statistics."""
+        return WindowStats(
+            robot_id=robot_id,
+            window_start=_EPOCH + timedelta(seconds=start),
+            window_end=_EPOCH + timedelta(seconds=start + window_s),
+            count=self.count,
+            battery_min=self.battery_min,
+            battery_avg=math.fsum(self.battery_sum) / self.count,
+            battery_max=self.battery_max,
+            distance_m=math.fsum(self.distance),
+            max_speed=self.max_speed,
+            error_count=self.errors,
+            part=part,
+        )
 
 
 def window_start(ts: datetime, window_s: int) -> int:
@@ -73,37 +170,15 @@ def window_fits(ts: datetime, window_s: int) -> bool:
     return start >= _FIRST_S and start + window_s <= _LAST_S
 
 
-def _order(point: Point) -> tuple[int, int]:
-    return (point[0], point[1])
-
-
-def _stats(robot_id: str, start: int, part: int, window_s: int, points: list[Point]) -> WindowStats:
-    batteries = [p[2] for p in points]
-    return WindowStats(
-        robot_id=robot_id,
-        window_start=_EPOCH + timedelta(seconds=start),
-        window_end=_EPOCH + timedelta(seconds=start + window_s),
-        count=len(points),
-        battery_min=min(batteries),
-        # fsum is exactly rounded, so the mean is the same for any order of the values.
-        battery_avg=math.fsum(batteries) / len(points),
-        battery_max=max(batteries),
-        distance_m=math.fsum(math.hypot(b[3] - a[3], b[4] - a[4]) for a, b in pairwise(points)),
-        max_speed=max(p[5] for p in points),
-        error_count=sum(p[6] for p in points),
-        part=part,
-    )
-
-
 class Windows(msgspec.Struct, kw_only=True, gc=False):
     """Open windows of one robot and its event clock (part of the snapshotted state).
 
-    Open-window lists are never changed in place: :meth:`add` replaces a window's list,
+    Open windows are never changed in place (:meth:`add` puts a new :class:`Window`),
     so a shallow copy of this Struct and of ``open`` is an independent copy (the robot
     logic copies before each step, so a step that fails leaves the state as it was).
     """
 
-    open: dict[int, list[Point]] = msgspec.field(default_factory=dict)
+    open: dict[int, Window] = msgspec.field(default_factory=dict)
     offset: float = -math.inf  # watermark minus arrival; -inf until the first report
     # End of the newest window closed in this clock generation: reports for it or
     # anything before are late even if float rounding left the watermark below it.
@@ -138,24 +213,13 @@ class Windows(msgspec.Struct, kw_only=True, gc=False):
                 self.late_since = arrival
             return False
         self.late_since = None
-        point: Point = (
-            report.boot,
-            report.seq,
-            report.battery,
-            report.pose.x,
-            report.pose.y,
-            report.speed,
-            len(report.errors),
-        )
-        points = self.open.get(start)
-        if points is None:
-            self.open[start] = [point]
-        elif _order(points[-1]) < _order(point):
-            self.open[start] = [*points, point]  # the usual case: reports arrive in order
+        window = self.open.get(start)
+        if window is None:
+            self.open[start] = Window.first(report)
         else:
-            i = bisect_left(points, _order(point), key=_order)
-            if i == len(points) or _order(points[i]) != _order(point):
-                self.open[start] = [*points[:i], point, *points[i:]]
+            added = window.added(report)
+            if added is not None:
+                self.open[start] = added
         return True
 
     def clock_went_back(self, arrival: float, rules: Rules) -> bool:
@@ -181,13 +245,16 @@ class Windows(msgspec.Struct, kw_only=True, gc=False):
 
     def close_due(self, robot_id: str, progress: float, rules: Rules) -> list[WindowStats]:
         """Close (and return, oldest first) every window the arrival clock ``progress`` passed."""
-        if not self.open:
+        open_ = self.open
+        if not open_:
             return []
         # The same expression as close_at, so a progress equal to close_at always closes
         # that window (progress + offset could round a hair below its end).
         offset, length = self.offset, rules.window_s
-        due = sorted(s for s in self.open if s + length - offset <= progress)
-        return self._close(robot_id, due, rules) if due else []
+        if min(open_) + length - offset > progress:
+            return []  # the usual case: nothing due yet
+        due = sorted(s for s in open_ if s + length - offset <= progress)
+        return self._close(robot_id, due, rules)
 
     def flush(self, robot_id: str, rules: Rules) -> list[WindowStats]:
         """Close and return every open window, oldest first (end of stream, tests)."""
@@ -195,13 +262,7 @@ class Windows(msgspec.Struct, kw_only=True, gc=False):
 
     def _close(self, robot_id: str, starts: list[int], rules: Rules) -> list[WindowStats]:
         closed = [
-            _stats(
-                robot_id,
-                s,
-                self.part if s < self.high else 0,
-                rules.window_s,
-                self.open.pop(s),
-            )
+            self.open.pop(s).stats(robot_id, s, self.part if s < self.high else 0, rules.window_s)
             for s in starts
         ]
         if starts:

@@ -792,9 +792,7 @@ def test_every_step_returns_a_new_state_and_leaves_its_input_untouched(
             new, e = on_control(state, reset(now), STUCK3)
         assert state == before
         assert msgspec.msgpack.encode(state) == encoded
-        assert [list(p) for p in state.windows.open.values()] == [
-            list(p) for p in before.windows.open.values()
-        ]
+        assert list(state.windows.open.values()) == list(before.windows.open.values())
         assert new is not state
         updated += [s.updated for s in e.states]
         state = new

@@ -6,6 +6,7 @@ import copy
 import math
 import pickle
 from datetime import UTC, datetime, timedelta, timezone
+from itertools import pairwise
 
 import msgspec
 import pytest
@@ -470,3 +471,70 @@ def test_any_permutation_with_duplicates_gives_the_same_stats(
     assert run(arrival) == expected
     assert sum(s.count for s in expected) == len(reports)
     assert all(math.isfinite(s.distance_m) for s in expected)
+
+
+# --- running statistics against the reference: the sorted reports, summed at the close ----
+
+
+def _reference(reports: list[RobotReport]) -> tuple[int, float, float, float, float, float, int]:
+    """What the window must say: each (boot, seq) once (the first to arrive), in order."""
+    first: dict[tuple[int, int], RobotReport] = {}
+    for r in reports:
+        first.setdefault(r.order, r)
+    held = [first[k] for k in sorted(first)]
+    batteries = [r.battery for r in held]
+    return (
+        len(held),
+        min(batteries),
+        math.fsum(batteries) / len(held),
+        max(batteries),
+        math.fsum(math.hypot(b.pose.x - a.pose.x, b.pose.y - a.pose.y) for a, b in pairwise(held)),
+        max(r.speed for r in held),
+        sum(len(r.errors) for r in held),
+    )
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    data=st.data(),
+    orders=st.lists(
+        st.tuples(st.integers(0, 2), st.integers(0, 12)), min_size=1, max_size=30, unique=True
+    ),
+)
+def test_running_statistics_equal_the_sorted_reports_summed_at_the_close(
+    data: st.DataObject, orders: list[tuple[int, int]]
+) -> None:
+    # Any order, gaps, several boots, duplicates with other values (the first one wins):
+    # the same count, min, max, and bit for bit the same average and distance.
+    coords = st.floats(-1e9, 1e9, allow_nan=False)
+    reports = [
+        rep(
+            seq,
+            5.0,
+            boot=boot,
+            battery=data.draw(st.floats(0.0, 100.0)),
+            x=data.draw(coords),
+            y=data.draw(coords),
+            speed=data.draw(st.floats(0.0, 1000.0)),
+            errors=("e",) * data.draw(st.integers(0, 3)),
+        )
+        for boot, seq in orders
+    ]
+    again = data.draw(st.lists(st.sampled_from(reports), max_size=10))
+    arrival = data.draw(
+        st.permutations(reports + [rep(r.seq, 5.0, boot=r.boot, x=7.0) for r in again])
+    )
+    w = Windows()
+    for r in arrival:
+        assert w.add(r, 0.0, PATIENT)
+    [got] = w.flush(RID, PATIENT)
+    want = _reference(arrival)
+    assert (
+        got.count,
+        got.battery_min,
+        got.battery_avg,
+        got.battery_max,
+        got.distance_m,
+        got.max_speed,
+        got.error_count,
+    ) == want
