@@ -8,22 +8,33 @@ What makes a replayed batch change nothing (the rules live in :mod:`state.script
   dataflow derives every version from the Kafka log, so a replay computes the same
   ones and changes nothing. Only reports newer than the stored order are pushed to
   the history, so replays add no duplicates; counters and indexes move only when a
-  state is applied, in the same script.
+  state is applied, in the same transaction.
 - windows are stored by their start (and part): rewriting one is a no-op or an
   overwrite.
 - alerts are stored by ``alert.id`` per robot; a known id is a duplicate and is not
   appended to the alert or change streams again.
 
-A batch costs one round trip: one pipeline holding one EVALSHA per chunk of
-``max_per_call`` items per kind (chunks bound how long one script blocks Redis).
-Scripts are loaded once (SCRIPT LOAD) and called by SHA; after a Redis restart or a
-Sentinel failover the server may have forgotten them, so on NOSCRIPT they are loaded
-again and the whole batch is sent again — safe, because every write is idempotent.
+States are written in two steps: one pipelined read of every robot's stored version
+and index buckets, then, per chunk of ``max_per_call`` robots, one MULTI/EXEC with
+the writes of the states that are newer — plain commands, the summary counters of
+the chunk summed into one small script. Deciding in Python instead of in a Lua
+script per state costs Redis about a third of the time (measured: 43 µs of Redis
+time per state in Lua, most of it the interpreter, not the commands). It is safe
+because each robot has one writer (the dataflow worker that owns its shard), and a
+crash between the read and the write, or during it, leaves nothing or the whole
+chunk applied (MULTI/EXEC): a replay then reads what is stored and writes the rest.
+
+Windows and alerts are rarer; each chunk of them is one EVALSHA of a script that
+makes the same decisions inside Redis. Scripts are loaded once (SCRIPT LOAD) and
+called by SHA; after a Redis restart or a Sentinel failover the server may have
+forgotten them, so on NOSCRIPT they are loaded again and the whole batch is sent
+again — safe, because every write is idempotent.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -35,6 +46,32 @@ from fleetpulse.schema import Alert, LiveState, RobotReport, WindowStats, encode
 from fleetpulse.settings import Settings
 from state import scripts
 from state.keys import ALERTS_PER_ROBOT, WINDOWS_PER_ROBOT, Keys, epoch_us, window_name
+
+# What the state write reads of a robot's hash before deciding (state.keys).
+_STORED = ("gen", "boot", "seq", "t", "online", "status", "site", "low", "bucket")
+
+
+class _Stored(msgspec.Struct, frozen=True, kw_only=True):
+    """What a robot's hash holds that a state write compares and moves indexes by."""
+
+    version: tuple[int, int, int, int] = (0, -1, -1, -1)
+    online: str | None = None
+    status: str | None = None  # None: the robot was never stored
+    site: str | None = None
+    low: str | None = None
+    bucket: str | None = None
+
+    @classmethod
+    def parse(cls, row: Sequence[bytes | None]) -> _Stored:
+        gen, boot, seq, t, online, status, site, low, bucket = (
+            None if v is None else v.decode() for v in row
+        )
+        if boot is None:
+            return cls()
+        # A robot stored before versions had gen and t reads as gen 0, t -1.
+        version = (int(gen or 0), int(boot), int(seq or -1), int(t or -1))
+        return cls(version=version, online=online, status=status, site=site, low=low, bucket=bucket)
+
 
 __all__ = [
     "HistoryEntry",
@@ -131,7 +168,6 @@ class _Script:
             raise RuntimeError(f"Redis returned SHA {sha!r} for a script hashed {self.sha}")
 
 
-_STATES = _Script(scripts.STATES)
 _WINDOWS = _Script(scripts.WINDOWS)
 _ALERTS = _Script(scripts.ALERTS)
 
@@ -159,7 +195,7 @@ class RedisStateWriter:
         self._load_scripts()
 
     def _load_scripts(self) -> None:
-        for script in (_STATES, _WINDOWS, _ALERTS):
+        for script in (_WINDOWS, _ALERTS):
             script.load(self._client)
 
     def write(
@@ -177,28 +213,27 @@ class RedisStateWriter:
         caller can coalesce a robot's many states in one batch into its newest one
         without losing history; by default a state's history is its own report.
         """
+        states_applied = 0
+        if states:
+            states_applied = self._write_states(states, history or {})
         calls: list[tuple[str, _Call]] = []
-        for i in range(0, len(states), self._chunk):
-            chunk = states[i : i + self._chunk]
-            calls.append(("states", self._states_call(chunk, history or {})))
         for i in range(0, len(windows), self._chunk):
             calls.append(("windows", self._windows_call(windows[i : i + self._chunk])))
         for i in range(0, len(alerts), self._chunk):
             calls.append(("alerts", self._alerts_call(alerts[i : i + self._chunk])))
-        if not calls:
-            return WriteResult()
-        try:
-            replies = self._send([call for _, call in calls])
-        except NoScriptError:
-            self._load_scripts()
-            replies = self._send([call for _, call in calls])
-        totals = {"states": [0, 0], "windows": [0, 0], "alerts": [0, 0]}
-        for (kind, _), (applied, ignored) in zip(calls, replies, strict=True):
-            totals[kind][0] += int(applied)
-            totals[kind][1] += int(ignored)
+        totals = {"windows": [0, 0], "alerts": [0, 0]}
+        if calls:
+            try:
+                replies = self._send([call for _, call in calls])
+            except NoScriptError:
+                self._load_scripts()
+                replies = self._send([call for _, call in calls])
+            for (kind, _), (applied, ignored) in zip(calls, replies, strict=True):
+                totals[kind][0] += int(applied)
+                totals[kind][1] += int(ignored)
         return WriteResult(
-            states_applied=totals["states"][0],
-            states_ignored=totals["states"][1],
+            states_applied=states_applied,
+            states_ignored=len(states) - states_applied,
             windows_applied=totals["windows"][0],
             windows_ignored=totals["windows"][1],
             alerts_added=totals["alerts"][0],
@@ -213,41 +248,130 @@ class RedisStateWriter:
             pipe.evalsha(script.sha, *args)
         return pipe.execute()
 
-    def _states_call(
+    def _write_states(
         self, states: Sequence[LiveState], history: Mapping[str, Sequence[HistoryEntry]]
-    ) -> _Call:
+    ) -> int:
+        """Apply the newer of ``states``; returns how many were applied."""
         k = self._keys
-        keys: list[str] = [k.summary, k.all, k.online, k.offline, k.battery, k.changes]
-        argv: list[str | bytes | int] = [
-            k.status_prefix,
-            k.site_prefix,
-            self._history_len,
-            self._changes_len,
-            len(states),
-        ]
-        for state in states:
-            r = state.report
-            keys += (k.robot(r.robot_id), k.history(r.robot_id))
-            gen, boot, seq, t = version(state)
-            own: Sequence[HistoryEntry] = () if state.reset_pending else ((gen, r),)
-            argv += (
-                r.robot_id,
-                gen,
-                boot,
-                seq,
-                t,
-                "1" if state.online else "0",
-                r.status,
-                r.site or "",
-                repr(r.battery),  # shortest text that reads back to the same float
-                "1" if r.battery <= self._low_battery else "0",
-                encode(state),
-                b"\n".join(
-                    b"%d %d %d %s" % (g, h.boot, h.seq, encode(h))
-                    for g, h in history.get(r.robot_id, own)[-self._history_len :]
-                ),
-            )
-        return _STATES, [len(keys), *keys, *argv]
+        robots = list(dict.fromkeys(st.report.robot_id for st in states))
+        read = self._client.pipeline(transaction=False)
+        for rid in robots:
+            read.hmget(k.robot(rid), _STORED)
+        known = {rid: _Stored.parse(row) for rid, row in zip(robots, read.execute(), strict=True)}
+        applied = 0
+        for i in range(0, len(states), self._chunk):
+            tx = self._client.pipeline(transaction=True)
+            counters: dict[str, int] = {}
+            for state in states[i : i + self._chunk]:
+                rid = state.report.robot_id
+                now = self._apply(tx, state, known[rid], history, counters)
+                if now is not None:
+                    known[rid] = now  # a later state of the robot in this batch compares to it
+                    applied += 1
+            counters = {f: n for f, n in counters.items() if n}
+            if counters:
+                flat: list[str | int] = [x for pair in counters.items() for x in pair]
+                tx.eval(scripts.BUMP, 1, k.summary, *flat)
+            if len(tx):
+                tx.execute()
+        return applied
+
+    def _apply(
+        self,
+        tx: Any,
+        state: LiveState,
+        old: _Stored,
+        history: Mapping[str, Sequence[HistoryEntry]],
+        counters: dict[str, int],
+    ) -> _Stored | None:
+        """Queue the writes of ``state`` on ``tx`` if it is newer than ``old``; what is
+        stored then, or None if it is not newer."""
+        r = state.report
+        rid = r.robot_id
+        v = version(state)
+        if v <= old.version:
+            return None
+        k = self._keys
+        bucket = math.floor(r.battery)
+        now = _Stored(
+            version=v,
+            online="1" if state.online else "0",
+            status=r.status,
+            site=r.site or "",
+            low="1" if r.battery <= self._low_battery else "0",
+            bucket=str(bucket),
+        )
+        state_json = encode(state)
+        rkey = k.robot(rid)
+        gen, boot, seq, t = v
+        tx.hset(
+            rkey,
+            mapping={
+                "gen": gen, "boot": boot, "seq": seq, "t": t, "online": now.online,
+                "status": now.status, "site": now.site, "battery": repr(r.battery),
+                "low": now.low, "bucket": now.bucket, "state": state_json,
+            },
+        )  # fmt: skip
+
+        def bump(field: str, by: int) -> None:
+            counters[field] = counters.get(field, 0) + by
+
+        if old.status is None:  # a robot never stored before
+            tx.zadd(k.all, {rid: 0})
+            bump("total", 1)
+        if old.status != now.status:
+            if old.status is not None:
+                tx.zrem(k.status_index(old.status), rid)
+                bump(f"status:{old.status}", -1)
+            tx.zadd(k.status_index(r.status), {rid: 0})
+            bump(f"status:{r.status}", 1)
+        if old.site != now.site:
+            if old.site:
+                tx.zrem(k.site_index(old.site), rid)
+                bump(f"site:{old.site}", -1)
+            if now.site:
+                tx.zadd(k.site_index(now.site), {rid: 0})
+                bump(f"site:{now.site}", 1)
+        if old.status != now.status or old.site != now.site:
+            if old.site:
+                bump(f"site_status:{old.status}:{old.site}", -1)
+            if now.site:
+                bump(f"site_status:{now.status}:{now.site}", 1)
+        if old.online != now.online:
+            if old.online == "1":
+                tx.zrem(k.online, rid)
+                bump("online", -1)
+            elif old.online == "0":
+                tx.zrem(k.offline, rid)
+            if now.online == "1":
+                tx.zadd(k.online, {rid: 0})
+                bump("online", 1)
+            else:
+                tx.zadd(k.offline, {rid: 0})
+        if old.low != now.low:
+            if old.low == "1":
+                bump("low", -1)
+            if now.low == "1":
+                bump("low", 1)
+        # The battery index is scored by whole percent (ZADD only when that moves); the
+        # reader checks the exact level from the hash.
+        if old.bucket != now.bucket:
+            tx.zadd(k.battery, {rid: bucket})
+        order = old.version[:3]
+        own: Sequence[HistoryEntry] = () if state.reset_pending else ((gen, r),)
+        entries = history.get(rid, own)[-self._history_len :]
+        newer = [encode(h) for g, h in entries if (g, h.boot, h.seq) > order]
+        if newer:
+            hkey = k.history(rid)
+            tx.lpush(hkey, *newer)
+            tx.ltrim(hkey, 0, self._history_len - 1)
+        tx.xadd(
+            k.changes,
+            {"data": b'{"type":"state","state":' + state_json + b"}"},
+            maxlen=self._changes_len,
+            approximate=True,
+        )
+        return now
 
     def _windows_call(self, windows: Sequence[WindowStats]) -> _Call:
         k = self._keys

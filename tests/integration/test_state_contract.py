@@ -11,6 +11,7 @@ gets its own key prefix and deletes its keys afterwards. Expected values come fr
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import subprocess
 import threading
@@ -697,9 +698,19 @@ class TestRedisBackend:
             )
         for site in SITES[:-1]:
             assert members(keys.site_index(site)) == ids(lambda x, s=site: x.report.site == s)
+        # Scored by whole percent (moved only when that changes); listings re-check the level.
         assert dict(dump[keys.battery][1]) == {
-            x.report.robot_id.encode(): x.report.battery for x in final
+            x.report.robot_id.encode(): math.floor(x.report.battery) for x in final
         }
+
+    def test_battery_below_is_exact_at_the_edges_of_the_index_buckets(self, store: Store) -> None:
+        levels = {"b-0": 19.0, "b-1": 19.5, "b-2": 19.949, "b-3": 19.95, "b-4": 19.99, "b-5": 20.0}
+        store.writer.write(
+            [live(rid, 1, battery=level, site=None) for rid, level in levels.items()], [], []
+        )
+        for below in (19.0, 19.5, 19.95, 19.99, 20.0, 20.01, 100.0):
+            got = {x.report.robot_id for x in list_all(store.reader, 2, battery_lt=below)}
+            assert got == {rid for rid, level in levels.items() if level < below}, below
 
     def test_capped_windows_and_alerts_stay_idempotent(
         self, make_store: Callable[..., Store], monkeypatch: pytest.MonkeyPatch
