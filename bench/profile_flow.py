@@ -1,6 +1,6 @@
 """Where the dataflow's time goes: py-spy over one process draining a pre-filled topic.
 
-    python -m bench.profile_flow [--robots 1000] [--reports 200000]
+    python -m bench.profile_flow [--robots 10000] [--reports 220000] [--sampled 0]
 
 Writes bench/results/profile-dataflow.txt: the share of samples (inclusive) of the
 busiest functions, and of the functions on top of the stack (self time).
@@ -21,8 +21,8 @@ import msgspec
 from bytewax.recovery import init_db_dir
 
 from bench.common import BENCH, progress
-from bench.dataflow import _all_final
-from deploy.local.harness import FLOW, isolated, produce, remove_made, report
+from bench.workload import Shape, fill, final_orders
+from deploy.local.harness import FLOW, isolated, remove_made
 from deploy.local.stack import Stack
 from fleetpulse.settings import load_settings, to_env
 from state.connect import connect
@@ -56,30 +56,38 @@ def summarize(raw: Path, top: int = 30) -> str:
     return "\n".join(out) + "\n"
 
 
+def _drained(reader: RedisStateReader, final: dict[str, int]) -> bool:
+    """Whether every robot's live state is its newest report."""
+    cursor: str | None = None
+    while True:
+        page, cursor = reader.list_robots(cursor=cursor, limit=1000)
+        if any(st.report.seq != final[st.report.robot_id] for st in page):
+            return False
+        if cursor is None:
+            return reader.summary().total == len(final)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--robots", type=int, default=1000)
-    parser.add_argument("--reports", type=int, default=200_000)
+    parser.add_argument("--robots", type=int, default=10_000)
+    parser.add_argument("--reports", type=int, default=220_000)
+    parser.add_argument("--sampled", type=float, default=0.0, help="share of traced reports")
+    parser.add_argument("--out", default="profile-dataflow.txt")
     args = parser.parse_args()
     settings = load_settings()
     Stack(settings).up()
-    per_robot = args.reports // args.robots
+    shape = Shape(robots=args.robots, reports=args.reports, sampled=args.sampled)
+    final = final_orders(shape)
     try:
         with tempfile.TemporaryDirectory() as tmpdir:
             tmp = Path(tmpdir)
             s = isolated(
-                msgspec.structs.replace(settings, trace_sample_ratio=0.0, offline_after_s=3600.0),
+                msgspec.structs.replace(settings, offline_after_s=3600.0),
                 tmp,
+                snapshot_interval_s=settings.snapshot_interval_s,
             )
-            progress(f"filling {args.robots * per_robot} reports")
-            produce(
-                s,
-                (
-                    (f"amr-{r:04d}".encode(), msgspec.json.encode(report(f"amr-{r:04d}", seq)))
-                    for seq in range(per_robot)
-                    for r in range(args.robots)
-                ),
-            )
+            progress(f"filling: {shape.describe()}")
+            fill(s, shape)
             # Recovery set up as build_flow would, so py-spy follows one process (no re-exec).
             recovery = Path(s.recovery_dir)
             recovery.mkdir(parents=True)
@@ -101,7 +109,7 @@ def main() -> int:
             )
             reader = RedisStateReader(connect(s), s)
             started = time.monotonic()
-            while _all_final(reader, args.robots, per_robot - 1) < args.robots:
+            while not _drained(reader, final):
                 if proc.poll() is not None or time.monotonic() - started > 600:
                     raise SystemExit("the profiled dataflow stopped or took too long")
                 time.sleep(0.2)
@@ -110,10 +118,10 @@ def main() -> int:
             text = summarize(raw)
     finally:
         remove_made(settings)  # the topics and keys this run made
-    out = BENCH / "results" / "profile-dataflow.txt"
+    out = BENCH / "results" / args.out
     out.write_text(
-        f"# python -m bench.profile_flow --robots {args.robots} --reports {args.reports}\n"
-        f"# one dataflow process, recovery on, py-spy at 200 Hz\n{text}"
+        f"# python -m bench.profile_flow {' '.join(sys.argv[1:])}\n"
+        f"# {shape.describe()}; one dataflow process, recovery on, py-spy at 200 Hz\n{text}"
     )
     print(text)
     progress(f"wrote {out}")

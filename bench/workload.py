@@ -1,0 +1,155 @@
+"""The shape of a real fleet's traffic, for the drain benchmarks and the profile.
+
+    Shape(robots=10_000, reports=220_000, hot=0.01, hot_share=0.5, disorder=0.2,
+          duplicates=0.1, sampled=1.0)
+
+Many robots, each reporting about once a second on its own clock, a few hot robots
+sending far more (``hot`` of the robots send ``hot_share`` of the reports), reports
+delivered locally out of order (``disorder``: a report arrives after the robot's next
+one) and redelivered (``duplicates``), and a ``traceparent`` on each report whose
+sampled flag is set for ``sampled`` of them (as ingest sets it at that trace ratio).
+Deterministic for a seed. Every engine reads the same topic, so all are measured on
+the same bytes.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import msgspec
+from confluent_kafka import Producer
+
+from deploy.local.harness import BASE_TS
+from fleetpulse.settings import Settings
+
+__all__ = ["Shape", "fill", "final_orders", "messages"]
+
+
+class Shape(msgspec.Struct, frozen=True, kw_only=True):
+    """A workload: how many robots, how many reports, and how untidy."""
+
+    robots: int = 10_000
+    reports: int = 220_000
+    hot: float = 0.01  # share of the robots that are hot
+    hot_share: float = 0.5  # share of the reports the hot robots send
+    disorder: float = 0.2  # reports delivered after the robot's next one
+    duplicates: float = 0.1  # reports delivered twice
+    sampled: float = 1.0  # reports whose traceparent says "sampled"
+    seed: int = 7
+
+    def describe(self) -> str:
+        return (
+            f"{self.robots:,} robots, {self.reports:,} reports, {self.hot:.0%} of the robots "
+            f"send {self.hot_share:.0%}, {self.disorder:.0%} out of order, "
+            f"{self.duplicates:.0%} redelivered, {self.sampled:g} traced"
+        )
+
+    def counts(self) -> list[int]:
+        """Reports per robot (before duplicates): the hot ones first."""
+        hot = max(1, round(self.robots * self.hot)) if self.hot > 0 else 0
+        cold = self.robots - hot
+        unique = round(self.reports / (1 + self.duplicates))
+        hot_total = round(unique * self.hot_share) if hot else 0
+        out = [hot_total // hot + (1 if i < hot_total % hot else 0) for i in range(hot)]
+        rest = unique - hot_total
+        out += [max(1, rest // cold + (1 if i < rest % cold else 0)) for i in range(cold)]
+        return out
+
+
+def robot_id(i: int) -> str:
+    return f"amr-{i:06d}"
+
+
+def _report(robot: str, seq: int, ts: float) -> bytes:
+    return msgspec.json.encode(
+        {
+            "robot_id": robot,
+            "boot": 0,
+            "seq": seq,
+            "ts": datetime.fromtimestamp(ts, UTC).isoformat(),
+            "status": "moving" if seq % 50 else "working",
+            "battery": 100.0 - (seq % 400) * 0.2,
+            "pose": {"x": (seq % 1000) * 0.4, "y": (seq % 7) * 0.1, "theta": 0.0},
+            "speed": 0.4,
+            "errors": [],
+            "site": f"site-{zlib.crc32(robot.encode()) % 4}",
+        }
+    )
+
+
+def _traceparent(rng: random.Random, sampled: bool) -> bytes:
+    return b"00-%032x-%016x-%s" % (
+        rng.getrandbits(128) or 1,
+        rng.getrandbits(64) or 1,
+        b"01" if sampled else b"00",
+    )
+
+
+Headers = list[tuple[str, str | bytes | None]]
+
+
+def messages(shape: Shape) -> Iterator[tuple[bytes, bytes, Headers]]:
+    """(key, value, headers) in delivery order: robots interleaved by their own clock."""
+    rng = random.Random(shape.seed)
+    counts = shape.counts()
+    span = max(counts)  # seconds of event time the busiest robot covers, one report a second
+    timeline: list[tuple[float, int, int]] = []
+    for i, n in enumerate(counts):
+        step = span / n
+        start = rng.uniform(0, step)
+        timeline += [(start + j * step, i, j) for j in range(n)]
+    timeline.sort()
+    held: dict[int, tuple[float, int, int]] = {}  # a report waiting to arrive after the next
+    for t, i, j in timeline:
+        out = []
+        if i in held:
+            out.append((t, i, j))
+            out.append(held.pop(i))
+        elif j + 1 < counts[i] and rng.random() < shape.disorder:
+            held[i] = (t, i, j)
+        else:
+            out.append((t, i, j))
+        for t_, i_, j_ in out:
+            robot = robot_id(i_)
+            value = _report(robot, j_, BASE_TS + t_)
+            headers: Headers = [("traceparent", _traceparent(rng, rng.random() < shape.sampled))]
+            yield robot.encode(), value, headers
+            if rng.random() < shape.duplicates:
+                yield robot.encode(), value, headers
+    for t_, i_, j_ in held.values():
+        robot = robot_id(i_)
+        yield robot.encode(), _report(robot, j_, BASE_TS + t_), []
+
+
+def final_orders(shape: Shape) -> dict[str, int]:
+    """Each robot's newest seq: what its live state shows once everything is read."""
+    return {robot_id(i): n - 1 for i, n in enumerate(shape.counts())}
+
+
+def fill(settings: Settings, shape: Shape) -> int:
+    """Produce the shape's messages to the reports topic; returns how many."""
+    producer = Producer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "linger.ms": 20,
+            "compression.type": "lz4",
+            "queue.buffering.max.messages": 1_000_000,
+        }
+    )
+    n = 0
+    for key, value, headers in messages(shape):
+        while True:
+            try:
+                producer.produce(settings.topic_reports, value, key, headers=headers)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        n += 1
+        if n % 5000 == 0:
+            producer.poll(0)
+    if producer.flush(60):
+        raise RuntimeError("the workload was not all delivered to Kafka")
+    return n
