@@ -36,7 +36,8 @@ def classify(raw: Raw, rules: Rules) -> RobotReport | DeadLetter:
     if problem is not None:
         reason = problem.detail.replace("the receiving clock", "its Kafka append time")
         return DeadLetter(robot.encode(), value, problem.kind, reason, partition, offset)
-    if not window_fits(report.ts, rules.window_s):
+    year = report.ts.year
+    if (year < 2 or year > 9998) and not window_fits(report.ts, rules.window_s):
         # Only at the ends of the datetime range (an arrival clock in year 9999).
         kind: DeadKind = "future" if report.ts.year > 1 else "past"
         reason = f"ts {report.ts.isoformat()}: its window would lie outside years 1-9999 UTC"

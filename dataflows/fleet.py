@@ -43,10 +43,10 @@ from dataflows.rules import Rules
 from dataflows.shard import ShardLogic
 from dataflows.sink import FleetSink, process_id
 from dataflows.source import Binding, ReportSource
+from dataflows.spans import flow_spans
 from fleetpulse.settings import Settings, load_settings
 from observability.logs import setup_logging
 from observability.metrics import dataflow_metrics
-from observability.tracing import setup_tracing
 
 __all__ = ["build_flow"]
 
@@ -72,11 +72,11 @@ def build_flow(settings: Settings | None = None, *, tail: bool = True) -> Datafl
     # Items arrive keyed by shard, values still raw bytes, with progress marks.
     keyed = op.input("reports", flow, ReportSource(settings, metrics, binding, tail=tail))
 
-    # One tracer for every shard's logic.
-    tracer = setup_tracing(settings, "fleetpulse-dataflow").get_tracer("fleetpulse.flow")
+    # One span recorder for every shard's logic and the sink (sampled reports only).
+    spans = flow_spans(settings)
 
     def builder(resume: bytes | None) -> ShardLogic:
-        return ShardLogic(rules, tracer, binding.text, resume, chaos.point("snapshot"))
+        return ShardLogic(rules, spans, binding.text, resume, chaos.point("snapshot"))
 
     shards = op.stateful_batch("shards", keyed, builder)
     op.output("sink", shards, FleetSink(settings, chaos))

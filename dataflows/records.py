@@ -68,7 +68,8 @@ class Out(msgspec.Struct, kw_only=True, gc=False):
     alerts: list[Alert] = msgspec.field(default_factory=list)
     windows: list[WindowStats] = msgspec.field(default_factory=list)
     dead: list[DeadLetter] = msgspec.field(default_factory=list)
-    traced: list[str] = msgspec.field(default_factory=list)  # process spans' traceparents
+    # (trace id, span id) of the `process report` span of each traced report with a state.
+    traced: list[tuple[int, int]] = msgspec.field(default_factory=list)
     appended_ms: dict[str, int] = msgspec.field(default_factory=dict)  # robot -> newest applied
     applied: int = 0
     stale: int = 0

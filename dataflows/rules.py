@@ -41,7 +41,7 @@ class Rules(msgspec.Struct, frozen=True, kw_only=True, gc=False):
             )
         if (
             self.offline_after_s <= 0
-            or self.window_s < 1
+            or not 1 <= self.window_s <= 86_400  # as FLEETPULSE_WINDOW_S allows
             # Infinite lateness would put every window's close at infinity, which no
             # timer can hold (and NaN passes every comparison above and below).
             or not 0 <= self.allowed_lateness_s < math.inf
@@ -50,7 +50,7 @@ class Rules(msgspec.Struct, frozen=True, kw_only=True, gc=False):
             or self.stuck_after < 1
         ):
             raise ConfigError(
-                "offline_after_s, max_age_s must be > 0, window_s, stuck_after >= 1, "
+                "offline_after_s, max_age_s must be > 0, window_s 1-86400, stuck_after >= 1, "
                 "allowed_lateness_s (finite), max_future_s >= 0; got "
                 f"{self.offline_after_s:g}, {self.max_age_s:g}, {self.window_s}, "
                 f"{self.stuck_after}, {self.allowed_lateness_s:g}, {self.max_future_s:g}"

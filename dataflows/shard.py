@@ -24,19 +24,19 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+import time
 import zlib
 from collections.abc import Callable
 
 import msgspec
 from bytewax.operators import StatefulBatchLogic
-from opentelemetry import trace
 
 from dataflows.classify import classify
 from dataflows.records import Control, DeadLetter, Out, Progress, Raw
 from dataflows.robot import Emits, RobotState, offline_at, on_control, on_progress, on_report
 from dataflows.rules import Rules
+from dataflows.spans import FlowSpans, sampled_parent
 from dataflows.windows import Windows
-from observability.tracing import context_from_traceparent, traceparent_header
 
 __all__ = [
     "SHARD_FORMAT",
@@ -162,13 +162,13 @@ class ShardLogic(StatefulBatchLogic[Item, Out, bytes]):
     def __init__(
         self,
         rules: Rules,
-        tracer: trace.Tracer,
+        spans: FlowSpans | None,
         binding: str,
         resume: bytes | None,
         on_snapshot: Callable[[], None] | None = None,
     ) -> None:
         self.rules = rules
-        self.tracer = tracer
+        self.spans = spans  # None: no spans at all (benchmarks, unit tests)
         self.binding = binding
         self.on_snapshot = on_snapshot
         self.robots: dict[str, RobotState] = {}
@@ -215,27 +215,29 @@ class ShardLogic(StatefulBatchLogic[Item, Out, bytes]):
         robot, value, traceparent, partition, offset, arrival_ms = raw
         prev = self.robots.get(robot)
         arrival = arrival_ms / 1000
-        parent = context_from_traceparent(traceparent) if _sampled(traceparent) else None
+        parent = sampled_parent(traceparent) if self.spans is not None and traceparent else None
         try:
             if parent is None:
                 state, emits = on_report(prev, report, arrival, partition, self.rules)
             else:
-                with self.tracer.start_as_current_span(
+                started = time.time_ns()
+                state, emits = on_report(prev, report, arrival, partition, self.rules)
+                ids = self.spans.record(  # type: ignore[union-attr]
                     "process report",
-                    context=parent,
-                    attributes={
+                    parent,
+                    started,
+                    time.time_ns(),
+                    {
                         "robot_id": robot,
                         "boot": report.boot,
                         "seq": report.seq,
                         "messaging.kafka.partition": partition,
                         "messaging.kafka.offset": offset,
+                        "applied": emits.applied > 0,
                     },
-                ) as span:
-                    state, emits = on_report(prev, report, arrival, partition, self.rules)
-                    span.set_attribute("applied", emits.applied > 0)
-                    carried = traceparent_header(span)
-                    if carried is not None and emits.states:
-                        out.traced.append(carried.decode())
+                )
+                if emits.states:
+                    out.traced.append(ids)
         except Exception as exc:  # one robot's failure must not stop the flow
             out.errors += 1
             out.dead.append(_error(robot, value, partition, offset, "report step", exc))
@@ -325,14 +327,6 @@ class ShardLogic(StatefulBatchLogic[Item, Out, bytes]):
         out.applied += emits.applied
         out.stale += emits.stale
         out.duplicate += emits.duplicate
-
-
-def _sampled(traceparent: str) -> bool:
-    """Whether a W3C traceparent's flags say "sampled" (bit 0); unsampled costs no span."""
-    try:
-        return len(traceparent) == 55 and bool(int(traceparent[53:55], 16) & 1)
-    except ValueError:
-        return False
 
 
 def _error(

@@ -32,10 +32,10 @@ from opentelemetry.trace import SpanKind
 from dataflows.chaos import Chaos
 from dataflows.kafka_out import CheckedProducer, DeliveryFailed, OutMessage
 from dataflows.records import DeadLetter, Out
+from dataflows.spans import SpanIds, flow_spans
 from fleetpulse.schema import Alert, WindowStats, encode
 from fleetpulse.settings import Settings
 from observability.metrics import dataflow_metrics
-from observability.tracing import context_from_traceparent, setup_tracing
 from state.connect import connect
 from state.writer import RedisStateWriter, WriteResult, coalesce
 
@@ -97,7 +97,7 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
             "connecting to Redis", lambda: RedisStateWriter(client, settings), _TRANSIENT
         )
         self.kafka = CheckedProducer(settings)
-        self.tracer = setup_tracing(settings, "fleetpulse-dataflow").get_tracer("fleetpulse.sink")
+        self.spans = flow_spans(settings)
         self.metrics = dataflow_metrics(
             settings.metrics_host, settings.dataflow_metrics_port, process_id()
         )
@@ -109,7 +109,7 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
         windows: list[WindowStats] = []
         alerts: list[Alert] = []
         dead: list[DeadLetter] = []
-        traced: list[str] = []
+        traced: list[SpanIds] = []
         appended: dict[str, int] = {}  # Kafka append time of each robot's newest report
         applied = stale = duplicate = errors = 0
         for _shard, out in items:
@@ -158,25 +158,15 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
             m.dead.labels(d.kind).inc()
 
     def _trace_writes(
-        self, traced: list[str], start_ns: int, end_ns: int, batch: int, applied: int
+        self, traced: list[SpanIds], start_ns: int, end_ns: int, batch: int, applied: int
     ) -> None:
-        for traceparent in traced:
-            parent = context_from_traceparent(traceparent)
-            if parent is None:
-                continue
-            span = self.tracer.start_span(
-                "redis write",
-                context=parent,
-                kind=SpanKind.CLIENT,
-                start_time=start_ns,
-                attributes={
-                    "db.system": "redis",
-                    "db.operation": "EVALSHA",
-                    "fleetpulse.batch.states": batch,
-                    "fleetpulse.batch.applied": applied,
-                },
-            )
-            span.end(end_time=end_ns)
+        attributes: dict[str, str | int | bool] = {
+            "db.system": "redis",
+            "fleetpulse.batch.states": batch,
+            "fleetpulse.batch.applied": applied,
+        }
+        for parent in traced:
+            self.spans.record("redis write", parent, start_ns, end_ns, attributes, SpanKind.CLIENT)
 
     def _kafka_messages(self, alerts: list[Alert], dead: list[DeadLetter]) -> list[OutMessage]:
         s = self.settings

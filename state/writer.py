@@ -47,6 +47,10 @@ from fleetpulse.settings import Settings
 from state import scripts
 from state.keys import ALERTS_PER_ROBOT, WINDOWS_PER_ROBOT, Keys, epoch_us, window_name
 
+# A change-stream entry of a state is the StateChanged JSON; made by wrapping the
+# state's JSON instead of encoding it a second time (a unit test holds them equal).
+STATE_CHANGE = b'{"type":"state","state":'
+
 # What the state write reads of a robot's hash before deciding (state.keys).
 _STORED = ("gen", "boot", "seq", "t", "online", "status", "site", "low", "bucket")
 
@@ -74,6 +78,7 @@ class _Stored(msgspec.Struct, frozen=True, kw_only=True):
 
 
 __all__ = [
+    "STATE_CHANGE",
     "HistoryEntry",
     "RedisStateWriter",
     "StateWriter",
@@ -367,7 +372,7 @@ class RedisStateWriter:
             tx.ltrim(hkey, 0, self._history_len - 1)
         tx.xadd(
             k.changes,
-            {"data": b'{"type":"state","state":' + state_json + b"}"},
+            {"data": STATE_CHANGE + state_json + b"}"},
             maxlen=self._changes_len,
             approximate=True,
         )

@@ -10,6 +10,7 @@ from redis.crc import key_slot
 from fleetpulse.schema import Alert, LiveState, Pose, RobotReport, encode
 from state import AlertRaised, Keys, StateChanged, decode_change, scripts
 from state.keys import epoch_us, from_epoch_us
+from state.writer import STATE_CHANGE
 
 T0 = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -51,16 +52,16 @@ def test_epoch_us_is_exact_and_refuses_naive_datetimes() -> None:
         epoch_us(datetime(2025, 6, 1))
 
 
-def test_change_payloads_built_in_lua_are_the_tagged_structs() -> None:
-    # The scripts concatenate these prefixes around the stored JSON instead of encoding
-    # the event again; the result must be exactly what msgspec makes of the struct.
+def test_change_payloads_built_by_wrapping_are_the_tagged_structs() -> None:
+    # The writer (states) and the alerts script wrap these prefixes around the stored
+    # JSON instead of encoding the event again; it must be what msgspec makes of it.
     report = RobotReport(
         robot_id="amr-7", seq=3, ts=T0, status="idle", battery=50.0, pose=Pose(1, 2, 0)
     )
     state = LiveState(report=report, last_seen=1.0, online=True, status_since=T0)
     alert = Alert(id="x", robot_id="amr-7", kind="estop", boot=0, seq=3, at=T0)
     state_prefix, alert_prefix = b'{"type":"state","state":', b'{"type":"alert","alert":'
-    assert state_prefix.decode() in scripts.STATES
+    assert state_prefix == STATE_CHANGE
     assert alert_prefix.decode() in scripts.ALERTS
     assert encode(StateChanged(state=state)) == state_prefix + encode(state) + b"}"
     assert encode(AlertRaised(alert=alert)) == alert_prefix + encode(alert) + b"}"
