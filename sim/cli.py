@@ -3,9 +3,11 @@
     python -m sim --robots 10 --rate 1 --duration 60 --token <ingest token>
 
 Progress goes to stderr (one refreshing line on a terminal, a line every few seconds
-otherwise); the final summary goes to stderr for people and to stdout as one JSON line
-for scripts. Exit status: 0 for a clean run, 1 when reports were not accepted (nothing
-reachable, rejections, or reports left unanswered), 2 for bad arguments or settings.
+otherwise); the final summary goes to stderr for people and to stdout as one short JSON
+line for scripts, whatever the fleet's size; ``--detail`` adds each robot's last
+``(boot, seq)`` and counts and every silence and reboot to it. Exit status: 0 for a
+clean run, 1 when reports were not accepted (nothing reachable, rejections, or
+reports left unanswered), 2 for bad arguments or settings.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Options:
     concurrency: int
     grace_s: float
     progress_s: float | None  # None: the default for the kind of stderr
+    detail: bool = False  # per-robot figures, silences and reboots in the summary
 
 
 # --- argument types: each error names its option through argparse -----------------------
@@ -245,6 +248,11 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
         default=None,
         help="seconds between progress lines (0.5 on a terminal, else 5)",
     )
+    run.add_argument(
+        "--detail",
+        action="store_true",
+        help="put each robot's figures and every silence and reboot in the JSON summary",
+    )
     return p
 
 
@@ -296,6 +304,7 @@ def parse_args(argv: Sequence[str], settings: Settings) -> Options:
         concurrency=a.concurrency,
         grace_s=a.grace_s,
         progress_s=a.progress_s,
+        detail=a.detail,
     )
 
 
@@ -377,17 +386,8 @@ def summary(
     accepted reports per second of it.
     """
     problem = _verdict(tally, opts.url)
-    per_robot = {}
-    for rid in fleet.ids:
-        r = tally.robots.get(rid)
-        last = r.last if r else None
-        per_robot[rid] = {
-            "boot": last[0] if last else None,
-            "seq": last[1] if last else None,
-            "sent": r.sent if r else 0,
-            "accepted": r.accepted if r else 0,
-        }
-    return {
+    silences = fleet.silences(result.elapsed_s)
+    out: dict[str, Any] = {
         "ok": problem is None,
         "problem": problem,
         "seed": opts.fleet.seed,
@@ -408,22 +408,36 @@ def summary(
         "rate": round(tally.accepted / wall_s, 1) if wall_s > 0 else 0.0,
         "shuffled": fleet.shuffled,
         "duplicated": fleet.duplicated,
-        "per_robot": per_robot,
-        "silences": [
-            {
-                "robot_id": s.robot_id,
-                "start_s": round(s.start_s, 3),
-                "end_s": round(s.end_s, 3),
-                "start_ts": s.start_ts,
-                "end_ts": s.end_ts,
-            }
-            for s in fleet.silences(result.elapsed_s)
-        ],
-        "reboots": [
-            {"robot_id": r.robot_id, "at_s": round(r.at_s, 3), "boot": r.boot}
-            for r in fleet.reboots
-        ],
+        "silence_count": len(silences),
+        "reboot_count": len(fleet.reboots),
     }
+    if not opts.detail:
+        return out  # one short line, whatever the fleet's size
+    per_robot = {}
+    for rid in fleet.ids:
+        r = tally.robots.get(rid)
+        last = r.last if r else None
+        per_robot[rid] = {
+            "boot": last[0] if last else None,
+            "seq": last[1] if last else None,
+            "sent": r.sent if r else 0,
+            "accepted": r.accepted if r else 0,
+        }
+    out["per_robot"] = per_robot
+    out["silences"] = [
+        {
+            "robot_id": s.robot_id,
+            "start_s": round(s.start_s, 3),
+            "end_s": round(s.end_s, 3),
+            "start_ts": s.start_ts,
+            "end_ts": s.end_ts,
+        }
+        for s in silences
+    ]
+    out["reboots"] = [
+        {"robot_id": r.robot_id, "at_s": round(r.at_s, 3), "boot": r.boot} for r in fleet.reboots
+    ]
+    return out
 
 
 async def run(opts: Options, err: TextIO) -> dict[str, Any]:

@@ -113,7 +113,7 @@ def test_single_posts_land_in_kafka_and_the_silence_shows(
     rc, summary, err = sim(
         "--robots", "5", "--rate", "5", "--duration", "3", "--seed", "1",
         "--url", server.url, "--token", server.token, "--site", "plant-1",
-        "--silence", "amr-002:1:1.2", "--progress-s", "1",
+        "--silence", "amr-002:1:1.2", "--progress-s", "1", "--detail",
     )  # fmt: skip
     assert rc == 0, err
     assert summary["ok"] is True and summary["problem"] is None
@@ -157,7 +157,7 @@ def test_batches_with_duplicates_shuffles_and_a_reboot(server: Server, settings:
         "--robots", "5", "--rate", "5", "--duration", "4", "--seed", "2", "--url", server.url,
         "--batch", "20", "--duplicate-prob", "0.1", "--shuffle-prob", "0.1",
         "--reboot", "amr-001:0.5",  # off for 1-3 s: back before the end
-        env=env,
+        "--detail", env=env,
     )  # fmt: skip
     assert rc == 0, err
     assert summary["batch"] == 20
@@ -211,6 +211,18 @@ def test_a_wrong_token_is_counted_as_rejected_and_fails_the_run(server: Server) 
     assert summary["rejected"] == {"unauthorized": 6} and summary["accepted"] == 0
     assert "every report was rejected (unauthorized x6)" in err
     assert "unknown bearer token" in err
+
+
+def test_the_summary_stays_one_short_line_for_a_large_fleet(server: Server) -> None:
+    # Regression: with 20,000 robots the summary printed about 1 MB of per-robot JSON.
+    rc, summary, err = sim(
+        "--robots", "20000", "--rate", "0.05", "--duration", "1", "--batch", "500",
+        "--url", server.url, "--token", server.token, "--silence-prob", "0.01",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert summary["robots"] == 20000 and summary["accepted"] > 0
+    assert len(json.dumps(summary)) < 1000
+    assert "per_robot" not in summary and isinstance(summary["silence_count"], int)
 
 
 def test_nothing_reachable_fails_clearly() -> None:
