@@ -82,8 +82,17 @@ class ShardState(msgspec.Struct, kw_only=True):
     robots: dict[str, RobotState] = msgspec.field(default_factory=dict)
 
 
+class _EncodedShard(msgspec.Struct, kw_only=True):
+    """ShardState with each robot already encoded: the same bytes, built from a cache."""
+
+    format: int = SHARD_FORMAT
+    binding: str = ""
+    robots: dict[str, msgspec.Raw] = msgspec.field(default_factory=dict)
+
+
 _ENCODER = msgspec.msgpack.Encoder()
-_DECODER = msgspec.msgpack.Decoder(ShardState)
+_ROBOT = msgspec.msgpack.Decoder(RobotState)
+_ENCODED = msgspec.msgpack.Decoder(_EncodedShard)
 
 
 class Timers:
@@ -175,8 +184,12 @@ class ShardLogic(StatefulBatchLogic[Item, Out, bytes]):
         self.progress: dict[int, float] = {}  # partition -> arrival clock read up to
         self.timers = Timers()
         self._snapshot: bytes | None = None  # the encoded state while nothing changed
+        # Each robot's encoded state, and the robots changed since: a snapshot encodes
+        # only those (the whole shard is snapshotted whenever any robot of it moved).
+        self._encoded: dict[str, msgspec.Raw] = {}
+        self._dirty: set[str] = set()
         if resume is not None:
-            self.robots = _restore(resume, binding)
+            self._encoded, self.robots = _restore(resume, binding)
             # Rebuild the timers in arrival order, so each partition's LRU is sorted.
             for robot, st in sorted(self.robots.items(), key=lambda kv: kv[1].live.last_seen):
                 self.timers.track(robot, st, rules)
@@ -201,7 +214,11 @@ class ShardLogic(StatefulBatchLogic[Item, Out, bytes]):
 
     def snapshot(self) -> bytes:
         if self._snapshot is None:
-            self._snapshot = _ENCODER.encode(ShardState(binding=self.binding, robots=self.robots))
+            encoded, robots = self._encoded, self.robots
+            for robot in self._dirty:
+                encoded[robot] = msgspec.Raw(_ENCODER.encode(robots[robot]))
+            self._dirty.clear()
+            self._snapshot = _ENCODER.encode(_EncodedShard(binding=self.binding, robots=encoded))
         if self.on_snapshot is not None:
             self.on_snapshot()
         return self._snapshot
@@ -288,7 +305,8 @@ class ShardLogic(StatefulBatchLogic[Item, Out, bytes]):
                 except Exception:  # never seen: then forget this silence rather than loop
                     live = msgspec.structs.replace(st.live, online=False)
                     state, emits = msgspec.structs.replace(state, live=live), Emits()
-                self._snapshot = None  # changed even if nothing was emitted
+                self._dirty.add(robot)  # changed even if nothing was emitted
+                self._snapshot = None
             self._keep(robot, state, emits, out)
 
     def _control(self, control: Control, out: Out) -> None:
@@ -319,7 +337,8 @@ class ShardLogic(StatefulBatchLogic[Item, Out, bytes]):
     def _keep(self, robot: str, state: RobotState, emits: Emits, out: Out) -> None:
         self.robots[robot] = state
         if emits.states or emits.windows or emits.late or emits.stale or emits.duplicate:
-            self._snapshot = None  # changed: encode again at the next snapshot
+            self._dirty.add(robot)  # changed: encode again at the next snapshot
+            self._snapshot = None
         self.timers.track(robot, state, self.rules)
         out.states += emits.states
         out.alerts += emits.alerts
@@ -340,20 +359,26 @@ def _error(
 _noted: set[str] = set()
 
 
-def _restore(resume: bytes, binding: str) -> dict[str, RobotState]:
-    """The robots of a snapshot, or none if it belongs to another log or format."""
+def _restore(resume: bytes, binding: str) -> tuple[dict[str, msgspec.Raw], dict[str, RobotState]]:
+    """A snapshot's robots, encoded and decoded; none if it belongs to another log or
+    format (or any robot of it cannot be read)."""
     try:
-        state = _DECODER.decode(resume)
+        state = _ENCODED.decode(resume)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         _note_clean(f"a shard snapshot could not be read ({exc})")
-        return {}
+        return {}, {}
     if state.format != SHARD_FORMAT:
         _note_clean(f"shard snapshots have format {state.format}, this flow reads {SHARD_FORMAT}")
-        return {}
+        return {}, {}
     if state.binding != binding:
         _note_clean(f"shard snapshots belong to {state.binding}, this flow reads {binding}")
-        return {}
-    return state.robots
+        return {}, {}
+    try:
+        robots = {robot: _ROBOT.decode(raw) for robot, raw in state.robots.items()}
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        _note_clean(f"a shard snapshot could not be read ({exc})")
+        return {}, {}
+    return dict(state.robots), robots
 
 
 def _note_clean(why: str) -> None:

@@ -30,6 +30,7 @@ silent jump to the end). Transport errors are logged and counted, never dead-let
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -133,13 +134,11 @@ def key_message(
     shards: int,
 ) -> Keyed:
     """Key one message by its robot's shard without decoding its value (pure; unit-tested)."""
-    try:
-        robot = key.decode("ascii") if key else ""
-    except UnicodeDecodeError:
-        robot = ""
-    if not is_robot_id(robot):
+    keyed = _robot_and_shard(key, shards)
+    if keyed is None:
         dead = DeadLetter(key, value, "key", "message key is not a robot id", partition, offset)
         return (DLQ_KEY, dead)
+    robot, shard = keyed
     traceparent = ""
     is_control = False
     pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
@@ -148,7 +147,6 @@ def key_message(
             traceparent = header if isinstance(header, str) else header.decode("ascii", "replace")
         elif name == control.CONTROL_HEADER:
             is_control = True
-    shard = shard_key(robot, shards)
     if is_control:
         try:
             command = control.decode_control(value or b"")
@@ -162,6 +160,19 @@ def key_message(
             return (shard, DeadLetter(key, value, "key", reason, partition, offset))
         return (shard, Control(robot, command.control, command.by, partition, offset, arrival_ms))
     return (shard, (robot, value, traceparent, partition, offset, arrival_ms))
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _robot_and_shard(key: bytes | None, shards: int) -> tuple[str, str] | None:
+    """(robot id, shard key) of a message key, or None if it is not a robot id.
+
+    Remembered for the robots seen lately: the same keys come back every second.
+    """
+    try:
+        robot = key.decode("ascii") if key else ""
+    except UnicodeDecodeError:
+        return None
+    return (robot, shard_key(robot, shards)) if is_robot_id(robot) else None
 
 
 class ReportSource(FixedPartitionedSource[Keyed, SourcePosition]):

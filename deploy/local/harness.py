@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -193,3 +194,28 @@ def wait_until(
             logs = "\n".join(f.output() for f in flows)
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}\n{logs}")
         time.sleep(0.1)
+
+
+class Reporter:
+    """Robots that keep reporting straight to Kafka every ``every_s`` (a thread, started
+    and stopped by ``with``); ``seq`` is the newest seq sent."""
+
+    def __init__(self, s: Settings, robots: list[str], every_s: float) -> None:
+        self.s, self.robots, self.every_s = s, robots, every_s
+        self.seq = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.seq += 1
+            produce(self.s, encoded([report(r, self.seq) for r in self.robots]))
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> Reporter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)

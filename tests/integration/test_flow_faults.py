@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from confluent_kafka.admin import AdminClient
 
 from deploy.local.harness import (
     FlowProcess,
+    Reporter,
     encoded,
     isolated,
     produce,
@@ -40,30 +40,6 @@ def _reader(s: Settings) -> RedisStateReader:
 
 def _alert_kinds(reader: RedisStateReader, robot: str) -> list[str]:
     return sorted(a.kind for a in reader.alerts(robot_id=robot, limit=100))
-
-
-class Reporter:
-    """Robots that keep reporting straight to Kafka every ``every_s`` (a thread)."""
-
-    def __init__(self, s: Settings, robots: list[str], every_s: float) -> None:
-        self.s, self.robots, self.every_s = s, robots, every_s
-        self.seq = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.seq += 1
-            produce(self.s, encoded([report(r, self.seq) for r in self.robots]))
-            self._stop.wait(self.every_s)
-
-    def __enter__(self) -> Reporter:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
 
 def test_a_paused_flow_raises_no_offline_alerts_for_robots_still_reporting(
