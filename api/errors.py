@@ -17,6 +17,7 @@ __all__ = [
     "AnyRequest",
     "ApiError",
     "ErrorBody",
+    "domain_error",
     "error_response",
     "exception_handlers",
     "schema_error",
@@ -120,14 +121,18 @@ def _on_http(request: AnyRequest, exc: HTTPException) -> Response[ErrorBody]:
     )
 
 
-def _on_domain(request: AnyRequest, exc: FleetpulseError) -> Response[ErrorBody]:
+def domain_error(exc: FleetpulseError) -> ApiError:
+    """The answer for a producer's refusal (503 with Retry-After, or 422 rejected)."""
     if isinstance(exc, BrokerUnavailable):
-        unavailable = ApiError(503, "unavailable", str(exc), headers={"Retry-After": "1"})
-        return error_response(unavailable, request)
+        return ApiError(503, "unavailable", str(exc), headers={"Retry-After": "1"})
     if isinstance(exc, ReportRejected):
-        return error_response(ApiError(422, "rejected", str(exc)), request)
+        return ApiError(422, "rejected", str(exc))
     log.exception("unexpected domain error")
-    return error_response(ApiError(500, "internal_error", "internal error"), request)
+    return ApiError(500, "internal_error", "internal error")
+
+
+def _on_domain(request: AnyRequest, exc: FleetpulseError) -> Response[ErrorBody]:
+    return error_response(domain_error(exc), request)
 
 
 def _on_crash(request: AnyRequest, exc: Exception) -> Response[ErrorBody]:

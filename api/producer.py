@@ -1,8 +1,11 @@
 """Durable produce for ingest: an idempotent acks=all producer awaited without blocking.
 
-librdkafka calls the delivery callback from ``poll()``, which a background thread runs;
-the callback resolves an asyncio future through ``call_soon_threadsafe``. A batch of
-reports shares one future (a countdown), so 1,000 reports cost one loop wake-up.
+librdkafka calls the delivery callbacks from ``poll()``, which a background thread runs.
+The callbacks only count (a request's reports share one countdown); after each poll the
+requests it completed are settled on their event loop by one ``call_soon_threadsafe``,
+so one Kafka answer for many concurrent requests (or a batch of 1,000) costs one loop
+wake-up, not one per report. The answer bound is a timer on the loop per request; the
+handler awaits its future directly (no ``wait_for``/``shield`` wrappers).
 
 A 202 is answered only after every report of the request has its delivery report
 with no error. The producer's ``message.timeout.ms`` equals the answer bound, so a
@@ -56,6 +59,9 @@ ERROR_LOG_INTERVAL_S = 10.0  # at most one log line per non-fatal error code per
 REBUILD_FIRST_S = 1.0  # delay before the first rebuild after a fatal error
 REBUILD_MAX_S = 30.0  # cap of the doubling delay when fatal errors follow each other
 PROBE_TIMEOUT_S = 2.0
+# How long one poll waits for librdkafka's events. It returns as soon as there are any,
+# so this bounds only how quickly the thread notices a stop or a due rebuild.
+POLL_S = 0.05
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:
@@ -83,24 +89,24 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
 class _Countdown:
     """One request's outstanding deliveries; resolves its future once, on the loop."""
 
-    __slots__ = ("error", "future", "loop", "remaining")
+    __slots__ = ("done", "error", "future", "loop", "remaining", "timer")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, n: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, n: int, done: list[_Countdown]) -> None:
         self.loop = loop
         self.future: asyncio.Future[None] = loop.create_future()
-        # A request that timed out no longer awaits; mark a late failure as seen.
-        self.future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.remaining = n
         self.error: KafkaError | None = None
+        self.done = done  # the poll thread's list of countdowns to settle after this poll
+        self.timer: asyncio.TimerHandle | None = None
 
     def delivered(self, err: KafkaError | None, _msg: Message) -> None:
-        # Runs on the poll thread; only that thread writes remaining/error.
+        # Runs on the thread serving librdkafka's callbacks; only it writes remaining/error.
         self.remaining -= 1
         if err is not None and self.error is None:
             self.error = err
-            _call_soon(self.loop, self._resolve)
+            self.done.append(self)
         elif self.remaining == 0 and self.error is None:
-            _call_soon(self.loop, self._resolve)
+            self.done.append(self)
 
     def fail(self, reason: str) -> None:
         """Answer the request 503 whatever its deliveries say (any thread)."""
@@ -110,13 +116,40 @@ class _Countdown:
         if not self.future.done():
             self.future.set_exception(BrokerUnavailable(reason))
 
-    def _resolve(self) -> None:
+    def expire(self, reason: str) -> None:
+        """On the loop, at the answer bound: 503 unless Kafka answered first."""
+        self._fail(reason)
+
+    def settle(self) -> None:
+        """On the loop: the answer its deliveries give."""
         if self.future.done():
             return
         if self.error is not None:
             self.future.set_exception(KafkaException(self.error))
         elif self.remaining == 0:
             self.future.set_result(None)
+
+
+def _settle(done: list[_Countdown]) -> None:
+    for countdown in done:
+        countdown.settle()
+
+
+def _wake(done: list[_Countdown]) -> None:
+    """Settle (and empty) ``done``, the countdowns that one poll completed: one wake-up per
+    event loop, not one per delivery (a wake-up is a write to the loop's self-pipe, a loop
+    turn and, from the poll thread, a hand-over of the GIL)."""
+    batch = done[:]
+    done.clear()  # the same list: countdowns keep a reference to it
+    loop = batch[0].loop
+    if all(c.loop is loop for c in batch):
+        _call_soon(loop, _settle, batch)
+        return
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Countdown]] = {}
+    for countdown in batch:
+        by_loop.setdefault(countdown.loop, []).append(countdown)
+    for each, countdowns in by_loop.items():
+        _call_soon(each, _settle, countdowns)
 
 
 class _Generation:
@@ -164,6 +197,7 @@ class ReportProducer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topic = settings.topic_reports
+        self._timeout_reason = self._timed_out()
         self._lock = threading.Lock()  # guards _gen, _candidate and every generation's fields
         self._errors = _ErrorLog(ERROR_LOG_INTERVAL_S)
         self._gen = self._new_generation(1)
@@ -172,6 +206,9 @@ class ReportProducer:
         self._rebuild_delay_s = REBUILD_FIRST_S
         self._last_fatal = -float("inf")
         self._probe_problem = ""
+        # Countdowns whose deliveries are all in (or failed), filled by the delivery
+        # callbacks during one poll and settled on their loops with one wake-up each.
+        self._done: list[_Countdown] = []
         self._closing = threading.Event()
         self._poller = self._start_poller()
 
@@ -246,9 +283,11 @@ class ReportProducer:
     def _poll(self) -> None:
         while not self._closing.is_set():
             gen, candidate = self._gen, self._candidate
-            gen.client.poll(0.05)
+            gen.client.poll(POLL_S)
             if candidate is not None:
                 candidate.client.poll(0)
+            if self._done:
+                _wake(self._done)
             if gen.failed is not None and time.monotonic() >= self._rebuild_at:
                 self._rebuild(gen)
 
@@ -288,19 +327,36 @@ class ReportProducer:
         ReportRejected (Kafka refused a report for good). On either, the request is not
         acknowledged.
         """
-        countdown = _Countdown(asyncio.get_running_loop(), len(reports))
+        loop = asyncio.get_running_loop()
+        countdown = _Countdown(loop, len(reports), self._done)
         with self._lock:
             gen = self._gen
             if gen.failed is not None:
                 raise BrokerUnavailable(f"{gen.failed}; it is being rebuilt, retry later")
             gen.pending.add(countdown)
         try:
-            await self._produce(gen.client, countdown, reports)
+            self._produce(gen.client, countdown, reports)
+            countdown.timer = loop.call_later(
+                self.settings.produce_timeout_s, countdown.expire, self._timeout_reason
+            )
+            await countdown.future
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if err.code() == KafkaError._MSG_TIMED_OUT:  # librdkafka's side of the same bound
+                raise BrokerUnavailable(self._timed_out()) from None
+            if err.code() in _PERMANENT:
+                raise ReportRejected(f"Kafka rejected the report: {err.str()}") from None
+            raise BrokerUnavailable(f"Kafka did not confirm: {err.str()}") from None
         finally:
+            if countdown.timer is not None:
+                countdown.timer.cancel()
+            # Nobody awaits it any more (answered, failed to produce, cancelled): a late
+            # delivery then finds it done instead of leaving an unretrieved exception.
+            countdown.future.cancel()
             with self._lock:
                 gen.pending.discard(countdown)
 
-    async def _produce(
+    def _produce(
         self, producer: Producer, countdown: _Countdown, reports: Sequence[OutgoingReport]
     ) -> None:
         try:
@@ -318,19 +374,6 @@ class ReportProducer:
             ) from None
         except KafkaException as exc:
             raise BrokerUnavailable(f"Kafka refused the produce call: {exc}") from None
-        try:
-            await asyncio.wait_for(
-                asyncio.shield(countdown.future), timeout=self.settings.produce_timeout_s
-            )
-        except TimeoutError:
-            raise BrokerUnavailable(self._timed_out()) from None
-        except KafkaException as exc:
-            err: KafkaError = exc.args[0]
-            if err.code() == KafkaError._MSG_TIMED_OUT:  # librdkafka's side of the same bound
-                raise BrokerUnavailable(self._timed_out()) from None
-            if err.code() in _PERMANENT:
-                raise ReportRejected(f"Kafka rejected the report: {err.str()}") from None
-            raise BrokerUnavailable(f"Kafka did not confirm: {err.str()}") from None
 
     def _timed_out(self) -> str:
         return f"Kafka did not confirm within {self.settings.produce_timeout_s:g}s; retry later"
@@ -353,4 +396,6 @@ class ReportProducer:
         if self._gen.failed is not None:
             self._gen.client.purge()  # it will never deliver; its requests are answered
         left: int = self._gen.client.flush(timeout_s)
+        if self._done:  # deliveries flush() served: their requests may still be waiting
+            _wake(self._done)
         return left

@@ -3,15 +3,23 @@
 It runs after routing, so spans and metrics are named by the route template
 (``GET /v1/robots/{robot_id:str}``), never by raw paths with unbounded values.
 Handlers' own spans (e.g. the Kafka produce span) are children of the server span.
+
+It is on every request's path, so what can be made once is made once: per route and
+method, the span name, its attributes and the tracer are kept in a small table (route
+templates are a fixed set), and metric label children are cached by
+:class:`~observability.metrics.ApiMetrics`. Attributes known only at the end (the status)
+are set only on spans that are recorded; an unsampled request costs one non-recording
+span and no attribute work.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -19,6 +27,19 @@ from observability.metrics import ApiMetrics
 from observability.tracing import context_from_traceparent
 
 __all__ = ["ObservabilityMiddleware"]
+
+_ERROR = Status(StatusCode.ERROR)
+
+
+class _Route:
+    """What the middleware needs for one (route template, method), made on first use."""
+
+    __slots__ = ("attributes", "name", "tracer")
+
+    def __init__(self, name: str, tracer: trace.Tracer, attributes: Mapping[str, str]) -> None:
+        self.name = name
+        self.tracer = tracer
+        self.attributes = attributes  # the SDK copies them into each recorded span
 
 
 class ObservabilityMiddleware(ASGIMiddleware):
@@ -37,42 +58,49 @@ class ObservabilityMiddleware(ASGIMiddleware):
         self.ingest_tracer = ingest_tracer or tracer  # spans of the webhook side's routes
         self.ingest_routes = frozenset(ingest_routes)  # their templates
         self.metrics = metrics
+        self._routes: dict[tuple[str, str], _Route] = {}
+
+    def _route(self, route: str, method: str) -> _Route:
+        found = self._routes.get((route, method))
+        if found is None:
+            tracer = self.ingest_tracer if route in self.ingest_routes else self.tracer
+            attributes = {"http.request.method": method, "http.route": route}
+            found = self._routes[(route, method)] = _Route(f"{method} {route}", tracer, attributes)
+        return found
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
-        method = str(scope.get("method", "GET"))
-        route = str(scope.get("path_template") or "unmatched")
-        status = 500
+        method = str(scope.get("method") or "GET")
+        route = scope.get("path_template") or "unmatched"
         started = time.perf_counter()
+        status = 500
         parent = None
-        for name, value in scope.get("headers", ()):
+        for name, value in scope["headers"]:
             if name == b"traceparent":
                 parent = context_from_traceparent(value.decode("latin-1"))
-        tracer = self.ingest_tracer if route in self.ingest_routes else self.tracer
-        with tracer.start_as_current_span(
-            f"{method} {route}",
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes={"http.request.method": method, "http.route": route},
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
+        r = self._route(route, method)
+        span = r.tracer.start_span(
+            r.name, context=parent, kind=SpanKind.SERVER, attributes=r.attributes
+        )
+        # The handler's spans (and traceparent headers) find the server span here.
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
 
-            async def send_wrapper(message: Message) -> None:
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = int(message["status"])
-                await send(message)
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
 
-            try:
-                await next_app(scope, receive, send_wrapper)
-            except Exception as exc:
-                code = getattr(exc, "status_code", None) or getattr(exc, "status", None)
-                status = code if isinstance(code, int) else 500
-                raise
-            finally:
+        try:
+            await next_app(scope, receive, send_wrapper)
+        except Exception as exc:
+            code = getattr(exc, "status_code", None) or getattr(exc, "status", None)
+            status = code if isinstance(code, int) else 500
+            raise
+        finally:
+            otel_context.detach(token)
+            if span.is_recording():
                 span.set_attribute("http.response.status_code", status)
                 if status >= 500:
-                    span.set_status(Status(StatusCode.ERROR))
-                elapsed = time.perf_counter() - started
-                self.metrics.requests.labels(route, method, str(status)).inc()
-                self.metrics.latency.labels(route, method).observe(elapsed)
+                    span.set_status(_ERROR)
+            span.end()
+            self.metrics.observe_request(route, method, status, time.perf_counter() - started)

@@ -63,6 +63,21 @@ class ApiMetrics:
             ["reason"],
             registry=r,
         )
+        # Label children by (route, method, status): labels() validates, stringifies and
+        # takes a lock on every call; route templates, methods and statuses are few.
+        self._answered: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one answered request and observe its latency, by route template."""
+        children = self._answered.get((route, method, status))
+        if children is None:
+            children = (
+                self.requests.labels(route, method, str(status)),
+                self.latency.labels(route, method),
+            )
+            self._answered[(route, method, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         """The exposition text of this app (of every worker in multiprocess mode)."""

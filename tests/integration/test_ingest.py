@@ -290,3 +290,37 @@ def test_openapi_of_the_ingest_routes_states_the_time_bounds(
         assert f"FLEETPULSE_MAX_AGE_S ({settings.max_age_s:g} s)" in op["description"]
         assert set(op["responses"]) >= {"202", "401", "403", "413", "415", "422", "503"}
         assert op["security"] == [{"bearer": []}]
+
+
+def test_single_post_body_limit_is_exact_with_and_without_content_length(
+    settings: Settings, topic: str
+) -> None:
+    # The single post is answered before Litestar's routing (api.fast) when all is in
+    # order; a body over the limit must still be Litestar's 413, whether the client said
+    # its length or streamed it in chunks, and nothing of it may reach the topic.
+    limit = 600
+    app = create_app(ingest_settings(settings, topic, max_body_bytes=limit), query=False)
+    body = json.dumps(report(seq=1)).encode()
+    at_limit = body + b" " * (limit - len(body))
+    over = at_limit + b" "
+    headers = {"Authorization": f"Bearer {INGEST}", "Content-Type": "application/json"}
+
+    def chunks(data: bytes) -> Iterator[bytes]:
+        for i in range(0, len(data), 100):
+            yield data[i : i + 100]
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        answers = [
+            c.post("/v1/reports", content=at_limit, headers=headers),
+            c.post("/v1/reports", content=over, headers=headers),
+            c.post("/v1/reports", content=chunks(over), headers=headers),
+            c.post("/v1/reports", content=chunks(at_limit), headers=headers),
+        ]
+    assert [(a.status_code, a.json().get("error")) for a in answers] == [
+        (202, None),
+        (413, "body_too_large"),
+        (413, "body_too_large"),
+        (202, None),
+    ]
+    msgs = consume_all(settings, topic, expect=2)
+    assert [decode_report(m.value() or b"").seq for m in msgs] == [1, 1]
