@@ -1,11 +1,17 @@
 """Query routes (the API server): live state, history, stats, fleet summary, alerts, stream.
 
-Every route reads Redis through :class:`state.RedisStateReader`, whose calls do
-bounded work (no KEYS, no keyspace walk; the summary is the sink's counters). The
-reader is synchronous, so handlers run in worker threads (``sync_to_thread``) and
-the event loop stays free. :class:`QueryService` owns the Redis client and the
-change-stream hub for one app: both are made when the app starts (its lifespan)
-and closed when it stops.
+Every route reads Redis through the state readers, whose calls do bounded work (no
+KEYS, no keyspace walk; the summary is the sink's counters). The GET routes await
+:class:`state.AsyncRedisStateReader` on the event loop: a read is one short round trip
+or a few, so a worker thread per request would cost more than the read. The event
+stream keeps the blocking :class:`state.RedisStateReader` in threads (its XREAD blocks).
+:class:`QueryService` owns both clients and the change-stream hub for one app: they are
+made when the app starts (its lifespan) and closed when it stops.
+
+A robot's live state is sent as the LiveState JSON the sink stored, byte for byte
+(the reader's ``get_raw`` / ``list_robots_raw``): decoding it into a LiveState only
+to encode the same JSON again would add nothing but time. The documented schemas stay
+the route's return types (``Response[LiveState]``, ``Response[RobotPage]``).
 
     GET /v1/robots                    status, site, online, battery_lt; cursor + limit
     GET /v1/robots/{robot_id}         live state (404 for a robot that never reported)
@@ -31,21 +37,28 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
+from inspect import isawaitable
 from typing import Annotated, Any, cast
 
 import anyio
 import anyio.to_thread
 import msgspec
 import redis
+import redis.asyncio
 from litestar import Litestar, Response, get
-from litestar.enums import ParamType
+from litestar.enums import MediaType, ParamType
 from litestar.exceptions import ValidationException
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Example
 from litestar.params import PathParameter, QueryParameter
 from litestar.router import Router
-from litestar.types import ControllerRouterHandler, ExceptionHandler, Guard
+from litestar.types import (
+    BeforeRequestHookHandler,
+    ControllerRouterHandler,
+    ExceptionHandler,
+    Guard,
+)
 from opentelemetry import trace
 
 from api.errors import AnyRequest, ApiError, ErrorBody, error_response, validation_error
@@ -62,7 +75,16 @@ from fleetpulse.schema import (
 )
 from fleetpulse.settings import Settings
 from observability.tracing import TracedCalls
-from state import FleetSummary, RedisStateReader, StateReader, connect_reader
+from state import (
+    AsyncRedisStateReader,
+    AsyncStateReader,
+    FleetSummary,
+    RedisStateReader,
+    StateReader,
+    close_async,
+    connect_reader,
+    connect_reader_async,
+)
 from state.reader import MAX_PAGE
 
 __all__ = [
@@ -167,6 +189,8 @@ def _query_names(handler: HTTPRouteHandler) -> frozenset[str]:
 
 def reject_unknown_parameters(request: AnyRequest) -> None:
     """422 for a query parameter the route does not take: a typo must not widen a filter."""
+    if not request.scope["query_string"]:
+        return  # most requests: nothing to parse
     known = _query_names(request.route_handler)
     unknown = sorted(set(request.query_params) - known)
     if unknown:
@@ -194,7 +218,39 @@ def _errors(*statuses: int) -> dict[int, ResponseSpec]:
     }
 
 
+def _checks(guards: Sequence[Guard]) -> BeforeRequestHookHandler:
+    """The routes' guards, then :func:`reject_unknown_parameters`, as one async hook.
+
+    Litestar would run each guard after copying the route handler, and a sync guard or
+    hook in a worker thread: a copy and thread hops per request around a few
+    microseconds of hashing. Here they run inline on the event loop, in Litestar's
+    order (guards, then the before-request hook), with the same errors.
+    """
+
+    async def check(request: AnyRequest) -> None:
+        handler = request.route_handler
+        for guard in guards:
+            result = guard(request, handler)
+            if isawaitable(result):
+                await result
+        reject_unknown_parameters(request)
+
+    return check
+
+
 # --- the routes ---------------------------------------------------------------------------
+def _json(body: bytes) -> Response[Any]:
+    """A 200 whose body is ``body``, JSON already (of the type the route declares)."""
+    return Response(body, media_type=MediaType.JSON)
+
+
+def page_json(items: Sequence[bytes], next_cursor: str | None) -> bytes:
+    """A :class:`RobotPage` as JSON, from each robot's stored LiveState JSON: the bytes
+    ``msgspec.json.encode(RobotPage(...))`` would give for the decoded states."""
+    cursor = b"null" if next_cursor is None else msgspec.json.encode(next_cursor)
+    return b'{"items":[%s],"next_cursor":%s}' % (b",".join(items), cursor)
+
+
 def _not_found(robot_id: str) -> ApiError:
     return ApiError(
         404, "not_found", f"no robot {robot_id!r} has reported; check the id (GET /v1/robots)"
@@ -206,23 +262,22 @@ def query_routes(service: QueryService) -> list[ControllerRouterHandler]:
 
     @get(
         "/v1/robots",
-        sync_to_thread=True,
         summary="List robots",
         description="Robots matching every filter given, in robot-id order, one page at "
         "a time. A page may be short (even empty) while `next_cursor` is set; follow "
         "`next_cursor` until it is null.",
         responses=_errors(),
     )
-    def list_robots(
+    async def list_robots(
         status: Annotated[Status | None, QueryParameter(description="Only this status.")] = None,
         site: SiteQuery = None,
         online: Annotated[bool | None, QueryParameter(description="Only online (offline).")] = None,
         battery_lt: BatteryLt = None,
         cursor: Cursor = None,
         limit: Annotated[int, _limit()] = 100,
-    ) -> RobotPage:
+    ) -> Response[RobotPage]:
         """Robots matching the filters, one page at a time."""
-        items, next_cursor = service.reader.list_robots(
+        items, next_cursor = await service.api_reader.list_robots_raw(
             status=status,
             site=site,
             online=online,
@@ -230,84 +285,80 @@ def query_routes(service: QueryService) -> list[ControllerRouterHandler]:
             cursor=cursor,
             limit=limit,
         )
-        return RobotPage(items=items, next_cursor=next_cursor)
+        return _json(page_json(items, next_cursor))
 
     @get(
         "/v1/robots/{robot_id:str}",
-        sync_to_thread=True,
         summary="Live state of one robot",
         responses=_errors(404),
     )
-    def robot(robot_id: RobotIdPath) -> LiveState:
+    async def robot(robot_id: RobotIdPath) -> Response[LiveState]:
         """The newest applied report with last_seen, online and status_since."""
-        state = service.reader.get(robot_id)
+        state = await service.api_reader.get_raw(robot_id)
         if state is None:
             raise _not_found(robot_id)
-        return state
+        return _json(state)
 
     @get(
         "/v1/robots/{robot_id:str}/history",
-        sync_to_thread=True,
         summary="Recent applied reports of one robot",
         responses=_errors(404),
     )
-    def history(
+    async def history(
         robot_id: RobotIdPath,
         limit: Annotated[int, _limit()] = 50,
         since: Since = None,
     ) -> ReportList:
         """Applied reports, newest first; ``since`` keeps reports with ``ts`` at or after it."""
-        reader = service.reader
-        items = reader.history(robot_id, limit=limit, since=since)
-        if not items and reader.get(robot_id) is None:
+        reader = service.api_reader
+        items = await reader.history(robot_id, limit=limit, since=since)
+        if not items and await reader.get_raw(robot_id) is None:
             raise _not_found(robot_id)
         return ReportList(items=items)
 
     @get(
         "/v1/robots/{robot_id:str}/stats",
-        sync_to_thread=True,
         summary="Closed 1-minute windows of one robot",
         responses=_errors(404),
     )
-    def stats(
+    async def stats(
         robot_id: RobotIdPath,
         limit: Annotated[int, _limit()] = 60,
         since: Since = None,
     ) -> WindowList:
         """Closed windows, newest first; ``since`` keeps windows that start at or after it."""
-        reader = service.reader
-        items = reader.stats(robot_id, limit=limit, since=since)
-        if not items and reader.get(robot_id) is None:
+        reader = service.api_reader
+        items = await reader.stats(robot_id, limit=limit, since=since)
+        if not items and await reader.get_raw(robot_id) is None:
             raise _not_found(robot_id)
         return WindowList(items=items)
 
     @get(
         "/v1/fleet/summary",
-        sync_to_thread=True,
         summary="Fleet-wide counts",
         responses=_errors(),
     )
-    def summary() -> FleetSummary:
+    async def summary() -> FleetSummary:
         """Counts by status, online/offline, low battery and site (kept by the sink)."""
-        return service.reader.summary()
+        return await service.api_reader.summary()
 
     @get(
         "/v1/alerts",
-        sync_to_thread=True,
         summary="Alerts",
         description="Newest first. With `robot_id` the robot's alerts are read by event "
         "time; without it the alert stream is read newest-written first and one request "
         "examines a bounded number of entries, so a `since` far back may return fewer.",
         responses=_errors(),
     )
-    def alerts(
+    async def alerts(
         robot_id: RobotIdQuery = None,
         kind: Annotated[AlertKind | None, QueryParameter(description="Only this kind.")] = None,
         since: Since = None,
         limit: Annotated[int, _limit()] = 100,
     ) -> AlertList:
         """Alerts matching the filters, newest first."""
-        items = service.reader.alerts(robot_id=robot_id, kind=kind, since=since, limit=limit)
+        reader = service.api_reader
+        items = await reader.alerts(robot_id=robot_id, kind=kind, since=since, limit=limit)
         return AlertList(items=items)
 
     return [list_robots, robot, history, stats, summary, alerts]
@@ -348,25 +399,31 @@ query_exception_handlers: dict[int | type[Exception], ExceptionHandler[Any]] = {
 
 # --- the service --------------------------------------------------------------------------
 class QueryService:
-    """The Redis client, reader and change hub of one app, alive during its lifespan."""
+    """The Redis clients, readers and change hub of one app, alive during its lifespan."""
 
     def __init__(self, settings: Settings, tracer: trace.Tracer | None = None) -> None:
-        """Nothing connects yet; :meth:`lifespan` makes the client when the app starts."""
+        """Nothing connects yet; :meth:`lifespan` makes the clients when the app starts."""
         self._settings = settings
         self._tracer = tracer
         self._client: redis.Redis | None = None
-        self._reader: RedisStateReader | None = None
+        self._async_client: redis.asyncio.Redis | None = None
+        self._reader: StateReader | None = None
+        self._api_reader: AsyncStateReader | None = None
         self._hub: ChangeHub | None = None
 
     @property
     def reader(self) -> StateReader:
-        """The reader; 503 outside the app's lifespan."""
+        """The blocking reader (the event stream's, in threads); 503 outside the lifespan."""
         if self._reader is None:
             raise ApiError(503, "unavailable", "the query server is starting or stopping")
-        if self._tracer is not None:
-            # Each read becomes a Redis client span under the request's server span.
-            return cast(StateReader, TracedCalls(self._reader, self._tracer))
         return self._reader
+
+    @property
+    def api_reader(self) -> AsyncStateReader:
+        """The reader the GET routes await; 503 outside the app's lifespan."""
+        if self._api_reader is None:
+            raise ApiError(503, "unavailable", "the query server is starting or stopping")
+        return self._api_reader
 
     @property
     def hub(self) -> ChangeHub:
@@ -380,24 +437,27 @@ class QueryService:
         return [*query_routes(self), *stream_routes(self, _errors())]
 
     def router(self, guards: Sequence[Guard]) -> Router:
-        """The routes with their error mapping, parameter check and bearer security."""
+        """The routes with their error mapping, guards, parameter check and bearer security.
+
+        ``guards`` run in the routes' before-request hook (:func:`_checks`), not as
+        Litestar guards.
+        """
         return Router(
             "/",
             route_handlers=self.routes(),
-            guards=list(guards),
             exception_handlers=query_exception_handlers,
-            before_request=reject_unknown_parameters,
+            before_request=_checks(guards),
             security=[{"bearer": []}],
         )
 
     async def ready(self) -> str | None:
         """None when Redis answers a PING in time, else what is wrong."""
-        client = self._client
+        client = self._async_client
         if client is None:
             return "not started"
         try:
             with anyio.fail_after(READY_TIMEOUT_S):
-                await anyio.to_thread.run_sync(client.ping, abandon_on_cancel=True)
+                await client.ping()
         except TimeoutError:
             return f"no answer to PING within {READY_TIMEOUT_S:g}s"
         except redis.RedisError as exc:
@@ -406,16 +466,31 @@ class QueryService:
 
     @asynccontextmanager
     async def lifespan(self, _: Litestar) -> AsyncIterator[None]:
-        """Make the Redis client (a replica with Sentinel + read_from_replicas) and the hub."""
-        client = connect_reader(self._settings)  # connects on first use
+        """Make the Redis clients (a replica with Sentinel + read_from_replicas), the
+        readers and the hub."""
+        client = connect_reader(self._settings)  # both connect on first use
+        async_client = connect_reader_async(self._settings)
         reader = RedisStateReader(client, self._settings)
+        api_reader = AsyncRedisStateReader(async_client, self._settings, reader)
         hub = ChangeHub(reader)
         task = asyncio.get_running_loop().create_task(hub.run(), name="change-stream tail")
-        self._client, self._reader, self._hub = client, reader, hub
+        self._client, self._async_client, self._hub = client, async_client, hub
+        self._reader, self._api_reader = reader, api_reader
+        if self._tracer is not None:
+            # Each read becomes a Redis client span under the request's server span.
+            self._reader = cast(StateReader, TracedCalls(reader, self._tracer, names=_SPANS))
+            self._api_reader = cast(
+                AsyncStateReader, TracedCalls(api_reader, self._tracer, names=_SPANS)
+            )
         try:
             yield
         finally:
-            self._reader = self._hub = None
+            self._reader = self._api_reader = self._hub = None
             await hub.stop(task)
-            self._client = None
+            self._client = self._async_client = None
+            await close_async(async_client)
             await anyio.to_thread.run_sync(client.close)
+
+
+# Spans name the read, not the form of its answer.
+_SPANS = {"get_raw": "get", "list_robots_raw": "list_robots"}

@@ -2,16 +2,19 @@
 
 The only package that knows Redis keys (see :mod:`state.keys` for the schema). The
 dataflow's sink writes through :class:`StateWriter`, the query API reads through
-:class:`StateReader`; :class:`RedisStateWriter` / :class:`RedisStateReader` implement
-them, and ``tests/integration/test_state_contract.py`` holds them to the contract.
+:class:`StateReader` (and awaits :class:`AsyncStateReader`); :class:`RedisStateWriter`,
+:class:`RedisStateReader` and :class:`AsyncRedisStateReader` implement them, and
+``tests/integration/test_state_contract.py`` holds them to the contract.
 """
 
 from __future__ import annotations
 
-from state.connect import connect, connect_reader
+from state.async_reader import AsyncRedisStateReader
+from state.connect import close_async, connect, connect_reader, connect_reader_async
 from state.keys import Keys
 from state.reader import (
     AlertRaised,
+    AsyncStateReader,
     ChangeEvent,
     FleetSummary,
     RedisStateReader,
@@ -23,6 +26,8 @@ from state.writer import RedisStateWriter, StateWriter, WriteResult
 
 __all__ = [
     "AlertRaised",
+    "AsyncRedisStateReader",
+    "AsyncStateReader",
     "ChangeEvent",
     "FleetSummary",
     "Keys",
@@ -32,7 +37,9 @@ __all__ = [
     "StateReader",
     "StateWriter",
     "WriteResult",
+    "close_async",
     "connect",
     "connect_reader",
+    "connect_reader_async",
     "decode_change",
 ]

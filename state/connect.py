@@ -1,8 +1,10 @@
 """Redis clients from settings: a plain URL, or the master/replica found through Sentinel.
 
 Clients speak RESP2 and return bytes (payloads are JSON for msgspec, which takes
-bytes). No socket read timeout is set, because :meth:`RedisStateReader.changes` may
-block in XREAD for as long as its caller asks; connecting is bounded.
+bytes). The blocking clients set no socket read timeout, because
+:meth:`RedisStateReader.changes` may block in XREAD for as long as its caller asks;
+connecting is bounded. The asyncio client of the query routes
+(:func:`connect_reader_async`) only makes short reads, so its reads time out too.
 """
 
 from __future__ import annotations
@@ -10,15 +12,18 @@ from __future__ import annotations
 from typing import Any, cast
 
 import redis
+import redis.asyncio
+import redis.asyncio.sentinel
 from redis.connection import parse_url
 from redis.sentinel import Sentinel
 
 from fleetpulse.errors import ConfigError
 from fleetpulse.settings import Settings, env_name
 
-__all__ = ["connect", "connect_reader"]
+__all__ = ["close_async", "connect", "connect_reader", "connect_reader_async"]
 
 CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 5.0  # the asyncio client's reads (short ones only: no blocking XREAD)
 HEALTH_CHECK_S = 30  # PING an idle pooled connection before reuse after this long
 
 
@@ -48,6 +53,35 @@ def connect_reader(settings: Settings) -> redis.Redis:
     return connect(settings)
 
 
+def connect_reader_async(settings: Settings) -> redis.asyncio.Redis:
+    """:func:`connect_reader` on redis.asyncio, for reads awaited on an event loop.
+
+    The same server (a replica with Sentinel and read_from_replicas, else the master or
+    the URL's), db and credentials; reads time out after :data:`READ_TIMEOUT_S`.
+    """
+    common = {**_common(), "socket_timeout": READ_TIMEOUT_S}
+    if settings.redis_sentinels:
+        nodes, node = _sentinel_args(settings)
+        sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            nodes, sentinel_kwargs={"socket_connect_timeout": CONNECT_TIMEOUT_S}, **node, **common
+        )
+        name = settings.redis_sentinel_master
+        if settings.redis_read_from_replicas:  # redis-py falls back to the master
+            return cast(redis.asyncio.Redis, sentinel.replica_for(name))
+        return cast(redis.asyncio.Redis, sentinel.master_for(name))
+    _url_kwargs(settings)  # a bad URL is a ConfigError naming the variable
+    return redis.asyncio.Redis.from_url(settings.redis_dsn, **common)
+
+
+async def close_async(client: redis.asyncio.Redis) -> None:
+    """Close a client of :func:`connect_reader_async`: its pool, and the connections to
+    the Sentinels when it came through them."""
+    await client.aclose(close_connection_pool=True)
+    sentinels = getattr(client.connection_pool, "sentinel_manager", None)
+    if sentinels is not None:
+        await sentinels.aclose()
+
+
 def _common() -> dict[str, Any]:
     return {"socket_connect_timeout": CONNECT_TIMEOUT_S, "health_check_interval": HEALTH_CHECK_S}
 
@@ -63,7 +97,17 @@ def _url_kwargs(settings: Settings) -> dict[str, Any]:
 
 
 def _sentinel(settings: Settings) -> Sentinel:
-    # The URL then only supplies what the data nodes need: db, credentials, TLS.
+    nodes, node = _sentinel_args(settings)
+    return Sentinel(  # type: ignore[no-untyped-call]
+        nodes,
+        sentinel_kwargs={"socket_connect_timeout": CONNECT_TIMEOUT_S},
+        **node,
+        **_common(),
+    )
+
+
+def _sentinel_args(settings: Settings) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """The Sentinel nodes, and what the data nodes need from the URL: db, credentials, TLS."""
     url = _url_kwargs(settings)
     node = {k: v for k, v in url.items() if k not in ("host", "port", "path", "connection_class")}
     if settings.redis_dsn.startswith("rediss://"):
@@ -72,9 +116,4 @@ def _sentinel(settings: Settings) -> Sentinel:
     for item in settings.redis_sentinels.split(","):
         host, _, port = item.rpartition(":")
         nodes.append((host, int(port)))
-    return Sentinel(  # type: ignore[no-untyped-call]
-        nodes,
-        sentinel_kwargs={"socket_connect_timeout": CONNECT_TIMEOUT_S},
-        **node,
-        **_common(),
-    )
+    return nodes, node

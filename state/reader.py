@@ -6,38 +6,51 @@ of counters the writer keeps, and every loop reads a bounded number of entries.
 
 A malformed or out-of-range argument (limit, cursor, battery_lt, a naive ``since``,
 a change id) raises :class:`~fleetpulse.errors.InvalidQuery` naming the parameter.
+
+Two readers, one implementation. :class:`RedisStateReader` (redis-py, blocking) serves
+every read, the change stream's blocking XREAD included;
+:class:`~state.async_reader.AsyncRedisStateReader` (redis.asyncio) serves the query
+routes' short reads on the event loop, so a request costs no thread hop. Both run the
+reads of :mod:`state.reads`, written once as plans. What only this reader does: the
+change stream, and listings with ``battery_lt``, which may be driven by the battery
+index (:meth:`RedisStateReader._battery_ids`) in a few round trips.
 """
 
 from __future__ import annotations
 
 import bisect
-import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 import redis
 
 from fleetpulse.errors import InvalidQuery
 from fleetpulse.schema import (
-    STATUSES,
     Alert,
     AlertKind,
     LiveState,
     RobotReport,
     Status,
     WindowStats,
-    is_robot_id,
 )
 from fleetpulse.settings import Settings
-from state.keys import Keys, epoch_us
+from state import reads
+from state.keys import Keys
+from state.reads import MAX_PAGE, MAX_SCAN, PAGE_SCRIPT, Command, FleetSummary, Plan, Reads
+from state.reads import check_limit as _check_limit
+from state.reads import check_listing as _check_listing
+from state.reads import state_decoder as _state_dec
+from state.reads import text as _text
+from state.reads import texts as _strs
 
 __all__ = [
     "MAX_PAGE",
     "MAX_SCAN",
     "AlertRaised",
+    "AsyncStateReader",
     "ChangeEvent",
     "FleetSummary",
     "RedisStateReader",
@@ -46,24 +59,11 @@ __all__ = [
     "decode_change",
 ]
 
-MAX_PAGE = 1000  # most robots / entries one call returns
-MAX_SCAN = 5000  # most index entries one list_robots or alerts call examines
 BATTERY_SET_MAX = 5000  # battery_lt drives the listing only if it matches at most this many
 
-_STATUS_BY_NAME: dict[str, Status] = {s: s for s in STATUSES}
 _STREAM_ID = re.compile(r"^\d+(-\d+)?$")
 
-
-class FleetSummary(msgspec.Struct, frozen=True, kw_only=True):
-    """Counts over the whole fleet, kept by the writer (no robot is walked to answer)."""
-
-    total: int
-    online: int
-    offline: int
-    low_battery: int  # battery <= low_battery_pct when last written
-    by_status: dict[Status, int]  # every status, zeros included
-    by_site: dict[str, int]  # sites with at least one robot
-    by_site_status: dict[str, dict[Status, int]]  # site -> status -> count (non-zero only)
+_T = TypeVar("_T")
 
 
 class StateChanged(msgspec.Struct, frozen=True, tag="state", tag_field="type"):
@@ -80,10 +80,6 @@ class AlertRaised(msgspec.Struct, frozen=True, tag="alert", tag_field="type"):
 
 ChangeEvent = StateChanged | AlertRaised
 
-_state_dec = msgspec.json.Decoder(LiveState)
-_report_dec = msgspec.json.Decoder(RobotReport)
-_window_dec = msgspec.json.Decoder(WindowStats)
-_alert_dec = msgspec.json.Decoder(Alert)
 _change_dec: msgspec.json.Decoder[ChangeEvent] = msgspec.json.Decoder(ChangeEvent)
 
 
@@ -99,6 +95,10 @@ class StateReader(Protocol):
         """The live state of one robot, or None if it never reported."""
         ...
 
+    def get_raw(self, robot_id: str) -> bytes | None:
+        """:meth:`get` as the stored LiveState JSON, or None."""
+        ...
+
     def list_robots(
         self,
         status: Status | None = None,
@@ -109,6 +109,18 @@ class StateReader(Protocol):
         limit: int = 100,
     ) -> tuple[list[LiveState], str | None]:
         """Robots matching all filters after ``cursor``, in id order, and the next cursor."""
+        ...
+
+    def list_robots_raw(
+        self,
+        status: Status | None = None,
+        site: str | None = None,
+        online: bool | None = None,
+        battery_lt: float | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> tuple[list[bytes], str | None]:
+        """:meth:`list_robots` with each state as its stored LiveState JSON."""
         ...
 
     def history(
@@ -154,18 +166,67 @@ class StateReader(Protocol):
         ...
 
 
-def _check_limit(limit: int, name: str = "limit") -> None:
-    if not 1 <= limit <= MAX_PAGE:
-        raise InvalidQuery(name, f"must be between 1 and {MAX_PAGE}, got {limit}")
+class AsyncStateReader(Protocol):
+    """The reads of :class:`StateReader` that the query routes await (not the change
+    stream, whose reader blocks in XREAD). Same arguments, same answers."""
 
+    async def get(self, robot_id: str) -> LiveState | None:
+        """The live state of one robot, or None if it never reported."""
+        ...
 
-def _check_since(since: datetime | None) -> None:
-    # A naive time's instant would depend on the server's zone; refuse it by name.
-    if since is not None and since.utcoffset() is None:
-        raise InvalidQuery(
-            "since",
-            f"{since.isoformat()} has no UTC offset; give one, e.g. 2025-06-01T12:00:00Z",
-        )
+    async def get_raw(self, robot_id: str) -> bytes | None:
+        """:meth:`get` as the stored LiveState JSON, or None."""
+        ...
+
+    async def list_robots(
+        self,
+        status: Status | None = None,
+        site: str | None = None,
+        online: bool | None = None,
+        battery_lt: float | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> tuple[list[LiveState], str | None]:
+        """Robots matching all filters after ``cursor``, in id order, and the next cursor."""
+        ...
+
+    async def list_robots_raw(
+        self,
+        status: Status | None = None,
+        site: str | None = None,
+        online: bool | None = None,
+        battery_lt: float | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> tuple[list[bytes], str | None]:
+        """:meth:`list_robots` with each state as its stored LiveState JSON."""
+        ...
+
+    async def history(
+        self, robot_id: str, limit: int = 50, since: datetime | None = None
+    ) -> list[RobotReport]:
+        """Applied reports of one robot, newest first."""
+        ...
+
+    async def stats(
+        self, robot_id: str, limit: int = 60, since: datetime | None = None
+    ) -> list[WindowStats]:
+        """Closed windows of one robot, newest first."""
+        ...
+
+    async def summary(self) -> FleetSummary:
+        """Fleet-wide counts."""
+        ...
+
+    async def alerts(
+        self,
+        robot_id: str | None = None,
+        kind: AlertKind | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[Alert]:
+        """Alerts, newest first."""
+        ...
 
 
 def _is_stream_id(value: str) -> bool:
@@ -175,15 +236,6 @@ def _is_stream_id(value: str) -> bool:
     )
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _strs(values: Iterable[Any]) -> list[str]:
-    # redis-py types replies as bytes | str (| tuples with scores); ours are bytes.
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
-
-
 class RedisStateReader:
     """:class:`StateReader` on Redis (use a replica client to spread read load)."""
 
@@ -191,11 +243,33 @@ class RedisStateReader:
         """Read through ``client``; key names come from ``settings.redis_prefix``."""
         self._client = client
         self._keys = Keys(settings.redis_prefix)
+        self._reads = Reads(self._keys)
+
+    def _run(self, plan: Plan[_T]) -> _T:
+        try:
+            command = next(plan)
+            while True:
+                command = plan.send(self._round_trip(command))
+        except StopIteration as done:
+            answer: _T = done.value
+            return answer
+
+    def _round_trip(self, command: Command) -> Any:
+        try:
+            return self._client.execute_command(*command)  # type: ignore[no-untyped-call]
+        except redis.exceptions.NoScriptError:
+            # A restarted, flushed or failed-over server lost the script: load it, resend.
+            self._client.script_load(PAGE_SCRIPT)
+            return self._client.execute_command(*command)  # type: ignore[no-untyped-call]
 
     def get(self, robot_id: str) -> LiveState | None:
         """The live state of one robot, or None if it never reported."""
-        raw = self._client.hget(self._keys.robot(robot_id), "state")
+        raw = self.get_raw(robot_id)
         return None if raw is None else _state_dec.decode(raw)
+
+    def get_raw(self, robot_id: str) -> bytes | None:
+        """The robot's live state as the stored LiveState JSON, or None."""
+        return self._run(self._reads.get_raw(robot_id))
 
     def list_robots(
         self,
@@ -213,11 +287,33 @@ class RedisStateReader:
         none) while the returned cursor is not None; None means the end. The cursor
         is the last id examined, stable under concurrent updates.
         """
-        _check_limit(limit)
-        if cursor is not None and not is_robot_id(cursor):
-            raise InvalidQuery("cursor", f"{cursor!r} is not a robot id from a previous page")
-        if battery_lt is not None and not math.isfinite(battery_lt):
-            raise InvalidQuery("battery_lt", f"must be a finite number, got {battery_lt!r}")
+        raw, next_cursor = self.list_robots_raw(status, site, online, battery_lt, cursor, limit)
+        return [_state_dec.decode(s) for s in raw], next_cursor
+
+    def list_robots_raw(
+        self,
+        status: Status | None = None,
+        site: str | None = None,
+        online: bool | None = None,
+        battery_lt: float | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> tuple[list[bytes], str | None]:
+        """:meth:`list_robots` with each state as its stored LiveState JSON."""
+        _check_listing(limit, cursor, battery_lt)
+        if battery_lt is None:
+            return self._run(self._reads.listing(status, site, online, cursor, limit))
+        return self._battery_listing(status, site, online, battery_lt, cursor, limit)
+
+    def _battery_listing(
+        self,
+        status: Status | None,
+        site: str | None,
+        online: bool | None,
+        battery_lt: float,
+        cursor: str | None,
+        limit: int,
+    ) -> tuple[list[bytes], str | None]:
         k = self._keys
         lex = [
             key
@@ -286,12 +382,12 @@ class RedisStateReader:
         cursor: str | None,
         limit: int,
         chunk: int,
-    ) -> tuple[list[LiveState], str | None]:
-        out: list[LiveState] = []
+    ) -> tuple[list[bytes], str | None]:
+        out: list[bytes] = []
         pos = cursor
         scanned = 0
-        while scanned < MAX_SCAN:
-            n = min(chunk, MAX_SCAN - scanned)
+        while scanned < reads.MAX_SCAN:
+            n = min(chunk, reads.MAX_SCAN - scanned)
             ids = fetch(pos, n)
             pipe = self._client.pipeline(transaction=False)
             for rid in ids:
@@ -302,7 +398,7 @@ class RedisStateReader:
                 pos = rid
                 # The hash is the truth: an index entry may be a moment behind it.
                 if row[4] is not None and keep(row):
-                    out.append(_state_dec.decode(row[4]))
+                    out.append(row[4])
                     if len(out) == limit:
                         at_end = len(ids) < n and i == len(ids) - 1
                         return out, None if at_end else rid
@@ -318,66 +414,17 @@ class RedisStateReader:
         ``since`` keeps reports whose event time ``ts`` is at or after it; robot clocks
         are not trusted for order, so the whole capped history may be read.
         """
-        _check_limit(limit)
-        _check_since(since)
-        key = self._keys.history(robot_id)
-        if since is None:
-            return [_report_dec.decode(v) for v in self._client.lrange(key, 0, limit - 1)]
-        out: list[RobotReport] = []
-        start, step = 0, max(limit, 100)
-        while True:
-            raw = self._client.lrange(key, start, start + step - 1)
-            for value in raw:
-                report = _report_dec.decode(value)
-                if report.ts >= since:
-                    out.append(report)
-                    if len(out) == limit:
-                        return out
-            if len(raw) < step:
-                return out
-            start += step
+        return self._run(self._reads.history(robot_id, limit, since))
 
     def stats(
         self, robot_id: str, limit: int = 60, since: datetime | None = None
     ) -> list[WindowStats]:
         """Closed windows of one robot, newest window first; ``since``: start >= since."""
-        _check_limit(limit)
-        _check_since(since)
-        low = "-inf" if since is None else epoch_us(since)
-        starts = _strs(
-            self._client.zrevrangebyscore(
-                self._keys.window_index(robot_id), "+inf", low, start=0, num=limit
-            )
-        )
-        if not starts:
-            return []
-        raw = self._client.hmget(self._keys.windows(robot_id), starts)
-        return [_window_dec.decode(v) for v in raw if v is not None]
+        return self._run(self._reads.stats(robot_id, limit, since))
 
     def summary(self) -> FleetSummary:
         """Fleet-wide counts, from the counters the writer keeps in one hash."""
-        raw = {_text(f): int(v) for f, v in self._client.hgetall(self._keys.summary).items()}
-        by_site: dict[str, int] = {}
-        by_site_status: dict[str, dict[Status, int]] = {}
-        for field, n in raw.items():
-            kind, _, rest = field.partition(":")
-            if kind == "site":
-                by_site[rest] = n
-            elif kind == "site_status":
-                name, _, site = rest.partition(":")
-                st = _STATUS_BY_NAME.get(name)
-                if st is not None:
-                    by_site_status.setdefault(site, {})[st] = n
-        total, online = raw.get("total", 0), raw.get("online", 0)
-        return FleetSummary(
-            total=total,
-            online=online,
-            offline=total - online,
-            low_battery=raw.get("low", 0),
-            by_status={s: raw.get(f"status:{s}", 0) for s in STATUSES},
-            by_site=dict(sorted(by_site.items())),
-            by_site_status=dict(sorted(by_site_status.items())),
-        )
+        return self._run(self._reads.summary())
 
     def alerts(
         self,
@@ -393,62 +440,7 @@ class RedisStateReader:
         :data:`MAX_SCAN` entries are examined, so a ``since`` far back may return
         fewer alerts than exist.
         """
-        _check_limit(limit)
-        _check_since(since)
-        low = None if since is None else epoch_us(since)
-        if robot_id is not None:
-            return self._robot_alerts(robot_id, kind, low, limit)
-        k = self._keys
-        stream = k.alerts if kind is None else k.alerts_of_kind(kind)
-        out: list[Alert] = []
-        top, scanned = "+", 0
-        while scanned < MAX_SCAN:
-            n = min(max(limit, 100), MAX_SCAN - scanned)
-            entries = self._client.xrevrange(stream, top, "-", count=n) or []
-            for _, fields in entries:
-                scanned += 1
-                if not fields:
-                    continue  # a deleted entry
-                alert = _alert_dec.decode(fields[b"data"])
-                if low is None or epoch_us(alert.at) >= low:
-                    out.append(alert)
-                    if len(out) == limit:
-                        return out
-            if len(entries) < n:
-                break
-            top = "(" + _strs([entries[-1][0]])[0]
-        return out
-
-    def _robot_alerts(
-        self, robot_id: str, kind: AlertKind | None, low: int | None, limit: int
-    ) -> list[Alert]:
-        k = self._keys
-        out: list[Alert] = []
-        offset, n = 0, limit if kind is None else max(limit, 100)
-        # The per-robot set is capped (ALERTS_PER_ROBOT), which bounds this loop.
-        while True:
-            ids = _strs(
-                self._client.zrevrangebyscore(
-                    k.robot_alert_index(robot_id),
-                    "+inf",
-                    "-inf" if low is None else low,
-                    start=offset,
-                    num=n,
-                )
-            )
-            if not ids:
-                return out
-            for raw in self._client.hmget(k.robot_alerts(robot_id), ids):
-                if raw is None:
-                    continue  # trimmed between the two reads
-                alert = _alert_dec.decode(raw)
-                if kind is None or alert.kind == kind:
-                    out.append(alert)
-                    if len(out) == limit:
-                        return out
-            if len(ids) < n:
-                return out
-            offset += n
+        return self._run(self._reads.alerts(robot_id, kind, since, limit))
 
     def changes(
         self, after_id: str | None, count: int, block_ms: int | None = None

@@ -3,13 +3,17 @@
 Like Quix Streams' state tests, :class:`TestStateContract` only talks to a
 ``StateWriter`` and a ``StateReader``; the ``store`` fixture supplies them per
 backend: the local stack's Redis through a URL, and a private Sentinel group
-(master, replica, sentinel started here as ``redis-server`` processes). Each test
-gets its own key prefix and deletes its keys afterwards. Expected values come from
+(master, replica, sentinel started here as ``redis-server`` processes); the query
+routes' asyncio reader runs the same suite on the URL backend (through
+:class:`AwaitedReader`). Each test gets its own key prefix and deletes its keys
+afterwards. Expected values come from
 :class:`Model`, a few lines of plain Python that state the contract.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import itertools
 import math
 import random
@@ -30,7 +34,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-import state.reader
+import state.reads
 import state.writer
 from deploy.local.procs import free_port
 from fleetpulse.errors import ConfigError
@@ -47,6 +51,7 @@ from fleetpulse.schema import (
 from fleetpulse.settings import Settings
 from state import (
     AlertRaised,
+    AsyncRedisStateReader,
     ChangeEvent,
     FleetSummary,
     Keys,
@@ -55,8 +60,10 @@ from state import (
     StateChanged,
     StateReader,
     StateWriter,
+    close_async,
     connect,
     connect_reader,
+    connect_reader_async,
     decode_change,
 )
 from state.writer import version
@@ -334,12 +341,35 @@ def sentinel_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sentine
             log.close()
 
 
-@pytest.fixture(params=["redis-url", "redis-sentinel"])
+class AwaitedReader:
+    """An :class:`AsyncRedisStateReader` behind the blocking :class:`StateReader` calls:
+    each read is awaited on this reader's own event loop; the change stream (which the
+    async reader does not serve) is the blocking reader's."""
+
+    def __init__(self, settings: Settings, blocking: RedisStateReader) -> None:
+        self.runner = asyncio.Runner()
+        self.client = connect_reader_async(settings)
+        self.reader = AsyncRedisStateReader(self.client, settings, blocking)
+        self.blocking = blocking
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.reader, name, None)
+        if method is None or not inspect.iscoroutinefunction(method):
+            return getattr(self.blocking, name)
+        return lambda *args, **kwargs: self.runner.run(method(*args, **kwargs))
+
+    def close(self) -> None:
+        self.runner.run(close_async(self.client))
+        self.runner.close()
+
+
+@pytest.fixture(params=["redis-url", "redis-sentinel", "redis-url-asyncio"])
 def make_store(
     request: pytest.FixtureRequest, stack: object, settings: Settings
 ) -> Iterator[Callable[..., Store]]:
     """Make stores with their own key prefix (and settings overrides) on one backend."""
     made: list[tuple[redis.Redis, redis.Redis, Keys]] = []
+    awaited: list[AwaitedReader] = []
 
     def make(**overrides: Any) -> Store:
         prefix = f"t{uuid.uuid4().hex[:20]}"
@@ -351,14 +381,20 @@ def make_store(
         write_client, read_client = connect(s), connect_reader(s)
         keys = Keys(prefix)
         made.append((write_client, read_client, keys))
+        reader: StateReader = RedisStateReader(read_client, s)
+        if request.param.endswith("-asyncio"):
+            awaited.append(AwaitedReader(s, RedisStateReader(read_client, s)))
+            reader = awaited[-1]  # type: ignore[assignment]
         return Store(
             writer=RedisStateWriter(write_client, s, max_per_call=50),
-            reader=RedisStateReader(read_client, s),
+            reader=reader,
             settings=s,
             dump=lambda: _dump(write_client, keys),
         )
 
     yield make
+    for each in awaited:
+        each.close()
     for write_client, read_client, keys in made:
         for key in write_client.scan_iter(match=keys.pattern(), count=1000):
             write_client.delete(key)
@@ -615,7 +651,7 @@ class TestStateContract:
             for limit in (1, 7, 100):
                 assert list_all(store.reader, limit, **filters) == want, (filters, limit)
         # A small scan budget: pages may come back short, the cursor still covers all.
-        monkeypatch.setattr(state.reader, "MAX_SCAN", 10)
+        monkeypatch.setattr(state.reads, "MAX_SCAN", 10)
         want = [s for s in everyone if s.online and s.report.site == "south"]
         assert list_all(store.reader, 3, online=True, site="south") == want
         first, cursor = store.reader.list_robots(online=True, site="south", limit=3)
@@ -782,11 +818,92 @@ class TestRedisBackend:
         try:
             assert master.info("replication")["role"] == "master"
             assert replica.info("replication")["role"] == "slave"
-            RedisStateWriter(master, s).write([live("amr-1", 4)], [], [])
+            RedisStateWriter(master, s).write([live("amr-1", 4), live("amr-2", 1)], [], [])
             assert master.execute_command("WAIT", 1, 5000) == 1
             assert RedisStateReader(replica, s).get("amr-1") == live("amr-1", 4)
+            # The asyncio reader reads the replica too, the page script included (loaded
+            # there on first use: EVALSHA_RO runs on a read-only replica).
+            replica.script_flush()
+            awaited = AwaitedReader(s, RedisStateReader(replica, s))
+            try:
+                role = awaited.runner.run(awaited.client.info("replication"))["role"]
+                assert role == "slave"
+                assert awaited.get("amr-1") == live("amr-1", 4)
+                assert awaited.list_robots() == ([live("amr-1", 4), live("amr-2", 1)], None)
+            finally:
+                awaited.close()
         finally:
             for key in master.scan_iter(match=Keys(s.redis_prefix).pattern()):
                 master.delete(key)
             master.close()
             replica.close()
+
+    def test_concurrent_async_reads_each_get_their_own_answer(self, store: Store) -> None:
+        # Commands of concurrent reads share pipelines (state.async_reader); every read
+        # must still get exactly its own reply, an unknown robot's None included.
+        model = Model()
+        for batch in random_workload(seed=99, robots=60):
+            store.writer.write(batch, [], [])
+            model.write(batch)
+        store.writer.write([], [window("amr-1", m) for m in range(3)], [])
+        blocking = store.reader
+        ids = sorted(model.states) + [f"ghost-{i}" for i in range(10)]
+        blocking_client = connect_reader(store.settings)
+        awaited = AwaitedReader(store.settings, RedisStateReader(blocking_client, store.settings))
+        try:
+
+            async def all_at_once() -> list[Any]:
+                reads: list[Any] = [awaited.reader.get(rid) for rid in ids]
+                reads += [awaited.reader.list_robots(status=st, limit=7) for st in STATUSES]
+                reads += [awaited.reader.summary(), awaited.reader.stats("amr-1")]
+                reads += [awaited.reader.history(rid, limit=3) for rid in ids[:20]]
+                return await asyncio.gather(*reads)
+
+            got = awaited.runner.run(all_at_once())
+        finally:
+            awaited.close()
+            blocking_client.close()
+        want: list[Any] = [blocking.get(rid) for rid in ids]
+        want += [blocking.list_robots(status=st, limit=7) for st in STATUSES]
+        want += [blocking.summary(), blocking.stats("amr-1")]
+        want += [blocking.history(rid, limit=3) for rid in ids[:20]]
+        assert got == want
+        assert got[: len(ids)] == [model.states.get(rid) for rid in ids]
+        assert sum(x is None for x in got[: len(ids)]) == 10
+
+    def test_async_reads_reload_a_flushed_script_and_fail_alike_when_redis_is_away(
+        self, sentinel_group: SentinelGroup, settings: Settings
+    ) -> None:
+        # On the private master: SCRIPT FLUSH on the shared stack would hit other users.
+        s = sentinel_group.settings(settings, redis_prefix=f"t{uuid.uuid4().hex[:20]}")
+        client = connect(s)
+        awaited = AwaitedReader(s, RedisStateReader(client, s))
+        try:
+            RedisStateWriter(client, s).write([live(f"r{i}", 1) for i in range(5)], [], [])
+            client.script_flush()
+
+            async def pages() -> list[Any]:
+                return await asyncio.gather(
+                    *(awaited.reader.list_robots(limit=2) for _ in range(8))
+                )
+
+            assert awaited.runner.run(pages()) == [([live("r0", 1), live("r1", 1)], "r1")] * 8
+        finally:
+            awaited.close()
+            for key in client.scan_iter(match=Keys(s.redis_prefix).pattern()):
+                client.delete(key)
+            client.close()
+        down = msgspec.structs.replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+        down_client = connect(down)
+        awaited = AwaitedReader(down, RedisStateReader(down_client, down))
+        try:
+
+            async def reads() -> list[Any]:
+                calls = [awaited.reader.get("amr-1"), awaited.reader.summary()] * 5
+                return await asyncio.gather(*calls, return_exceptions=True)
+
+            errors = awaited.runner.run(reads())
+            assert all(isinstance(e, redis.ConnectionError) for e in errors), errors
+        finally:
+            awaited.close()
+            down_client.close()
