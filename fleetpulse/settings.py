@@ -113,8 +113,14 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
         _doc("Jaeger query API base URL; default: the local Jaeger (http://127.0.0.1:16686)."),
     ] = None
     trace_sample_ratio: Annotated[
-        float, _doc("Share of traces kept (parent-based ratio sampler).", ge=0.0, le=1.0)
-    ] = 1.0
+        float,
+        _doc(
+            "Share of traces kept (parent-based ratio sampler; a request whose traceparent "
+            "is sampled is always traced).",
+            ge=0.0,
+            le=1.0,
+        ),
+    ] = 0.01
     log_level: Annotated[
         Literal["DEBUG", "INFO", "WARNING", "ERROR"], _doc("Log level of our own loggers.")
     ] = "INFO"

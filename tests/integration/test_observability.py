@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import msgspec
+import pytest
 from litestar.testing import TestClient
 from opentelemetry import trace
 from prometheus_client.parser import text_string_to_metric_families
@@ -59,15 +60,22 @@ def _jaeger_trace(s: Settings, robot: str, want_spans: int) -> dict[str, Any]:
     raise AssertionError(f"no complete trace for {robot} in Jaeger after 60 s (trace {trace_id!r})")
 
 
+@pytest.mark.parametrize("sampled_by", ["ratio", "traceparent"])
 def test_one_trace_holds_http_produce_process_and_redis_write(
-    stack: Stack, settings: Settings, tmp_path: Path
+    stack: Stack, settings: Settings, tmp_path: Path, sampled_by: str
 ) -> None:
-    s = _with_token(isolated(settings, tmp_path), trace_sample_ratio=1.0, dataflow_metrics_port=0)
+    # Kept by the ratio (1.0), or at ratio 0 by a caller's sampled traceparent: a user
+    # can follow one report whatever FLEETPULSE_TRACE_SAMPLE_RATIO says.
+    ratio = 1.0 if sampled_by == "ratio" else 0.0
+    s = _with_token(isolated(settings, tmp_path), trace_sample_ratio=ratio, dataflow_metrics_port=0)
     robot = f"amr-trace-{uuid.uuid4().hex[:8]}"
+    caller = (uuid.uuid4().hex, uuid.uuid4().hex[:16])
+    headers = {"traceparent": f"00-{caller[0]}-{caller[1]}-01"} if ratio == 0.0 else {}
     flow = FlowProcess(s, tmp_path / "flow.log")
     try:
         with _client(s) as client:
-            assert client.post("/v1/reports", json=report(robot, 1)).status_code == 202
+            posted = client.post("/v1/reports", json=report(robot, 1), headers=headers)
+            assert posted.status_code == 202
         provider = trace.get_tracer_provider()
         assert hasattr(provider, "force_flush")
         provider.force_flush()
@@ -88,7 +96,8 @@ def test_one_trace_holds_http_produce_process_and_redis_write(
         refs = [r for r in span["references"] if r["refType"] == "CHILD_OF"]
         return refs[0]["spanID"] if refs else None
 
-    assert parent(server) is None
+    assert parent(server) == (caller[1] if headers else None)
+    assert found["traceID"] == (caller[0] if headers else found["traceID"])
     assert parent(produce_span) == server["spanID"]
     assert parent(process) == produce_span["spanID"]
     assert parent(write) == process["spanID"]
