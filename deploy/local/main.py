@@ -4,7 +4,8 @@
                                 [-- SIM_ARGS...]
 
 Starts, in order: the local stack (Kafka, Redis, Jaeger; left alone if already up),
-the dataflow (recovery on, 2 workers like the seed's parallelism 2), the ingest server
+the dataflow (recovery on; 2 processes of 1 worker, the seed's parallelism 2, as one
+supervised unit through ``dataflows.cluster``), the ingest server
 (58081) and the query server (58080), then the simulator. It prints where to look and
 runs until Ctrl-C or ``--duration``; then it stops everything it started, in reverse
 order, and nothing else. A fresh pair of dev tokens (ingest, read) is made per run and
@@ -273,14 +274,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--robots", type=int, default=10, help="simulated robots (10)")
     parser.add_argument("--rate", type=float, default=1.0, help="reports/s per robot (1)")
     parser.add_argument("--duration", type=float, default=None, help="stop after S seconds")
-    parser.add_argument("--workers", type=int, default=2, help="dataflow workers (2)")
+    parser.add_argument(
+        "--processes", type=int, default=2, help="dataflow processes, 1 worker each (2)"
+    )
     parser.add_argument(
         "--logs", type=Path, default=None, help="folder of the children's logs (<stack dir>/logs)"
     )
     parser.add_argument("sim_args", nargs="*", help="more simulator options, after --")
     args = parser.parse_args(argv)
-    if args.robots < 1 or args.rate <= 0 or args.workers < 1:
-        parser.error("--robots and --workers must be >= 1 and --rate > 0")
+    if args.robots < 1 or args.rate <= 0 or args.processes < 1:
+        parser.error("--robots and --processes must be >= 1 and --rate > 0")
     try:
         base = load_settings()
     except FleetpulseError as exc:
@@ -305,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         started_services = stack.up()
         logs.mkdir(parents=True, exist_ok=True)
-        flow_cmd = [py, "-m", "bytewax.run", _FLOW, "-w", str(args.workers)]
+        # A Bytewax cluster restarts whole: one supervised child runs all its processes.
+        flow_cmd = [py, "-m", "dataflows.cluster", "-p", str(args.processes), _FLOW]
         supervisor.start(Child("dataflow", flow_cmd, env, logs / "dataflow.log"))
         for role, port in (("ingest", base.ingest_port), ("query", base.query_port)):
             server = Child(role, [py, "-m", "api.serve", role], env, logs / f"{role}.log")
