@@ -82,9 +82,17 @@ dataflow *ARGS:
 bench-dataflow *ARGS: stack-up
     {{py}} -m bench.dataflow {{ARGS}}
 
-# drain side by side: Bytewax flow (1, 2 processes), a raw loop, Quix Streams (writes bench/results)
+# drain by fleet size (1k, 10k, 100k robots): Bytewax flow layouts, a raw loop, Quix Streams (writes bench/results)
 bench-drain *ARGS: stack-up
     {{py}} -m bench.drain {{ARGS}}
+
+# the three headline figures in under 2 minutes (drain vs raw loop, ingest and query per worker)
+bench-quick *ARGS: stack-up
+    {{py}} -m bench.quick {{ARGS}}
+
+# sustained HTTP -> Redis at fixed rates on the main job's layout: freshness and lag over time (writes bench/results)
+bench-sustained *ARGS: stack-up
+    {{py}} -m bench.sustained {{ARGS}}
 
 # query benchmark: reads/s and p99 of the main GET routes with 10,000 robots (writes bench/results)
 bench-query *ARGS: stack-up
@@ -103,7 +111,7 @@ bench-recovery *ARGS: stack-up
     {{py}} -m bench.recovery {{ARGS}}
 
 # every benchmark, one after the other (each writes bench/results and bench/README.md)
-bench: bench-ingest bench-dataflow bench-drain bench-freshness bench-query bench-recovery
+bench: bench-ingest bench-dataflow bench-drain bench-freshness bench-query bench-recovery bench-sustained
 
 # ingest benchmark: accepted reports/s, p50/p99, single and batch posts (writes bench/results)
 bench-ingest *ARGS: stack-up

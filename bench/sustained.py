@@ -20,7 +20,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -34,7 +38,7 @@ import msgspec
 
 from api.auth import hash_token, new_token
 from bench.common import BENCH, progress, serve_api, write_results
-from deploy.local.harness import FlowProcess, isolated, remove_made
+from deploy.local.harness import isolated, remove_made
 from deploy.local.procs import free_port
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings, load_settings, to_env
@@ -91,19 +95,55 @@ class Follower:
         self._thread.join(5)
 
 
+PROCESSES = 2  # the main job's dataflow layout (dataflows.cluster -p 2)
+
+
 def _lag(port: int) -> int | None:
-    """The dataflow's consumer lag over all partitions, from its own metrics."""
-    try:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
-    except httpx.HTTPError:
-        return None
-    return int(
-        sum(
+    """The dataflow's consumer lag over all partitions, from its processes' own metrics
+    (process i serves them on ``port + i``)."""
+    total = 0.0
+    for i in range(PROCESSES):
+        try:
+            text = httpx.get(f"http://127.0.0.1:{port + i}/metrics", timeout=2).text
+        except httpx.HTTPError:
+            return None
+        total += sum(
             float(line.rsplit(" ", 1)[1])
             for line in text.splitlines()
             if line.startswith("fleetpulse_flow_consumer_lag{")
         )
-    )
+    return int(total)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _cluster(s: Settings, log: Path) -> subprocess.Popen[bytes]:
+    """The dataflow as the main job runs it: ``python -m dataflows.cluster -p 2``."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dataflows.cluster", "-p", str(PROCESSES)],
+            env={**os.environ, **to_env(s)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
 
 async def _load(
@@ -161,11 +201,19 @@ async def _load(
 def run(base: Settings, tmp: Path, robots: int, rate: int, seconds: float) -> dict[str, Any]:
     """One run at one offered rate; the figures and the per-second series."""
     metrics_port = free_port()
-    s = isolated(base, tmp, dataflow_metrics_port=metrics_port, ingest_port=free_port())
+    while not all(_port_free(metrics_port + i) for i in range(PROCESSES)):
+        metrics_port = free_port()
+    s = isolated(
+        base,
+        tmp,
+        dataflow_metrics_port=metrics_port,
+        ingest_port=free_port(),
+        snapshot_interval_s=base.snapshot_interval_s,
+    )
     token = new_token()
     env = {**to_env(s), "FLEETPULSE_API_TOKENS": f"ingest:{hash_token(token)}"}
     reader = RedisStateReader(connect(s), s)
-    flow = FlowProcess(s, tmp / f"flow-{rate}.log", ["-w", "2"])  # the main job's layout
+    flow = _cluster(s, tmp / f"flow-{rate}.log")
     server = serve_api("ingest", env, s.ingest_port)
     follower = Follower(reader)
     acked: dict[tuple[str, int], int] = {}
@@ -199,7 +247,7 @@ def run(base: Settings, tmp: Path, robots: int, rate: int, seconds: float) -> di
         follower.stop()
         server.terminate()
         server.communicate(timeout=20)
-        flow.stop()
+        _stop(flow)
     # A robot's states can coalesce within one sink batch; a superseded report counts as
     # visible when its successor became visible.
     by_second: dict[int, list[int]] = {}
@@ -283,7 +331,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     base = load_settings()
     Stack(base).up()
-    base = msgspec.structs.replace(base, offline_after_s=3600.0)
     runs: list[dict[str, Any]] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -15,6 +15,7 @@ the same bytes.
 from __future__ import annotations
 
 import random
+import time
 import zlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -22,7 +23,6 @@ from datetime import UTC, datetime
 import msgspec
 from confluent_kafka import Producer
 
-from deploy.local.harness import BASE_TS
 from fleetpulse.settings import Settings
 
 __all__ = ["Shape", "fill", "final_orders", "messages"]
@@ -95,13 +95,19 @@ def messages(shape: Shape) -> Iterator[tuple[bytes, bytes, Headers]]:
     """(key, value, headers) in delivery order: robots interleaved by their own clock."""
     rng = random.Random(shape.seed)
     counts = shape.counts()
-    span = max(counts)  # seconds of event time the busiest robot covers, one report a second
+    # The fleet's time: the ordinary robots report once a second, so the run covers as many
+    # seconds as they send reports; the hot ones send theirs faster over the same seconds.
+    span = float(counts[-1])
     timeline: list[tuple[float, int, int]] = []
     for i, n in enumerate(counts):
         step = span / n
         start = rng.uniform(0, step)
         timeline += [(start + j * step, i, j) for j in range(n)]
     timeline.sort()
+    # Event time ends a minute before now, so that however many seconds the run covers,
+    # no report is further ahead of its arrival than FLEETPULSE_MAX_FUTURE_S (nor
+    # further behind than FLEETPULSE_MAX_AGE_S, for spans under a week).
+    origin = int(time.time()) - int(span) - 60
     held: dict[int, tuple[float, int, int]] = {}  # a report waiting to arrive after the next
     for t, i, j in timeline:
         out = []
@@ -114,14 +120,14 @@ def messages(shape: Shape) -> Iterator[tuple[bytes, bytes, Headers]]:
             out.append((t, i, j))
         for t_, i_, j_ in out:
             robot = robot_id(i_)
-            value = _report(robot, j_, BASE_TS + t_)
+            value = _report(robot, j_, origin + t_)
             headers: Headers = [("traceparent", _traceparent(rng, rng.random() < shape.sampled))]
             yield robot.encode(), value, headers
             if rng.random() < shape.duplicates:
                 yield robot.encode(), value, headers
     for t_, i_, j_ in held.values():
         robot = robot_id(i_)
-        yield robot.encode(), _report(robot, j_, BASE_TS + t_), []
+        yield robot.encode(), _report(robot, j_, origin + t_), []
 
 
 def final_orders(shape: Shape) -> dict[str, int]:
