@@ -1,6 +1,7 @@
 """Dataflow benchmark: drain rate and freshness, for 1 and 2 Bytewax processes.
 
     python -m bench.dataflow [--robots 1000] [--reports 200000] [--rate 2000] [--seconds 15]
+        [--hot 0] [--hot-share 0] [--disorder 0] [--duplicates 0] [--sampled 0]
 
 Drain: the reports topic (12 partitions) is filled first; the flow is started and
 timed until every robot's live state in Redis is its last report. Two figures: from
@@ -26,11 +27,13 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from bench.changes import VisibilityLog
 from bench.common import bar_chart, latency_summary, progress, write_results
+from bench.workload import Shape, fill, final_count, final_orders
 from deploy.local.harness import FlowProcess, isolated, produce, remove_made, report
 from deploy.local.procs import free_port
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings, load_settings
 from state.connect import connect
+from state.keys import Keys
 from state.reader import RedisStateReader
 
 
@@ -49,33 +52,20 @@ def _stop(flows: list[FlowProcess]) -> None:
         f.stop()
 
 
-def _all_final(reader: RedisStateReader, robots: int, last_seq: int) -> int:
-    """How many robots show their last report."""
-    done, cursor = 0, None
-    while True:
-        page, cursor = reader.list_robots(cursor=cursor, limit=1000)
-        done += sum(1 for st in page if st.report.seq == last_seq)
-        if cursor is None:
-            return done
-
-
-def drain(base: Settings, tmp: Path, procs: int, robots: int, reports: int) -> dict[str, Any]:
+def drain(base: Settings, tmp: Path, procs: int, shape: Shape) -> dict[str, Any]:
     s = isolated(base, tmp)
-    per_robot = reports // robots
-    progress(f"drain, {procs} process(es): filling {robots * per_robot} reports")
-    items = (
-        (f"amr-{r:04d}".encode(), msgspec.json.encode(report(f"amr-{r:04d}", seq)))
-        for seq in range(per_robot)
-        for r in range(robots)
-    )
-    total = produce(s, items)
-    reader = RedisStateReader(connect(s), s)
+    progress(f"drain, {procs} process(es): filling {shape.describe()}")
+    total = fill(s, shape)
+    final = final_orders(shape)
+    robots = shape.robots
+    client = connect(s)
+    reader = RedisStateReader(client, s)
     started = time.monotonic()
     flows = _start(s, procs, tmp, f"drain{procs}")
     first: float | None = None
     try:
         while True:
-            done = _all_final(reader, robots, per_robot - 1)
+            done = final_count(client, Keys(s.redis_prefix), final)
             now = time.monotonic()
             if first is None and reader.summary().total > 0:
                 first = now
@@ -103,7 +93,9 @@ def drain(base: Settings, tmp: Path, procs: int, robots: int, reports: int) -> d
     return result
 
 
-def freshness(base: Settings, tmp: Path, procs: int, rate: int, seconds: int) -> dict[str, Any]:
+def freshness(
+    base: Settings, tmp: Path, procs: int, rate: int, seconds: int, robots: int
+) -> dict[str, Any]:
     s = isolated(base, tmp)
     reader = RedisStateReader(connect(s), s)
     flows = _start(s, procs, tmp, f"fresh{procs}")
@@ -123,14 +115,13 @@ def freshness(base: Settings, tmp: Path, procs: int, rate: int, seconds: int) ->
             return on_delivery
 
         producer = Producer({"bootstrap.servers": s.kafka_bootstrap_servers, "linger.ms": 1})
-        robots = 1000
         progress(f"freshness, {procs} process(es): {rate} reports/s for {seconds}s")
         t0 = time.monotonic()
         n = 0
         while time.monotonic() - t0 < seconds:
             due = int((time.monotonic() - t0) * rate)
             while n < due:
-                robot, seq = f"amr-{n % robots:04d}", n // robots + 1
+                robot, seq = f"amr-{n % robots:06d}", n // robots + 1
                 producer.produce(
                     s.topic_reports,
                     key=robot.encode(),
@@ -162,8 +153,15 @@ def freshness(base: Settings, tmp: Path, procs: int, rate: int, seconds: int) ->
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # The shape (bench/workload.py); the defaults are the uniform, in-order shape this
+    # benchmark has always recorded. bench-drain records the fleet shape.
     parser.add_argument("--robots", type=int, default=1000)
     parser.add_argument("--reports", type=int, default=200_000)
+    parser.add_argument("--hot", type=float, default=0.0)
+    parser.add_argument("--hot-share", type=float, default=0.0)
+    parser.add_argument("--disorder", type=float, default=0.0)
+    parser.add_argument("--duplicates", type=float, default=0.0)
+    parser.add_argument("--sampled", type=float, default=0.0)
     parser.add_argument("--rate", type=int, default=2000)
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
@@ -174,8 +172,16 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory() as tmpdir:
             tmp = Path(tmpdir)
-            drains = [drain(settings, tmp, p, args.robots, args.reports) for p in args.procs]
-            fresh = [freshness(settings, tmp, p, args.rate, args.seconds) for p in args.procs]
+            shape = Shape(
+                robots=args.robots, reports=args.reports, hot=args.hot,
+                hot_share=args.hot_share, disorder=args.disorder,
+                duplicates=args.duplicates, sampled=args.sampled,
+            )  # fmt: skip
+            drains = [drain(settings, tmp, p, shape) for p in args.procs]
+            fresh = [
+                freshness(settings, tmp, p, args.rate, args.seconds, args.robots)
+                for p in args.procs
+            ]
     finally:
         remove_made(settings)  # the topics and keys this run made
     table = "| measure | processes | figure |\n| --- | --- | --- |\n"

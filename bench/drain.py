@@ -36,7 +36,7 @@ import msgspec
 
 from bench.common import BENCH, REPO, progress, write_results
 from bench.dataflow import _start
-from bench.workload import Shape, fill, final_orders
+from bench.workload import Shape, fill, final_count, final_orders
 from deploy.local.harness import FlowProcess, isolated, remove_made
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings, load_settings, to_env
@@ -98,19 +98,6 @@ def _process(cmd: list[str], s: Settings, log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
 
 
-def _final_count(client: Any, keys: Keys, want: dict[str, int]) -> int:
-    """How many robots of ``want`` show their newest seq in Redis (one pipelined read)."""
-    robots = list(want)
-    done = 0
-    for i in range(0, len(robots), 5000):
-        pipe = client.pipeline(transaction=False)
-        for rid in robots[i : i + 5000]:
-            pipe.hget(keys.robot(rid), "seq")
-        for rid, seq in zip(robots[i : i + 5000], pipe.execute(), strict=True):
-            done += seq is not None and int(seq) == want[rid]
-    return done
-
-
 def _timed(engine: Engine, s: Settings, shape: Shape, total: int) -> dict[str, Any]:
     client = connect(s)
     reader = RedisStateReader(client, s)
@@ -131,7 +118,7 @@ def _timed(engine: Engine, s: Settings, shape: Shape, total: int) -> dict[str, A
             counted = reader.summary().total
             if first is None and counted > 0:
                 first = now
-            if counted == shape.robots and _final_count(client, keys, sample) == len(sample):
+            if counted == shape.robots and final_count(client, keys, sample) == len(sample):
                 break
             if not engine.alive():
                 raise SystemExit(f"{name} exited before the drain finished")
@@ -144,7 +131,7 @@ def _timed(engine: Engine, s: Settings, shape: Shape, total: int) -> dict[str, A
         ended = time.monotonic()
     finally:
         engine.stop()
-    complete = _final_count(client, keys, final)
+    complete = final_count(client, keys, final)
     if complete != shape.robots:
         raise SystemExit(f"{name}: only {complete} of {shape.robots} robots show their last report")
     took = ended - started

@@ -1,12 +1,12 @@
 """Freshness end to end: HTTP 202 -> the robot's state visible in Redis, at steady rates.
 
-    python -m bench.freshness [--rates 2000 10000] [--seconds 15] [--procs 2]
+    python -m bench.freshness [--rates 2000 10000] [--seconds 15] [--procs 2] [--robots 1000]
 
 The ingest server (granian, 2 workers) and the dataflow run as users run them. A
 load loop posts batches every 10 ms to hold the rate (20 reports a batch at 2,000/s,
-100 at 10,000/s, across 1,000 robots) and notes when each batch's 202 arrived. A
-follower reads Redis's change stream, whose entry ids are Redis's own clock (same
-machine), and notes when each (robot, seq) became visible. Freshness is the
+100 at 10,000/s, across ``--robots`` robots, 1,000 by default) and notes when each
+batch's 202 arrived. A follower reads Redis's change stream, whose entry ids are
+Redis's own clock (same machine), and notes when each (robot, seq) became visible. Freshness is the
 difference; it can be negative when the state lands before the 202 reaches the client.
 """
 
@@ -36,7 +36,6 @@ from fleetpulse.settings import Settings, load_settings, to_env
 from state.connect import connect
 from state.reader import RedisStateReader
 
-ROBOTS = 1000
 TICK_S = 0.01
 
 
@@ -50,7 +49,9 @@ def _serve_ingest(s: Settings, token: str, port: int) -> subprocess.Popen[bytes]
     return serve_api("ingest", env, port)
 
 
-async def _load(url: str, token: str, rate: int, seconds: float, acked: dict[Any, int]) -> int:
+async def _load(
+    url: str, token: str, rate: int, seconds: float, acked: dict[Any, int], robots: int
+) -> int:
     """Post ``rate`` reports/s in 10 ms batches; note each report's 202 time (ms)."""
     per_tick = max(1, round(rate * TICK_S))
     sent = 0
@@ -72,8 +73,8 @@ async def _load(url: str, token: str, rate: int, seconds: float, acked: dict[Any
         while time.monotonic() - start < seconds:
             batch = []
             for _ in range(per_tick):
-                robot = f"amr-{sent % ROBOTS:04d}"
-                batch.append(report(robot, sent // ROBOTS + 1))
+                robot = f"amr-{sent % robots:06d}"
+                batch.append(report(robot, sent // robots + 1))
                 sent += 1
             task = asyncio.create_task(post(batch))
             tasks.add(task)
@@ -84,7 +85,9 @@ async def _load(url: str, token: str, rate: int, seconds: float, acked: dict[Any
     return sent
 
 
-def measure(base: Settings, tmp: Path, rate: int, seconds: float, procs: int) -> dict[str, Any]:
+def measure(
+    base: Settings, tmp: Path, rate: int, seconds: float, procs: int, robots: int
+) -> dict[str, Any]:
     s = isolated(base, tmp)
     token = new_token()
     port = free_port()
@@ -102,7 +105,7 @@ def measure(base: Settings, tmp: Path, rate: int, seconds: float, procs: int) ->
         visible.wait_for_flow("warm-up", flows)
         visible.start()
         progress(f"freshness at {rate} reports/s for {seconds:g}s, {procs} dataflow process(es)")
-        sent = asyncio.run(_load(url, token, rate, seconds, acked))
+        sent = asyncio.run(_load(url, token, rate, seconds, acked, robots))
         deadline = time.monotonic() + 30
         while len(set(acked) - set(seen)) > 0 and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -142,6 +145,7 @@ def main() -> int:
     parser.add_argument("--rates", type=int, nargs="+", default=[2000, 10000])
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--procs", type=int, default=2)
+    parser.add_argument("--robots", type=int, default=1000, help="robots the reports spread over")
     args = parser.parse_args()
     settings = load_settings()
     Stack(settings).up()
@@ -151,7 +155,8 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory() as tmpdir:
             rows = [
-                measure(settings, Path(tmpdir), r, args.seconds, args.procs) for r in args.rates
+                measure(settings, Path(tmpdir), r, args.seconds, args.procs, args.robots)
+                for r in args.rates
             ]
     finally:
         remove_made(settings)  # the topics and keys this run made

@@ -24,7 +24,7 @@ from bench.common import BENCH, progress
 from bench.workload import Shape, fill, final_orders
 from deploy.local.harness import FLOW, isolated, remove_made
 from deploy.local.stack import Stack
-from fleetpulse.settings import load_settings, to_env
+from fleetpulse.settings import Settings, load_settings, to_env
 from state.connect import connect
 from state.reader import RedisStateReader
 
@@ -71,7 +71,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--robots", type=int, default=10_000)
     parser.add_argument("--reports", type=int, default=220_000)
-    parser.add_argument("--sampled", type=float, default=0.0, help="share of traced reports")
+    parser.add_argument(
+        "--sampled", type=float, default=Settings().trace_sample_ratio,
+        help="share of traced reports (default: the default trace ratio)",
+    )  # fmt: skip
     parser.add_argument("--out", default="profile-dataflow.txt")
     args = parser.parse_args()
     settings = load_settings()

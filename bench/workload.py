@@ -19,13 +19,15 @@ import time
 import zlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 from confluent_kafka import Producer
 
 from fleetpulse.settings import Settings
+from state.keys import Keys
 
-__all__ = ["Shape", "fill", "final_orders", "messages"]
+__all__ = ["Shape", "fill", "final_count", "final_orders", "messages"]
 
 
 class Shape(msgspec.Struct, frozen=True, kw_only=True):
@@ -159,3 +161,16 @@ def fill(settings: Settings, shape: Shape) -> int:
     if producer.flush(60):
         raise RuntimeError("the workload was not all delivered to Kafka")
     return n
+
+
+def final_count(client: Any, keys: Keys, want: dict[str, int]) -> int:
+    """How many robots of ``want`` show their newest seq in Redis (one pipelined read)."""
+    robots = list(want)
+    done = 0
+    for i in range(0, len(robots), 5000):
+        pipe = client.pipeline(transaction=False)
+        for rid in robots[i : i + 5000]:
+            pipe.hget(keys.robot(rid), "seq")
+        for rid, seq in zip(robots[i : i + 5000], pipe.execute(), strict=True):
+            done += seq is not None and int(seq) == want[rid]
+    return done
