@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Recovery after kill -9 (1 process, {args.workers} workers)",
     )
     table = (
-        "Every robot reported twice and the flow (1 process, the main job's workers, recovery on "
-        "at the default snapshot interval) snapshotted it all; then kill -9, one more report "
+        f"Every robot reported twice and the flow (1 process x {args.workers} workers, recovery "
+        "on at the default snapshot interval) snapshotted it all; then kill -9, one more report "
         "per robot while it was down, restart. Time = restart until every robot's newest "
         "report is in Redis: snapshot load, replay of the last epoch, the reports sent "
         "meanwhile.\n\n"
