@@ -39,7 +39,16 @@ from fleetpulse.schema import (
 from fleetpulse.settings import Settings
 from state import reads
 from state.keys import Keys
-from state.reads import MAX_PAGE, MAX_SCAN, PAGE_SCRIPT, Command, FleetSummary, Plan, Reads
+from state.reads import (
+    MAX_PAGE,
+    MAX_SCAN,
+    PAGE_SCRIPT,
+    Command,
+    FleetSummary,
+    Plan,
+    Reads,
+    filter_indexes,
+)
 from state.reads import check_limit as _check_limit
 from state.reads import check_listing as _check_listing
 from state.reads import state_decoder as _state_dec
@@ -315,20 +324,11 @@ class RedisStateReader:
         limit: int,
     ) -> tuple[list[bytes], str | None]:
         k = self._keys
-        lex = [
-            key
-            for key, given in (
-                (k.status_index(status or ""), status is not None),
-                (k.site_index(site or ""), site is not None),
-                (k.online_index(bool(online)), online is not None),
-            )
-            if given
-        ]
+        lex = filter_indexes(k, status, site, online)
         pipe = self._client.pipeline(transaction=False)
         for key in lex:
             pipe.zcard(key)
-        if battery_lt is not None:
-            pipe.zcount(k.battery, "-inf", f"({battery_lt!r}")
+        pipe.zcount(k.battery, "-inf", f"({battery_lt!r}")
         sizes = [int(n) for n in pipe.execute()]
         if any(n == 0 for n in sizes):
             return [], None
@@ -336,7 +336,7 @@ class RedisStateReader:
         smallest = min(lex_sizes, default=None)
         fetch: Callable[[str | None, int], list[str]]
         battery_cap = BATTERY_SET_MAX if smallest is None else min(smallest, BATTERY_SET_MAX)
-        if battery_lt is not None and sizes[-1] <= battery_cap:
+        if sizes[-1] <= battery_cap:
             fetch = self._battery_ids(battery_lt)
         else:
             index = k.all if smallest is None else lex[lex_sizes.index(smallest)]
@@ -352,7 +352,8 @@ class RedisStateReader:
                 (status is None or st == status)
                 and (site is None or si == site)
                 and (online is None or on == ("1" if online else "0"))
-                and (battery_lt is None or (bat is not None and float(bat) < battery_lt))
+                and bat is not None
+                and float(bat) < battery_lt
             )
 
         return self._page(fetch, keep, cursor, limit, chunk)

@@ -50,6 +50,7 @@ __all__ = [
     "Plan",
     "Reads",
     "check_listing",
+    "filter_indexes",
 ]
 
 MAX_PAGE = 1000  # most robots / entries one call returns
@@ -92,6 +93,21 @@ def check_since(since: datetime | None) -> None:
             "since",
             f"{since.isoformat()} has no UTC offset; give one, e.g. 2025-06-01T12:00:00Z",
         )
+
+
+def filter_indexes(
+    keys: Keys, status: Status | None, site: str | None, online: bool | None
+) -> list[str]:
+    """The index of each filter given (status, site, online), in that order."""
+    return [
+        key
+        for key, given in (
+            (keys.status_index(status or ""), status is not None),
+            (keys.site_index(site or ""), site is not None),
+            (keys.online_index(bool(online)), online is not None),
+        )
+        if given
+    ]
 
 
 def check_listing(limit: int, cursor: str | None, battery_lt: float | None) -> None:
@@ -173,15 +189,7 @@ class Reads:
     ) -> Plan[tuple[list[bytes], str | None]]:  # fmt: skip
         """Robots matching the lex filters after ``cursor`` (no battery_lt), as JSON."""
         k = self.keys
-        filters = [
-            key
-            for key, given in (
-                (k.status_index(status or ""), status is not None),
-                (k.site_index(site or ""), site is not None),
-                (k.online_index(bool(online)), online is not None),
-            )
-            if given
-        ]
+        filters = filter_indexes(k, status, site, online)
         # With at most one filter the driving index answers it fully; otherwise read
         # more ids per round trip, as some will be filtered out.
         chunk = limit if len(filters) <= 1 else max(limit, 500)
