@@ -203,7 +203,7 @@ def main() -> int:
                     starts: dict[str, Callable[[], list[Any]]] = {
                         "bw1": lambda: _start(s, 1, tmp, tag),
                         "bw1x2": lambda: [FlowProcess(s, tmp / f"{tag}.log", ["-w", "2"])],
-                        "bw2": lambda: _start(s, 2, tmp, tag),
+                        "bw2": lambda: [FlowProcess(s, tmp / f"{tag}.log", processes=2)],
                         "raw": lambda: [
                             _process([sys.executable, "-m", "bench.baseline"], s, tmp / "raw.log")
                         ],

@@ -20,11 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,8 +35,8 @@ import msgspec
 
 from api.auth import hash_token, new_token
 from bench.common import BENCH, progress, serve_api, write_results
-from deploy.local.harness import isolated, remove_made
-from deploy.local.procs import free_port
+from deploy.local.harness import FlowProcess, isolated, remove_made
+from deploy.local.procs import free_port, port_in_use
 from deploy.local.stack import Stack
 from fleetpulse.settings import Settings, load_settings, to_env
 from state.connect import connect
@@ -117,37 +113,6 @@ def _lag(port: int) -> int | None:
             if line.startswith("fleetpulse_flow_consumer_lag{")
         )
     return int(total)
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def _cluster(s: Settings, log: Path) -> subprocess.Popen[bytes]:
-    """The dataflow as the main job runs it: ``python -m dataflows.cluster -p 2``."""
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "dataflows.cluster", "-p", str(PROCESSES)],
-            env={**os.environ, **to_env(s)},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 async def _load(
@@ -250,7 +215,7 @@ def _warm_up(url: str, token: str, robots: int, reader: RedisStateReader) -> Non
 def run(base: Settings, tmp: Path, robots: int, rate: int, seconds: float) -> dict[str, Any]:
     """One run at one offered rate; the figures and the per-second series."""
     metrics_port = free_port()
-    while not all(_port_free(metrics_port + i) for i in range(PROCESSES)):
+    while any(port_in_use(metrics_port + i) for i in range(PROCESSES)):
         metrics_port = free_port()
     s = isolated(
         base,
@@ -262,7 +227,7 @@ def run(base: Settings, tmp: Path, robots: int, rate: int, seconds: float) -> di
     token = new_token()
     env = {**to_env(s), "FLEETPULSE_API_TOKENS": f"ingest:{hash_token(token)}"}
     reader = RedisStateReader(connect(s), s)
-    flow = _cluster(s, tmp / f"flow-{rate}.log")
+    flow = FlowProcess(s, tmp / f"flow-{rate}.log", processes=PROCESSES)
     server = serve_api("ingest", env, s.ingest_port)
     follower = Follower(reader)
     acked: dict[tuple[str, int], int] = {}
@@ -297,7 +262,7 @@ def run(base: Settings, tmp: Path, robots: int, rate: int, seconds: float) -> di
         follower.stop()
         server.terminate()
         server.communicate(timeout=20)
-        _stop(flow)
+        flow.stop()
     # A robot's states can coalesce within one sink batch; a superseded report counts as
     # visible when its successor became visible.
     by_second: dict[int, list[int]] = {}

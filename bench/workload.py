@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-from confluent_kafka import Producer
 
+from deploy.local.harness import Headers, produce
 from fleetpulse.settings import Settings
 from state.keys import Keys
 
@@ -90,9 +90,6 @@ def _traceparent(rng: random.Random, sampled: bool) -> bytes:
     )
 
 
-Headers = list[tuple[str, str | bytes | None]]
-
-
 def messages(shape: Shape) -> Iterator[tuple[bytes, bytes, Headers]]:
     """(key, value, headers) in delivery order: robots interleaved by their own clock."""
     rng = random.Random(shape.seed)
@@ -139,28 +136,7 @@ def final_orders(shape: Shape) -> dict[str, int]:
 
 def fill(settings: Settings, shape: Shape) -> int:
     """Produce the shape's messages to the reports topic; returns how many."""
-    producer = Producer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
-            "linger.ms": 20,
-            "compression.type": "lz4",
-            "queue.buffering.max.messages": 1_000_000,
-        }
-    )
-    n = 0
-    for key, value, headers in messages(shape):
-        while True:
-            try:
-                producer.produce(settings.topic_reports, value, key, headers=headers)
-                break
-            except BufferError:
-                producer.poll(0.05)
-        n += 1
-        if n % 5000 == 0:
-            producer.poll(0)
-    if producer.flush(60):
-        raise RuntimeError("the workload was not all delivered to Kafka")
-    return n
+    return produce(settings, messages(shape))
 
 
 def final_count(client: Any, keys: Keys, want: dict[str, int]) -> int:

@@ -105,14 +105,26 @@ def report(
     return body
 
 
-def produce(settings: Settings, items: Iterable[tuple[bytes | None, bytes]]) -> int:
-    """Write (key, value) pairs to the reports topic; returns how many."""
+Headers = list[tuple[str, str | bytes | None]]
+
+
+def produce(
+    settings: Settings,
+    items: Iterable[tuple[bytes | None, bytes] | tuple[bytes | None, bytes, Headers]],
+) -> int:
+    """Write (key, value) or (key, value, headers) items to the reports topic; returns
+    how many."""
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "linger.ms": 20})
     n = 0
-    for key, value in items:
+    for key, value, *headers in items:
         while True:
             try:
-                producer.produce(settings.topic_reports, key=key, value=value)
+                producer.produce(
+                    settings.topic_reports,
+                    key=key,
+                    value=value,
+                    headers=headers[0] if headers else None,
+                )
                 break
             except BufferError:
                 producer.poll(0.1)
@@ -136,14 +148,18 @@ class FlowProcess:
         log: Path,
         args: Sequence[str] = (),
         extra_env: dict[str, str] | None = None,
+        processes: int = 0,
     ) -> None:
+        """``processes`` > 0: the main job's layout instead, ``python -m dataflows.cluster
+        -p processes`` (its members in this process group)."""
         env = {**os.environ, **to_env(settings), **(extra_env or {})}
         for var in ("BYTEWAX_RECOVERY_DIRECTORY", "BYTEWAX_SNAPSHOT_INTERVAL"):
             env.pop(var, None)
         self.log = log
         self._log = log.open("ab")
+        run = ["dataflows.cluster", "-p", str(processes)] if processes else ["bytewax.run", FLOW]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bytewax.run", FLOW, *args],
+            [sys.executable, "-m", *run, *args],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
