@@ -45,8 +45,17 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     ] = ".stack"
     kafka_port: Annotated[Port, _doc("Local Kafka broker port (PLAINTEXT listener).")] = 59092
     kafka_controller_port: Annotated[Port, _doc("Local Kafka KRaft controller port.")] = 59093
-    kafka_heap_mb: Annotated[int, _doc("Heap of the local Kafka JVM, MiB.", ge=256)] = 1024
+    kafka_heap_mb: Annotated[
+        int, _doc("Heap of the local Kafka JVM, MiB (each HA node: half of it).", ge=256)
+    ] = 1024
     redis_port: Annotated[Port, _doc("Local redis-server port.")] = 56379
+    sentinel_down_after_ms: Annotated[
+        int,
+        _doc("HA stack: how long a silent Redis master is down for the Sentinels.", ge=100),
+    ] = 5000
+    sentinel_failover_timeout_ms: Annotated[
+        int, _doc("HA stack: Sentinel failover-timeout, ms.", ge=1000)
+    ] = 15000
     jaeger_query_port: Annotated[Port, _doc("Local Jaeger query API port.")] = 16686
     jaeger_query_grpc_port: Annotated[Port, _doc("Local Jaeger query gRPC port.")] = 16685
     jaeger_otlp_grpc_port: Annotated[Port, _doc("Local Jaeger OTLP/gRPC receiver port.")] = 4317

@@ -1,6 +1,8 @@
 """The local stack: real Kafka, Redis and Jaeger as local processes, one command each way.
 
     python -m deploy.local.stack up        provision on first use, start, wait until healthy
+    python -m deploy.local.stack up --ha   the HA layout: 3 Kafka nodes, Redis master +
+                                           replica + 3 Sentinels (and Jaeger)
     python -m deploy.local.stack status    one line per service: pid, port, health
     python -m deploy.local.stack logs [SERVICE] [-n LINES] [-f]
     python -m deploy.local.stack down      stop only the processes this stack started
@@ -9,6 +11,13 @@
 
 Everything lives under ``FLEETPULSE_STACK_DIR`` (default ``.stack/`` in the repository,
 git-ignored). ``up`` is idempotent: a service already running and healthy is left alone.
+The layout last brought up is recorded there, so ``status``, ``logs`` and ``down`` cover
+every node of it without being told.
+
+The HA layout (DESIGN.md, "High availability"): Kafka nodes 1-3 on the Kafka ports
++ 0, 10, 20 (broker 59092, 59102, 59112; controller 59093, 59103, 59113), the Redis
+master on the Redis port, its replica on +1 (56380), Sentinels on +11, +12, +13
+(56390-56392). :meth:`Stack.client_env` is what the product's processes need to use it.
 """
 
 from __future__ import annotations
@@ -20,25 +29,79 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from deploy.local.procs import PidFile, log_tail, port_in_use, spawn
-from deploy.local.services import Jaeger, Kafka, Redis, Service
+from deploy.local.services import (
+    HA_NODES,
+    Jaeger,
+    Kafka,
+    Redis,
+    RedisReplica,
+    Sentinel,
+    Service,
+)
 from fleetpulse.errors import FleetpulseError, StackError
 from fleetpulse.settings import Settings, env_name, load_settings
 
-__all__ = ["REPO_ROOT", "Stack", "main"]
+__all__ = ["REPO_ROOT", "ServiceStatus", "Stack", "main"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-class Stack:
-    """The local stack described by one :class:`Settings`."""
+class ServiceStatus(NamedTuple):
+    name: str
+    pid: int | None
+    port: int
+    healthy: bool
+    role: str  # e.g. "leads 4/8 partitions", "master, 1 replica(s)"; "" alone
 
-    def __init__(self, settings: Settings) -> None:
+
+class Stack:
+    """The local stack described by one :class:`Settings`: the single-node layout, or
+    the HA one (``ha=True``); ``ha=None`` takes the layout last brought up."""
+
+    def __init__(self, settings: Settings, ha: bool | None = None) -> None:
         self.settings = settings
         root = Path(settings.stack_dir)
         self.root = root if root.is_absolute() else REPO_ROOT / root
-        self.services: list[Service] = [cls(settings, self.root) for cls in (Kafka, Redis, Jaeger)]
+        self.ha = self.recorded_layout() == "ha" if ha is None else ha
+        self.services = self.layout(self.ha)
+
+    def layout(self, ha: bool) -> list[Service]:
+        s, root = self.settings, self.root
+        if not ha:
+            return [Kafka(s, root), Redis(s, root), Jaeger(s, root)]
+        return [
+            *(Kafka(s, root, n) for n in HA_NODES),
+            Redis(s, root),
+            RedisReplica(s, root),
+            *(Sentinel(s, root, n) for n in HA_NODES),
+            Jaeger(s, root),
+        ]
+
+    @property
+    def _layout_file(self) -> Path:
+        return self.root / "run" / "layout"
+
+    def recorded_layout(self) -> str:
+        try:
+            return self._layout_file.read_text().strip()
+        except OSError:
+            return "single"
+
+    def client_env(self) -> dict[str, str]:
+        """The FLEETPULSE_* variables the product's processes need for this layout: in
+        HA, every broker to bootstrap from, 3 copies of each topic, the Sentinels."""
+        if not self.ha:
+            return {}
+        brokers = [s for s in self.services if isinstance(s, Kafka)]
+        sentinels = [s for s in self.services if isinstance(s, Sentinel)]
+        return {
+            env_name("kafka_bootstrap"): ",".join(f"127.0.0.1:{b.port}" for b in brokers),
+            env_name("kafka_replication"): str(len(brokers)),
+            env_name("redis_sentinels"): ",".join(f"127.0.0.1:{x.port}" for x in sentinels),
+        }
 
     def service(self, name: str) -> Service:
         for svc in self.services:
@@ -53,41 +116,69 @@ class Stack:
     def up(self, names: Sequence[str] = ()) -> list[str]:
         """Provision and start every service (or those named) and wait until each is healthy.
 
-        Returns the names of the services this call started (not those already running).
+        Every process is started before any is waited for: a node of the HA Kafka
+        cluster is ready only once a majority of the controller quorum runs. Returns the
+        names of the services this call started (not those already running).
         """
+        self._check_layout()
         chosen = [self.service(n) for n in names] if names else self.services
-        return [svc.name for svc in chosen if self._up_one(svc)]
+        self._layout_file.parent.mkdir(parents=True, exist_ok=True)
+        self._layout_file.write_text("ha\n" if self.ha else "single\n")
+        started = {svc.name: self._start(svc) for svc in chosen}
+        for svc in chosen:
+            pid = self.pidfile(svc).running_pid()
+            self._wait_healthy(svc, pid or 0)
+            svc.after_start()
+            took = started[svc.name]
+            if took is None:
+                print(f"{svc.name:13} already running (pid {pid})")
+            else:
+                took = time.monotonic() - took
+                print(f"{svc.name:13} started (pid {pid}, port {svc.port}) in {took:.1f}s")
+        if self.ha and not names:
+            exports = " ".join(f"{k}={v}" for k, v in self.client_env().items())
+            print(f"the product's processes use this layout with: {exports}")
+        return [name for name, took in started.items() if took is not None]
+
+    def _check_layout(self) -> None:
+        """Refuse to start one layout while a service only the other one has runs."""
+        other = self.layout(not self.ha)
+        mine = {svc.name for svc in self.services}
+        running = [
+            svc.name
+            for svc in other
+            if svc.name not in mine and self.pidfile(svc).running_pid() is not None
+        ]
+        if running:
+            want, have = ("HA", "single-node") if self.ha else ("single-node", "HA")
+            raise StackError(
+                f"the {have} stack is running ({', '.join(running)}); stop it with "
+                f"`just stack-down` before starting the {want} one"
+            )
 
     def stop(self, names: Sequence[str]) -> None:
         """Stop the named services (only processes this stack started), newest first."""
         for svc in reversed([self.service(n) for n in names]):
             pid = self.pidfile(svc).stop()
-            print(f"{svc.name:7} stopped (pid {pid})" if pid else f"{svc.name:7} not running")
+            print(f"{svc.name:13} stopped (pid {pid})" if pid else f"{svc.name:13} not running")
 
-    def _up_one(self, svc: Service) -> bool:
+    def _start(self, svc: Service) -> float | None:
+        """Start ``svc`` unless it runs; the monotonic start time, or None if it ran."""
         pidfile = self.pidfile(svc)
-        pid = pidfile.running_pid()
-        if pid is not None:
-            self._wait_healthy(svc, pid)
-            svc.after_start()
-            print(f"{svc.name:7} already running (pid {pid})")
-            return False
+        if pidfile.running_pid() is not None:
+            return None
         for setting, port in svc.ports().items():
             if port_in_use(port):
                 raise StackError(
-                    f"cannot start {svc.name}: port {port} ({env_name(setting)}) is already "
+                    f"cannot start {svc.name}: port {port} ({env_name(setting)}"
+                    f"{f' + {svc.port_offset}' if svc.port_offset else ''}) is already "
                     f"in use by a process this stack did not start; stop that process or set "
                     f"{env_name(setting)} to a free port"
                 )
         svc.provision()
         started = time.monotonic()
-        pid = spawn(svc.command(), svc.log_path, cwd=self.root)
-        pidfile.record(pid)
-        self._wait_healthy(svc, pid)
-        svc.after_start()
-        took = time.monotonic() - started
-        print(f"{svc.name:7} started (pid {pid}, port {svc.port}) in {took:.1f}s")
-        return True
+        pidfile.record(spawn(svc.command(), svc.log_path, cwd=self.root))
+        return started
 
     def _wait_healthy(self, svc: Service, pid: int) -> None:
         deadline = time.monotonic() + self.settings.stack_start_timeout_s
@@ -110,15 +201,31 @@ class Stack:
             time.sleep(0.25)
 
     def down(self) -> None:
-        """Stop the processes this stack started, newest first; nothing else is touched."""
-        self.stop([svc.name for svc in self.services])
+        """Stop the processes this stack started, newest first; nothing else is touched.
 
-    def status(self) -> list[tuple[str, int | None, int, bool]]:
-        """(name, pid or None, port, healthy) for every service."""
+        Both layouts' processes are stopped. The Sentinels' configs go with them: the
+        next start brings the Redis nodes up in their first roles, which is what fresh
+        Sentinel configs describe.
+        """
+        for ha in (not self.ha, self.ha):
+            for svc in reversed(self.layout(ha)):
+                if ha != self.ha and svc.name in {s.name for s in self.services}:
+                    continue
+                pid = self.pidfile(svc).stop()
+                if pid:
+                    print(f"{svc.name:13} stopped (pid {pid})")
+                elif ha == self.ha:
+                    print(f"{svc.name:13} not running")
+                if isinstance(svc, Sentinel):
+                    svc.config_path.unlink(missing_ok=True)
+
+    def status(self) -> list[ServiceStatus]:
+        """Pid, port, health and role in its cluster of every service."""
         rows = []
         for svc in self.services:
             pid = self.pidfile(svc).running_pid()
-            rows.append((svc.name, pid, svc.port, pid is not None and svc.healthy()))
+            healthy = pid is not None and svc.healthy()
+            rows.append(ServiceStatus(svc.name, pid, svc.port, healthy, svc.role() if pid else ""))
         return rows
 
     @property
@@ -139,7 +246,11 @@ class Stack:
         new topics (and restore robot state that no longer exists anywhere else).
         """
         self.down()
-        for sub in ("kafka/data", "kafka/formatted.json", "redis", "logs", "run"):
+        every = [*self.layout(False), *self.layout(True)]
+        data = [f"{svc.name}/data" for svc in every if isinstance(svc, Kafka)]
+        data += [f"{svc.name}/formatted.json" for svc in every if isinstance(svc, Kafka)]
+        data += [svc.name for svc in every if isinstance(svc, Redis | Sentinel)]
+        for sub in (*dict.fromkeys(data), "kafka-ha.cluster-id", "logs", "run"):
             path = self.root / sub
             if path.is_dir():
                 shutil.rmtree(path)
@@ -168,10 +279,10 @@ class Stack:
 
 def _print_status(stack: Stack) -> bool:
     ok = True
-    for name, pid, port, healthy in stack.status():
+    for name, pid, port, healthy, role in stack.status():
         state = "healthy" if healthy else ("UNHEALTHY" if pid else "stopped")
         ok = ok and healthy
-        print(f"{name:7} {state:9} pid={pid or '-':<8} port={port}")
+        print(f"{name:13} {state:9} pid={pid or '-':<8} port={port:<6} {role}".rstrip())
     return ok
 
 
@@ -179,18 +290,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stack", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="provision on first use, start, wait until healthy")
-    up.add_argument("services", nargs="*", help="only these (kafka, redis, jaeger)")
+    up.add_argument("services", nargs="*", help="only these (see `status` for the names)")
+    up.add_argument(
+        "--ha",
+        action="store_true",
+        help="3 Kafka nodes, Redis master + replica + 3 Sentinels (default: one of each)",
+    )
     sub.add_parser("down", help="stop the processes this stack started")
     sub.add_parser("status", help="pid, port and health of each service; exit 1 unless all healthy")
     sub.add_parser("reset", help="down, then delete the stack's data")
     logs = sub.add_parser("logs", help="the tail of a service's log")
-    logs.add_argument("service", nargs="?", help="kafka, redis or jaeger (default: all)")
+    logs.add_argument("service", nargs="?", help="e.g. kafka, kafka-2, sentinel-1 (default: all)")
     logs.add_argument("-n", "--lines", type=int, default=30)
     logs.add_argument("-f", "--follow", action="store_true")
     args = parser.parse_args(argv)
 
     try:
-        stack = Stack(load_settings())
+        settings = load_settings()
+        if args.cmd == "up":  # the single-node layout unless asked; named services: the last
+            stack = Stack(settings, ha=True if args.ha else (None if args.services else False))
+        else:
+            stack = Stack(settings)
         if args.cmd == "up":
             stack.up(args.services)
         elif args.cmd == "down":

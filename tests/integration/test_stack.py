@@ -25,12 +25,13 @@ from fleetpulse.settings import Settings
 
 def test_all_three_services_are_healthy(stack: Stack) -> None:
     rows = stack.status()
-    assert [(name, healthy) for name, _pid, _port, healthy in rows] == [
+    assert [(row.name, row.healthy) for row in rows] == [
         ("kafka", True),
         ("redis", True),
         ("jaeger", True),
     ]
-    assert all(pid is not None for _n, pid, _p, _h in rows)
+    assert all(row.pid is not None for row in rows)
+    assert [row.role for row in rows] == ["", "master, 0 replica(s)", ""]
 
 
 def test_product_topics_exist_with_configured_partitions(stack: Stack, settings: Settings) -> None:
@@ -175,4 +176,4 @@ def test_up_twice_changes_nothing_and_down_stops_only_its_own(
         not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     )
     # The shared stack was not touched by the other stack's down.
-    assert all(healthy for *_r, healthy in stack.status())
+    assert all(row.healthy for row in stack.status())
