@@ -9,7 +9,7 @@ py := justfile_directory() / ".venv/bin/python"
 default:
     @just --list --unsorted
 
-# the whole product locally: stack, dataflow (2 workers), ingest + query API, 10 simulated robots
+# the whole product locally: stack, dataflow (2 processes), ingest + query API, 10 simulated robots (`--ha`: on the HA stack)
 main *ARGS:
     {{py}} -m deploy.local.main {{ARGS}}
 
@@ -38,7 +38,7 @@ fmt:
     {{py}} -m ruff format .
     {{py}} -m ruff check --fix .
 
-# start Kafka, Redis and Jaeger (provisioned on first use); harmless when already up
+# start Kafka, Redis and Jaeger (provisioned on first use; `--ha`: 3 brokers, Redis Sentinel); harmless when up
 stack-up *SERVICES:
     @{{py}} -m deploy.local.stack up {{SERVICES}}
 
@@ -53,6 +53,10 @@ stack-status:
 # the tail of the services' logs (e.g. `just stack-logs kafka -n 100`, `-f` to follow)
 stack-logs *ARGS:
     @{{py}} -m deploy.local.stack logs {{ARGS}}
+
+# fault injection by hand: signal one node of the stack (e.g. `just stack-kill kafka-2`, `--signal STOP`)
+stack-kill *ARGS:
+    @{{py}} -m deploy.local.stack kill {{ARGS}}
 
 # stop the stack and delete its data and the dataflow's recovery store (binaries and jars stay)
 stack-reset:

@@ -1,7 +1,7 @@
 """The main job: the whole product on this machine, with simulated robots reporting.
 
     python -m deploy.local.main [--robots 10] [--rate 1] [--duration S] [--logs DIR]
-                                [-- SIM_ARGS...]
+                                [--ha] [-- SIM_ARGS...]
 
 Starts, in order: the local stack (Kafka, Redis, Jaeger; left alone if already up),
 the dataflow (recovery on; 2 processes of 1 worker, the seed's parallelism 2, as one
@@ -9,7 +9,9 @@ supervised unit through ``dataflows.cluster``), the ingest server
 (58081) and the query server (58080), then the simulator. It prints where to look and
 runs until Ctrl-C or ``--duration``; then it stops everything it started, in reverse
 order, and nothing else. A fresh pair of dev tokens (ingest, read) is made per run and
-printed: the API is never open without one.
+printed: the API is never open without one. ``--ha`` runs it all on the HA stack (3
+Kafka brokers, Redis through Sentinel: ``deploy.local.stack``), where a broker or the
+Redis master may be killed by hand (README, "High availability").
 
 Supervision: a child that exits when it should not (the dataflow, ingest or query server
 at all, the simulator with a non-zero status) loses its whole process group (granian's
@@ -257,15 +259,33 @@ fleetpulse is running — where to look:
   one robot           curl {auth} {q}/v1/robots/{robot}
   fleet summary       curl {auth} {q}/v1/fleet/summary
   live changes (SSE)  curl -N {auth} {q}/v1/stream
-  live state in Redis redis-cli -p {s.redis_port} HGETALL '{key}'
+  live state in Redis redis-cli -p {_redis_port(s)} HGETALL '{key}'
   a trace in Jaeger   curl '{s.jaeger_api}/api/traces?service=fleetpulse-dataflow&limit=1'
   metrics             http://127.0.0.1:{s.ingest_port}/metrics  {q}/metrics  http://127.0.0.1:{s.dataflow_metrics_port}/metrics
   a stuck robot       curl -X POST {admin} http://127.0.0.1:{s.ingest_port}/v1/robots/{robot}/reset-order
   logs                {logs}/
-  dev tokens          read: {tokens.read}
+{_ha_lines(s) if s.redis_sentinels else ""}  dev tokens          read: {tokens.read}
                       ingest: {tokens.ingest}
                       admin: {tokens.admin}
 Ctrl-C stops everything this command started.
+"""
+
+
+def _redis_port(s: Settings) -> str:
+    """The Redis port to show: the master's, asked of the Sentinels in HA."""
+    if not s.redis_sentinels:
+        return str(s.redis_port)
+    first = s.redis_sentinels.split(",")[0].rpartition(":")[2]
+    ask = f"sentinel get-master-addr-by-name {s.redis_sentinel_master}"
+    return f"$(redis-cli -p {first} --raw {ask} | tail -1)"
+
+
+def _ha_lines(s: Settings) -> str:
+    return """  HA stack            just stack-status   (which broker leads most partitions, which
+                                           Redis is the master)
+  kill a broker       just stack-kill kafka-1    then  just stack-up kafka-1
+  pause a broker      just stack-kill kafka-2 --signal STOP  (CONT to resume)
+  kill Redis master   just stack-kill redis      then  just stack-up redis
 """
 
 
@@ -280,6 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--logs", type=Path, default=None, help="folder of the children's logs (<stack dir>/logs)"
     )
+    parser.add_argument(
+        "--ha", action="store_true", help="on the HA stack: 3 Kafka brokers, Redis Sentinel"
+    )
     parser.add_argument("sim_args", nargs="*", help="more simulator options, after --")
     args = parser.parse_args(argv)
     if args.robots < 1 or args.rate <= 0 or args.processes < 1:
@@ -290,10 +313,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    stack = Stack(base, ha=args.ha)
+    if stack.client_env():  # the product's clients then reach every node
+        base = load_settings({**os.environ, **stack.client_env()})
     tokens = Tokens.new()
     env = {**os.environ, **to_env(base), env_name("api_tokens"): tokens.setting()}
     logs = args.logs.resolve() if args.logs else REPO_ROOT / base.stack_dir / "logs"
-    stack = Stack(base)
     started_services: list[str] = []
     supervisor = Supervisor()
     stopping = False

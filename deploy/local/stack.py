@@ -6,6 +6,8 @@
     python -m deploy.local.stack status    one line per service: pid, port, health
     python -m deploy.local.stack logs [SERVICE] [-n LINES] [-f]
     python -m deploy.local.stack down      stop only the processes this stack started
+    python -m deploy.local.stack kill NODE [--signal KILL|STOP|CONT]
+                                           fault injection by hand: signal one node
     python -m deploy.local.stack reset     down, then delete the stack's data (not its binaries)
                                            and the dataflow's recovery store
 
@@ -23,7 +25,9 @@ master on the Redis port, its replica on +1 (56380), Sentinels on +11, +12, +13
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -299,6 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("down", help="stop the processes this stack started")
     sub.add_parser("status", help="pid, port and health of each service; exit 1 unless all healthy")
     sub.add_parser("reset", help="down, then delete the stack's data")
+    kill = sub.add_parser("kill", help="signal one node (kill -9 by default): fault injection")
+    kill.add_argument("service", help="e.g. kafka-1, redis, sentinel-2")
+    kill.add_argument("--signal", choices=("KILL", "STOP", "CONT", "TERM"), default="KILL")
     logs = sub.add_parser("logs", help="the tail of a service's log")
     logs.add_argument("service", nargs="?", help="e.g. kafka, kafka-2, sentinel-1 (default: all)")
     logs.add_argument("-n", "--lines", type=int, default=30)
@@ -317,6 +324,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             stack.down()
         elif args.cmd == "reset":
             stack.reset()
+        elif args.cmd == "kill":
+            svc = stack.service(args.service)
+            pid = stack.pidfile(svc).running_pid()
+            if pid is None:
+                raise StackError(f"{svc.name} is not running")
+            os.kill(pid, getattr(signal, f"SIG{args.signal}"))
+            print(f"{svc.name} (pid {pid}) sent SIG{args.signal}")
         elif args.cmd == "status":
             return 0 if _print_status(stack) else 1
         elif args.cmd == "logs":
