@@ -6,7 +6,8 @@ The source emits, keyed by shard (``dataflows.shard.shard_key``):
 * :data:`Progress` — "every message of Kafka partition p appended at or before t has
   been read": the arrival clock that offline detection and window closing run on,
 * :class:`Control` — an operator's command for one robot, ordered with its reports,
-* :class:`DeadLetter` — a message that cannot be keyed (under :data:`DLQ_KEY`).
+* :class:`DeadLetter` — a message that cannot be keyed (under :data:`DLQ_KEY`),
+* :class:`Republish` — "write every robot's live state again" (``dataflows.republish``).
 
 The shard step hands the sink one :class:`Out` per call.
 """
@@ -19,7 +20,16 @@ import msgspec
 
 from fleetpulse.schema import Alert, LiveState, WindowStats
 
-__all__ = ["DLQ_KEY", "Control", "DeadKind", "DeadLetter", "Out", "Progress", "Raw"]
+__all__ = [
+    "DLQ_KEY",
+    "Control",
+    "DeadKind",
+    "DeadLetter",
+    "Out",
+    "Progress",
+    "Raw",
+    "Republish",
+]
 
 # The key of messages that cannot be keyed by robot; "!" never starts a shard key.
 DLQ_KEY = "!dlq"
@@ -61,6 +71,12 @@ class Control(msgspec.Struct, frozen=True, gc=False):
     arrival_ms: int
 
 
+class Republish(msgspec.Struct, frozen=True, gc=False):
+    """Every shard writes all its robots' live state again, once per token."""
+
+    token: str
+
+
 class Out(msgspec.Struct, kw_only=True, gc=False):
     """What one shard step hands the sink: writes, dead letters, trace and timing."""
 
@@ -75,9 +91,10 @@ class Out(msgspec.Struct, kw_only=True, gc=False):
     stale: int = 0
     duplicate: int = 0
     errors: int = 0  # exceptions contained (each also a dead letter of kind `error`)
+    republished: str = ""  # the Republish token whose states this Out carries
 
     def __bool__(self) -> bool:
         return bool(
             self.states or self.alerts or self.windows or self.dead or self.applied
-            or self.stale or self.duplicate
+            or self.stale or self.duplicate or self.republished
         )  # fmt: skip

@@ -32,7 +32,7 @@ import msgspec
 from bytewax.operators import StatefulBatchLogic
 
 from dataflows.classify import classify
-from dataflows.records import Control, DeadLetter, Out, Progress, Raw
+from dataflows.records import Control, DeadLetter, Out, Progress, Raw, Republish
 from dataflows.robot import Emits, RobotState, offline_at, on_control, on_progress, on_report
 from dataflows.rules import Rules
 from dataflows.spans import FlowSpans, sampled_parent
@@ -56,7 +56,7 @@ log = logging.getLogger("fleetpulse.dataflow")
 # 1: open windows as lists of points; 2: as running statistics (windows.Window).
 SHARD_FORMAT = 2
 
-Item = Raw | Progress | DeadLetter | Control
+Item = Raw | Progress | DeadLetter | Control | Republish
 
 
 def shard_key(robot_id: str, shards: int) -> str:
@@ -188,6 +188,7 @@ class ShardLogic(StatefulBatchLogic[Item, Out, bytes]):
         # only those (the whole shard is snapshotted whenever any robot of it moved).
         self._encoded: dict[str, msgspec.Raw] = {}
         self._dirty: set[str] = set()
+        self._republished = ""  # the last Republish token answered
         if resume is not None:
             self._encoded, self.robots = _restore(resume, binding)
             # Rebuild the timers in arrival order, so each partition's LRU is sorted.
@@ -207,6 +208,8 @@ class ShardLogic(StatefulBatchLogic[Item, Out, bytes]):
                 out.dead.append(item)
             elif isinstance(item, Control):
                 self._control(item, out)
+            elif isinstance(item, Republish):
+                self._republish(item, out)
         return ([out] if out else []), self.RETAIN
 
     def notify_at(self) -> None:
@@ -333,6 +336,15 @@ class ShardLogic(StatefulBatchLogic[Item, Out, bytes]):
             extra={"audit": True},
         )
         self._keep(robot, state, emits, out)
+
+    def _republish(self, request: Republish, out: Out) -> None:
+        """Every robot's live state again (Redis may have lost some): once per token,
+        though each source partition of each process passes the request on."""
+        if request.token == self._republished:
+            return
+        self._republished = request.token
+        out.states += [st.live for st in self.robots.values()]
+        out.republished = request.token
 
     def _keep(self, robot: str, state: RobotState, emits: Emits, out: Out) -> None:
         self.robots[robot] = state

@@ -37,6 +37,7 @@ from fleetpulse.schema import Alert, WindowStats, encode
 from fleetpulse.settings import Settings
 from observability.metrics import dataflow_metrics
 from state.connect import connect
+from state.projection import Projection
 from state.writer import RedisStateWriter, WriteResult, coalesce
 
 log = logging.getLogger("fleetpulse.dataflow.sink")
@@ -96,6 +97,7 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
         self.writer = _retry(
             "connecting to Redis", lambda: RedisStateWriter(client, settings), _TRANSIENT
         )
+        self.projection = Projection(client, settings.redis_prefix)
         self.kafka = CheckedProducer(settings)
         self.spans = flow_spans(settings)
         self.metrics = dataflow_metrics(
@@ -111,8 +113,12 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
         dead: list[DeadLetter] = []
         traced: list[SpanIds] = []
         appended: dict[str, int] = {}  # Kafka append time of each robot's newest report
-        applied = stale = duplicate = errors = 0
-        for _shard, out in items:
+        republished: dict[str, list[str]] = {}  # re-publish token -> shards that answered
+        applied = stale = duplicate = errors = republished_states = 0
+        for shard, out in items:
+            if out.republished:
+                republished.setdefault(out.republished, []).append(shard)
+                republished_states += len(out.states)
             appended.update(out.appended_ms)
             windows += out.windows
             alerts += out.alerts
@@ -141,6 +147,9 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
             self._trace_writes(traced, started_ns, ended_ns, len(states), result.states_applied)
             if self.after_redis is not None:
                 self.after_redis()  # chaos: die between the Redis write and Kafka
+        if republished:
+            m.republished.inc(republished_states)
+            self._record_republish(republished)
         m.applied.inc(applied)
         m.stale.inc(stale)
         m.duplicate.inc(duplicate)
@@ -156,6 +165,21 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
             m.alerts.labels(a.kind).inc()
         for d in dead:
             m.dead.labels(d.kind).inc()
+
+    def _record_republish(self, republished: dict[str, list[str]]) -> None:
+        """After their states are written: note the shards that re-published; the sink
+        that completes a token marks the projection whole again (state.projection)."""
+        for token, shards in republished.items():
+            done = _retry(
+                "recording the re-published shards",
+                lambda: self.projection.shards_written(token, shards, self.settings.shards),  # noqa: B023 - called at once
+                _TRANSIENT,
+            )
+            if done:
+                self.metrics.republishes.labels("completed").inc()
+                log.warning(
+                    "re-publish %s complete: every shard's live state is in Redis again", token
+                )
 
     def _trace_writes(
         self, traced: list[SpanIds], start_ns: int, end_ns: int, batch: int, applied: int

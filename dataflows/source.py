@@ -51,7 +51,8 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 
-from dataflows.records import DLQ_KEY, Control, DeadLetter, Raw
+from dataflows.records import DLQ_KEY, Control, DeadLetter, Raw, Republish
+from dataflows.republish import ProjectionWatch
 from dataflows.shard import shard_key, shard_keys
 from fleetpulse import control
 from fleetpulse.errors import FleetpulseError
@@ -71,7 +72,7 @@ __all__ = [
 
 log = logging.getLogger("fleetpulse.dataflow.source")
 
-Keyed = tuple[str, Raw | DeadLetter | Control | tuple[int, int]]
+Keyed = tuple[str, Raw | DeadLetter | Control | Republish | tuple[int, int]]
 
 # Room for clock skew between the broker (append times) and this host (the time we
 # asked for the partition's end).
@@ -195,6 +196,7 @@ class ReportSource(FixedPartitionedSource[Keyed, SourcePosition]):
         self.keys = shard_keys(settings.shards)
         self.ends = _Ends(settings)
         self._watch: _TopicWatch | None = None
+        self.projection: ProjectionWatch | None = None
         self._lock = threading.Lock()
 
     def list_parts(self) -> list[str]:
@@ -226,6 +228,7 @@ class ReportSource(FixedPartitionedSource[Keyed, SourcePosition]):
         with self._lock:
             if self._watch is None and self.tail:
                 self._watch = _TopicWatch(self.settings, self.binding)
+                self.projection = ProjectionWatch(self.settings, self.metrics)
         return _Partition(self, int(index), offset)
 
 
@@ -321,6 +324,7 @@ class _Partition(StatefulSourcePartition[Keyed, SourcePosition]):
         self.last_arrival_ms = 0  # arrival of the newest message read
         self.marked = 0.0  # read_to of the last progress mark sent
         self.marked_at = 0.0  # wall clock of the last mark
+        self.republish = ""  # the last re-publish token passed on to the shards
         self.eof = False
         self.ended = False
         self._last_log: dict[int, float] = {}
@@ -425,6 +429,10 @@ class _Partition(StatefulSourcePartition[Keyed, SourcePosition]):
             mark = (self.index, int(self.read_to * 1000))
             out += [(key, mark) for key in self.keys]
             self.marked, self.marked_at = self.read_to, now
+        projection = self.source.projection
+        if projection is not None and projection.pending != self.republish:
+            self.republish = projection.pending
+            out += [(key, Republish(self.republish)) for key in self.keys]
         if self.eof:
             self.ended = True
         return out

@@ -142,6 +142,19 @@ class DataflowMetrics:
         self.writes = Counter(
             "fleetpulse_flow_redis_batches", "Batches written to Redis.", registry=r
         )
+        self.republished = Counter(
+            "fleetpulse_flow_republished_states",
+            "Live states written again because Redis may have lost some (a failover, a "
+            "restart, an empty Redis, `just rebuild-state`).",
+            registry=r,
+        )
+        self.republishes = Counter(
+            "fleetpulse_flow_republishes",
+            "Re-publishes of the whole live state this process claimed (it found Redis "
+            "not to be the projection it last completed), and those it saw complete.",
+            ["event"],
+            registry=r,
+        )
         self.consumer_lag = Gauge(
             "fleetpulse_flow_consumer_lag",
             "Messages of a reports-topic partition not yet read by this process.",

@@ -103,6 +103,8 @@ class Keys:
         "offline",
         "online",
         "prefix",
+        "published",
+        "republish",
         "site_prefix",
         "status_prefix",
         "summary",
@@ -120,6 +122,10 @@ class Keys:
         self.site_prefix = f"{prefix}:idx:site:"
         self.alerts = f"{prefix}:stream:alerts"
         self.changes = f"{prefix}:stream:changes"
+        # The projection's own bookkeeping (state.projection): the server the live state
+        # was last fully published to, and the re-publish under way.
+        self.published = f"{prefix}:meta:published"
+        self.republish = f"{prefix}:meta:republish"
 
     # --- per robot (hash-tagged) ------------------------------------------------------
     def robot(self, robot_id: str) -> str:
@@ -162,6 +168,10 @@ class Keys:
     def alerts_of_kind(self, kind: str) -> str:
         """STREAM of new alerts of one kind."""
         return f"{self.alerts}:{kind}"
+
+    def republished_shards(self, token: str) -> str:
+        """SET of the dataflow's shard keys whose live state re-publish ``token`` wrote."""
+        return f"{self.republish}:{token}"
 
     def pattern(self) -> str:
         """A SCAN MATCH pattern for every key under this prefix (tests, operations)."""

@@ -51,7 +51,8 @@ def isolated(settings: Settings, tmp: Path, partitions: int = 12, **over: Any) -
     )
     admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap_servers})
     topics = [s.topic_reports, s.topic_dlq, s.topic_alerts]
-    ensure_topics(admin, topics, partitions, 1, reports_topic=s.topic_reports)
+    # One copy on the single-node stack; the HA stack's settings ask for 3.
+    ensure_topics(admin, topics, partitions, s.kafka_replication, reports_topic=s.topic_reports)
     MADE_TOPICS.extend(topics)
     MADE_PREFIXES.append(s.redis_prefix)
     return s
