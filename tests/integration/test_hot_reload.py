@@ -8,12 +8,18 @@ read from Redis and the active config from the flow's own /metrics.
 from __future__ import annotations
 
 import threading
+import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
+from litestar.testing import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from api.app import create_app
+from api.auth import hash_token, new_token
 from deploy.local.harness import FlowProcess, encoded, isolated, produce, report, wait_until
 from deploy.local.procs import free_port
 from deploy.local.stack import Stack
@@ -24,6 +30,7 @@ from state.reader import RedisStateReader
 from tests.configmap import ConfigMap
 
 ROBOTS = [f"hot-{i}" for i in range(4)]
+INGEST = new_token()
 
 
 class _Load:
@@ -49,12 +56,7 @@ class _Load:
         self._thread.join(10)
 
 
-def _config(url: str) -> tuple[set[str], dict[str, float]] | None:
-    """The flow's active config hashes and its reload counts, or None while it has no /metrics."""
-    try:
-        text = httpx.get(url, timeout=2).text
-    except httpx.HTTPError:
-        return None
+def _parse(text: str) -> tuple[set[str], dict[str, float]]:
     hashes: set[str] = set()
     reloads: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -64,6 +66,14 @@ def _config(url: str) -> tuple[set[str], dict[str, float]] | None:
             elif sample.name == "fleetpulse_config_reloads_total":
                 reloads[sample.labels["result"]] = sample.value
     return hashes, reloads
+
+
+def _config(url: str) -> tuple[set[str], dict[str, float]] | None:
+    """The flow's active config hashes and its reload counts, or None while it has no /metrics."""
+    try:
+        return _parse(httpx.get(url, timeout=2).text)
+    except httpx.HTTPError:
+        return None
 
 
 def test_a_configmap_update_changes_the_running_flows_thresholds(
@@ -133,3 +143,42 @@ def test_a_configmap_update_changes_the_running_flows_thresholds(
     assert f"config {after} applied" in log
     assert "battery_ok_pct (45) must be above low_battery_pct (50)" in log
     assert f"config {after} stays" in log
+
+
+def test_a_configmap_update_changes_the_ingest_time_bounds_and_readyz(
+    stack: Stack, settings: Settings, tmp_path: Path
+) -> None:
+    configmap = ConfigMap(tmp_path / "config")
+    configmap.write("max_future_s: 600\n")
+    s = isolated(
+        settings,
+        tmp_path,
+        config_dir=str(configmap.root),
+        api_tokens=f"ingest:{hash_token(INGEST)}",
+    )
+    ahead = report("hot-api", 1, ts=datetime.fromtimestamp(time.time() + 300, UTC).isoformat())
+    after = config_hash(msgspec.structs.replace(s, max_future_s=60.0))
+
+    def post(client: TestClient[Any], body: dict[str, Any]) -> int:
+        return client.post("/v1/reports", json=body).status_code
+
+    with TestClient(create_app(s, query=False), raise_server_exceptions=False) as client:
+        client.headers["Authorization"] = f"Bearer {INGEST}"
+        first = client.get("/readyz").json()["config"]
+        assert first == config_hash(msgspec.structs.replace(s, max_future_s=600.0))
+        assert post(client, ahead) == 202  # 5 min ahead, 10 allowed
+
+        configmap.write("max_future_s: 60\n")
+        wait_until(
+            "readyz shows the new config",
+            lambda: client.get("/readyz").json()["config"] == after,
+            5,
+        )
+        r = client.post("/v1/reports", json=ahead)
+        assert r.status_code == 422 and "ts" in r.json()["fields"]
+        batch = client.post("/v1/reports/batch", json=[ahead])
+        assert (batch.status_code, batch.json()["fields"]) == (422, ["[0].ts"])
+        assert _parse(client.get("/metrics").text) == (
+            {after},
+            {"applied": 1.0, "invalid": 0.0, "unchanged": 0.0},
+        )
