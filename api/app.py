@@ -30,8 +30,11 @@ from api.fast import SingleReport
 from api.ingest import Publisher, ingest_routes
 from api.producer import ReportProducer
 from api.query import QueryService
+from dataflows.rules import Rules
+from fleetpulse.reload import ActiveConfig, ConfigWatcher, config_hash
 from fleetpulse.settings import Settings
 from observability.http import ObservabilityMiddleware
+from observability.logs import set_log_level
 from observability.metrics import ApiMetrics
 from observability.tracing import setup_tracing
 
@@ -99,6 +102,22 @@ class FleetpulseApp(Litestar):
         await super().__call__(scope, receive, send)
 
 
+def _config_watcher(settings: Settings, metrics: ApiMetrics) -> ConfigWatcher | None:
+    """The app's watcher of ``FLEETPULSE_CONFIG_DIR`` (started with the app's lifespan),
+    shown in its metrics; None (and the start-up config shown) when the setting is empty.
+
+    Files are checked with the dataflow's pair checks (``Rules``), so the API and the
+    flow agree on which file is bad. Hot for the API: the time bounds of ingest
+    (``max_future_s``, ``max_age_s``) and the log level; the thresholds are the flow's.
+    """
+    if not settings.config_dir:
+        metrics.config.observe(None, ActiveConfig(settings=settings, hash=config_hash(settings)))
+        return None
+    watcher = ConfigWatcher(settings, check=Rules.from_settings, observe=metrics.config.observe)
+    watcher.subscribe(lambda active: set_log_level(active.settings.log_level))
+    return watcher
+
+
 def create_app(
     settings: Settings,
     *,
@@ -106,9 +125,22 @@ def create_app(
     query: bool = True,
     producer: ReportProducer | None = None,
 ) -> Litestar:
-    """Build the app. Raises ConfigError for bad token settings before serving anything."""
-    tokens = TokenStore.parse(settings.api_tokens)
+    """Build the app. Raises ConfigError for bad token settings or a bad config file
+    (``FLEETPULSE_CONFIG_DIR``) before serving anything."""
     metrics = ApiMetrics()
+    watcher = _config_watcher(settings, metrics)
+    if watcher is not None:  # the file's values go over the environment's
+        settings = watcher.current.settings
+        set_log_level(settings.log_level)
+    started = ActiveConfig(settings=settings, hash=config_hash(settings))
+
+    def active() -> ActiveConfig:
+        return started if watcher is None else watcher.current
+
+    def live() -> Settings:
+        return active().settings
+
+    tokens = TokenStore.parse(settings.api_tokens)
     api_tracer = setup_tracing(settings, "fleetpulse-api").get_tracer("fleetpulse.api")
     ingest_tracer = setup_tracing(settings, "fleetpulse-ingest").get_tracer("fleetpulse.ingest")
     handlers: list[ControllerRouterHandler] = []
@@ -123,10 +155,10 @@ def create_app(
             producer = ReportProducer(settings)
         state["producer"] = producer
         publish = Publisher(settings, producer, ingest_tracer, metrics)
-        fast = SingleReport(settings, tokens, publish, observe, metrics)
+        fast = SingleReport(settings, tokens, publish, observe, metrics, live)
         # One producer for reports and control records: both are acknowledged the same way.
         guarded: list[tuple[Scope, list[ControllerRouterHandler]]] = [
-            ("ingest", ingest_routes(settings, publish)),
+            ("ingest", ingest_routes(settings, publish, live)),
             ("admin", admin_routes(settings, producer, ingest_tracer)),
         ]
         for scope, routes in guarded:
@@ -150,7 +182,9 @@ def create_app(
 
     @get("/readyz", summary="Readiness: the backends this server needs answer")
     async def readyz() -> Response[dict[str, str]]:
-        """200 when Kafka (ingest) and Redis (query) answer; 503 naming what does not."""
+        """200 when Kafka (ingest) and Redis (query) answer; 503 naming what does not.
+        ``config`` is the hash of the active hot settings (``fleetpulse_config_info``)."""
+        config = {"config": active().hash}
         problems: dict[str, str] = {}
         if "producer" in state:
             problem = await asyncio.to_thread(state["producer"].ready)
@@ -159,8 +193,8 @@ def create_app(
         if service is not None and (problem := await service.ready()):
             problems["redis"] = problem
         if problems:
-            return Response({"status": "unready", **problems}, status_code=503)
-        return Response({"status": "ready"}, status_code=200)
+            return Response({"status": "unready", **problems, **config}, status_code=503)
+        return Response({"status": "ready", **config}, status_code=200)
 
     @get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4")
     async def metrics_route() -> Response[bytes]:
@@ -174,9 +208,13 @@ def create_app(
         if owned_producer and producer is not None:
             # Made with the app; made again if a server runs the lifespan a second time.
             await asyncio.to_thread(producer.start)
+        if watcher is not None:
+            watcher.start()
         try:
             yield
         finally:
+            if watcher is not None:
+                await asyncio.to_thread(watcher.stop)
             if owned_producer and producer is not None:
                 await asyncio.to_thread(producer.close)
 

@@ -78,8 +78,10 @@ class SingleReport:
         publish: Publisher,
         observe: ObservabilityMiddleware,
         metrics: ApiMetrics,
+        live: Callable[[], Settings] | None = None,
     ) -> None:
         self.settings = settings
+        self.live = live or (lambda: settings)  # the time bounds' settings (hot-reloaded)
         self.tokens = tokens
         self.publish = publish
         self.observe = observe
@@ -120,7 +122,7 @@ class SingleReport:
             await litestar(scope, _replay(body, more, receive), send)
             return
         try:
-            report = check_single(body, self.settings)
+            report = check_single(body, self.live())
         except ApiError:
             await litestar(scope, _replay(body, False, receive), send)
             return

@@ -15,7 +15,7 @@ same rule the dataflow applies against the Kafka append time): a robot clock at 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 from litestar import post
@@ -178,12 +178,17 @@ class Publisher:
         await self.producer.send([(r.robot_id.encode(), encode(r), headers) for r in reports])
 
 
-def ingest_routes(settings: Settings, publish: Publisher) -> list[ControllerRouterHandler]:
-    """The POST routes, bound to one publisher."""
+def ingest_routes(
+    settings: Settings, publish: Publisher, live: Callable[[], Settings] | None = None
+) -> list[ControllerRouterHandler]:
+    """The POST routes, bound to one publisher. ``live()`` gives the settings of each
+    request's time bounds (hot-reloaded; default: ``settings``)."""
+    current = live or (lambda: settings)
     bounds = (
         f"A report's `ts` must lie within FLEETPULSE_MAX_AGE_S ({settings.max_age_s:g} s) "
         f"behind and FLEETPULSE_MAX_FUTURE_S ({settings.max_future_s:g} s) ahead of the "
-        "server's clock; outside that the answer is 422 naming `ts` and stating the range."
+        "server's clock (values at start; a config reload may change them); outside that "
+        "the answer is 422 naming `ts` and stating the range."
     )
     responses = {
         202: ResponseSpec(Accepted, description="Durable in Kafka (acks=all)"),
@@ -201,7 +206,7 @@ def ingest_routes(settings: Settings, publish: Publisher) -> list[ControllerRout
     async def post_report(request: AnyRequest) -> ASGIResponse:
         """Accept one report; 202 once Kafka has acknowledged it."""
         _require_json(request)
-        report = check_single(await request.body(), settings)
+        report = check_single(await request.body(), current())
         await publish([report], "/v1/reports")
         return _ACCEPTED_ONE
 
@@ -231,7 +236,7 @@ def ingest_routes(settings: Settings, publish: Publisher) -> list[ControllerRout
                 f"the batch holds {len(reports)} reports; at most "
                 f"{settings.max_batch_reports} (FLEETPULSE_MAX_BATCH_REPORTS)",
             )
-        _check_times(reports, settings, batch=True)
+        _check_times(reports, current(), batch=True)
         await publish(reports, "/v1/reports/batch")
         return Accepted(len(reports))
 

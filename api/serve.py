@@ -22,6 +22,7 @@ from litestar import Litestar
 from api.app import create_app
 from api.auth import TokenStore
 from fleetpulse.errors import FleetpulseError
+from fleetpulse.reload import ConfigWatcher
 from fleetpulse.settings import Settings, load_settings
 from observability.logs import setup_logging
 
@@ -55,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
+        if settings.config_dir:  # the file's ports, workers, tokens... go over the environment's
+            settings = ConfigWatcher(settings).current.settings
         # Check here so bad settings stop start-up with one clear message, not one per worker.
         TokenStore.parse(settings.api_tokens)
     except FleetpulseError as exc:

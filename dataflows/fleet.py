@@ -22,6 +22,10 @@ Shape (DESIGN.md, "Dataflow semantics"):
 Items cross between workers as raw bytes and are decoded inside the keyed step:
 pickling decoded Structs between processes costs more than decoding them.
 
+With ``FLEETPULSE_CONFIG_DIR`` set, a watcher (``fleetpulse.reload``, one per process)
+applies the hot thresholds of a changed config file to every shard from its next
+batch (``dataflows.rules.LiveRules``) and the log level at once.
+
 What the flow promises under bad data, stalls and crashes is in the README
 ("Bad data, clocks and crashes"); each piece says why where it is done.
 """
@@ -32,6 +36,7 @@ import fcntl
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 from bytewax import operators as op
@@ -39,14 +44,15 @@ from bytewax.dataflow import Dataflow
 from bytewax.recovery import init_db_dir
 
 from dataflows.chaos import Chaos
-from dataflows.rules import Rules
+from dataflows.rules import LiveRules, Rules
 from dataflows.shard import ShardLogic
 from dataflows.sink import FleetSink, process_id
 from dataflows.source import Binding, ReportSource
 from dataflows.spans import flow_spans
+from fleetpulse.reload import ActiveConfig, ConfigWatcher, config_hash
 from fleetpulse.settings import Settings, load_settings
-from observability.logs import setup_logging
-from observability.metrics import dataflow_metrics
+from observability.logs import set_log_level, setup_logging
+from observability.metrics import DataflowMetrics, dataflow_metrics
 
 __all__ = ["build_flow"]
 
@@ -63,8 +69,13 @@ def build_flow(settings: Settings | None = None, *, tail: bool = True) -> Datafl
         settings = load_settings()
         setup_logging(settings, "fleetpulse-dataflow")
     _recovery_on_by_default(settings)
-    rules = Rules.from_settings(settings)
+    watcher = _config_watcher(settings)
+    if watcher is not None:  # the file's values go over the environment's
+        settings = watcher.current.settings
+        set_log_level(settings.log_level)
+    rules = LiveRules(Rules.from_settings(settings))
     metrics = dataflow_metrics(settings.metrics_host, settings.dataflow_metrics_port, process_id())
+    _follow_config(watcher, settings, rules, metrics)
     # What the recovery snapshots belong to; a snapshot of another topic is not resumed.
     binding = Binding.read(settings)
     chaos = Chaos.parse(settings.chaos)
@@ -81,6 +92,43 @@ def build_flow(settings: Settings | None = None, *, tail: bool = True) -> Datafl
     shards = op.stateful_batch("shards", keyed, builder)
     op.output("sink", shards, FleetSink(settings, chaos))
     return flow
+
+
+_watch_lock = threading.Lock()
+_watchers: dict[str, ConfigWatcher] = {}
+
+
+def _config_watcher(settings: Settings) -> ConfigWatcher | None:
+    """This process's watcher of ``FLEETPULSE_CONFIG_DIR`` (one per folder, started once);
+    None when the setting is empty. Raises ConfigError for a missing or bad file."""
+    if not settings.config_dir:
+        return None
+    with _watch_lock:
+        watcher = _watchers.get(settings.config_dir)
+        if watcher is None:
+            watcher = ConfigWatcher(settings, check=Rules.from_settings)
+            _watchers[settings.config_dir] = watcher.start()
+        return watcher
+
+
+def _follow_config(
+    watcher: ConfigWatcher | None, settings: Settings, rules: LiveRules, metrics: DataflowMetrics
+) -> None:
+    """Show the active config in the metrics and, with a watcher, apply its hot reloads:
+    new rules for every shard (from their next batch) and the log level."""
+    if watcher is None:
+        metrics.config.observe(None, ActiveConfig(settings=settings, hash=config_hash(settings)))
+        return
+    watcher.observe = metrics.config.observe
+    metrics.config.observe(None, watcher.current)
+
+    def apply(active: ActiveConfig) -> None:
+        rules.current = Rules.from_settings(active.settings)  # checked by the watcher
+        set_log_level(active.settings.log_level)
+
+    watcher.subscribe(apply)
+    if watcher.current.settings != settings:  # reloaded between the start and subscribe
+        apply(watcher.current)
 
 
 def _recovery_on_by_default(settings: Settings) -> None:

@@ -3,6 +3,7 @@
 The pure logic (``dataflows.robot``, ``dataflows.windows``) takes a :class:`Rules`
 rather than the whole :class:`~fleetpulse.settings.Settings`, so tests can state
 exactly the thresholds they exercise and the Bytewax wiring passes one object down.
+:class:`LiveRules` is where the config watcher (``fleetpulse.reload``) puts new ones.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import msgspec
 from fleetpulse.errors import ConfigError
 from fleetpulse.settings import Settings
 
-__all__ = ["Rules"]
+__all__ = ["LiveRules", "Rules"]
 
 
 class Rules(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -69,3 +70,17 @@ class Rules(msgspec.Struct, frozen=True, kw_only=True, gc=False):
             max_age_s=settings.max_age_s,
             stuck_after=settings.stuck_after,
         )
+
+
+class LiveRules:
+    """The rules every shard of one process runs with, replaced whole on a hot reload.
+
+    The config watcher's thread assigns :attr:`current` (one reference: a reader sees
+    the old rules or the new ones, never a mix); a shard reads it once at the start of
+    each batch, so one batch runs under one set of rules.
+    """
+
+    __slots__ = ("current",)
+
+    def __init__(self, rules: Rules) -> None:
+        self.current = rules

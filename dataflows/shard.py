@@ -34,7 +34,7 @@ from bytewax.operators import StatefulBatchLogic
 from dataflows.classify import classify
 from dataflows.records import Control, DeadLetter, Out, Progress, Raw, Republish
 from dataflows.robot import Emits, RobotState, offline_at, on_control, on_progress, on_report
-from dataflows.rules import Rules
+from dataflows.rules import LiveRules, Rules
 from dataflows.spans import FlowSpans, sampled_parent
 from dataflows.windows import Windows
 
@@ -170,13 +170,15 @@ class ShardLogic(StatefulBatchLogic[Item, Out, bytes]):
 
     def __init__(
         self,
-        rules: Rules,
+        rules: Rules | LiveRules,
         spans: FlowSpans | None,
         binding: str,
         resume: bytes | None,
         on_snapshot: Callable[[], None] | None = None,
     ) -> None:
-        self.rules = rules
+        # Shared by every shard of the process; a hot reload replaces its rules whole.
+        self.live = rules if isinstance(rules, LiveRules) else LiveRules(rules)
+        self.rules = self.live.current
         self.spans = spans  # None: no spans at all (benchmarks, unit tests)
         self.binding = binding
         self.on_snapshot = on_snapshot
@@ -193,10 +195,13 @@ class ShardLogic(StatefulBatchLogic[Item, Out, bytes]):
             self._encoded, self.robots = _restore(resume, binding)
             # Rebuild the timers in arrival order, so each partition's LRU is sorted.
             for robot, st in sorted(self.robots.items(), key=lambda kv: kv[1].live.last_seen):
-                self.timers.track(robot, st, rules)
+                self.timers.track(robot, st, self.rules)
             self._snapshot = resume if self.robots else None
 
     def on_batch(self, values: list[Item]) -> tuple[list[Out], bool]:
+        rules = self.live.current
+        if rules is not self.rules:
+            self._use(rules)
         out = Out()
         for item in values:
             if type(item) is tuple:
@@ -225,6 +230,32 @@ class ShardLogic(StatefulBatchLogic[Item, Out, bytes]):
         if self.on_snapshot is not None:
             self.on_snapshot()
         return self._snapshot
+
+    def _use(self, rules: Rules) -> None:
+        """Run under ``rules`` from this batch on (a hot reload replaced them).
+
+        Thresholds are read at each step and offline deadlines at each progress mark
+        (``Timers.due``), so they follow by themselves. The lateness does not: each
+        robot's watermark offset is the largest ``ts - allowed_lateness - arrival`` seen,
+        so it is restated under the new lateness (as if it had always been in force)
+        and the window timers move with it. Lateness grown: open windows close later;
+        shrunk: sooner, at the next progress mark. Windows already closed stay closed.
+        ``window_s`` is restart-only (open windows are laid out by it).
+        """
+        shift = rules.allowed_lateness_s - self.rules.allowed_lateness_s
+        self.rules = rules
+        if not shift:
+            return
+        for robot, st in self.robots.items():
+            windows = st.windows
+            if windows.offset == -math.inf:
+                continue  # no report counted yet: nothing to restate
+            windows = msgspec.structs.replace(windows, offset=windows.offset - shift)
+            state = msgspec.structs.replace(st, windows=windows)
+            self.robots[robot] = state
+            self._dirty.add(robot)
+            self.timers.track(robot, state, rules)
+        self._snapshot = None
 
     # --- items --------------------------------------------------------------------------
     def _report(self, raw: Raw, out: Out) -> None:

@@ -23,9 +23,20 @@ from msgspec import Meta
 
 from fleetpulse.errors import ConfigError
 
-__all__ = ["ENV_PREFIX", "Settings", "env_name", "load_settings", "markdown_table", "to_env"]
+__all__ = [
+    "CONFIG_FILE",
+    "ENV_PREFIX",
+    "Settings",
+    "env_name",
+    "load_settings",
+    "markdown_table",
+    "overlay_settings",
+    "to_env",
+]
 
 ENV_PREFIX = "FLEETPULSE_"
+# The file read from FLEETPULSE_CONFIG_DIR (fleetpulse.reload): a ConfigMap's key.
+CONFIG_FILE = "fleetpulse.yaml"
 
 Port = Annotated[int, Meta(ge=1, le=65535)]
 TopicName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
@@ -133,6 +144,17 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     log_level: Annotated[
         Literal["DEBUG", "INFO", "WARNING", "ERROR"], _doc("Log level of our own loggers.")
     ] = "INFO"
+
+    # --- configuration file (fleetpulse.reload) ---------------------------------------
+    config_dir: Annotated[
+        str,
+        _doc(
+            f"Folder holding `{CONFIG_FILE}` (settings by field name, e.g. `low_battery_pct: "
+            "15`) over these variables, watched for changes: thresholds and the log level "
+            "apply live, anything else after a restart. A Kubernetes ConfigMap mounted as a "
+            "directory (not `subPath`). Empty: no file."
+        ),
+    ] = ""
 
     # --- HTTP API ---------------------------------------------------------------------
     api_host: Annotated[str, _doc("Address the API servers bind to.")] = "127.0.0.1"
@@ -336,9 +358,22 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
     Raises :class:`ConfigError` for an unknown ``FLEETPULSE_`` variable or a bad value.
     """
+    return overlay_settings(environ, {}, "")
+
+
+def overlay_settings(
+    environ: Mapping[str, str] | None, values: Mapping[Any, Any], source: str
+) -> Settings:
+    """:class:`Settings` from ``FLEETPULSE_*`` variables with ``values`` over them.
+
+    ``values`` are a config file's (``source`` names it in errors): keys are field names
+    (``offline_after_s``, not ``FLEETPULSE_OFFLINE_AFTER_S``), values strings or the
+    file's own numbers and booleans, checked by the same schema as the variables.
+    Raises :class:`ConfigError` naming the variable or key, the value and what is allowed.
+    """
     env = os.environ if environ is None else environ
     fields = _fields()
-    raw: dict[str, str] = {}
+    raw: dict[str, Any] = {}
     for key, value in env.items():
         if not key.startswith(ENV_PREFIX):
             continue
@@ -347,24 +382,38 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             known = ", ".join(env_name(f) for f in fields)
             raise ConfigError(f"{key} is not a fleetpulse setting. Known settings: {known}")
         raw[name] = value
+    for key in values:
+        if key not in fields:
+            name = str(key)
+            hint = (
+                f"write {name[len(ENV_PREFIX) :].lower()}, not {name}"
+                if name.upper().startswith(ENV_PREFIX) and name[len(ENV_PREFIX) :].lower() in fields
+                else "keys are setting names in lower case without FLEETPULSE_ (e.g. "
+                "offline_after_s for FLEETPULSE_OFFLINE_AFTER_S); known: " + ", ".join(fields)
+            )
+            raise ConfigError(f"{source}: {name!r} is not a fleetpulse setting: {hint}")
+    raw.update(values)
     try:
         return msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        raise _explain(exc, raw, fields) from None
+        raise _explain(exc, raw, fields, values, source) from None
 
 
 def _explain(
     exc: msgspec.ValidationError,
-    raw: Mapping[str, str],
+    raw: Mapping[str, Any],
     fields: Mapping[str, msgspec.inspect.Field],
+    from_file: Mapping[Any, Any],
+    source: str,
 ) -> ConfigError:
     match = re.search(r"at `\$\.(\w+)`", str(exc))
     if match is None or match.group(1) not in fields:
         return ConfigError(f"invalid fleetpulse settings: {exc}")
     name = match.group(1)
     reason = str(exc)[: match.start()].rstrip(" -")
+    where = f"{source}: {name}: " if name in from_file else f"{env_name(name)}="
     return ConfigError(
-        f"{env_name(name)}={raw.get(name, '')!r} is not allowed ({reason}); "
+        f"{where}{raw.get(name, '')!r} is not allowed ({reason}); "
         f"expected {_allowed(fields[name].type)}"
     )
 

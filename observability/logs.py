@@ -16,7 +16,7 @@ from opentelemetry import trace
 
 from fleetpulse.settings import Settings
 
-__all__ = ["JsonFormatter", "setup_logging"]
+__all__ = ["JsonFormatter", "set_log_level", "setup_logging"]
 
 _encoder = msgspec.json.Encoder()
 
@@ -58,3 +58,8 @@ def setup_logging(settings: Settings, service: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
     root.propagate = False
+
+
+def set_log_level(level: str) -> None:
+    """Change the level of our loggers while running (a hot reload of the log level)."""
+    logging.getLogger("fleetpulse").setLevel(level)

@@ -23,7 +23,9 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-__all__ = ["ApiMetrics", "DataflowMetrics", "dataflow_metrics"]
+from fleetpulse.reload import ActiveConfig, Reload
+
+__all__ = ["ApiMetrics", "ConfigMetrics", "DataflowMetrics", "dataflow_metrics"]
 
 log = logging.getLogger("fleetpulse.metrics")
 
@@ -31,6 +33,48 @@ log = logging.getLogger("fleetpulse.metrics")
 _HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Freshness buckets (s): Kafka append -> Redis write.
 _FRESH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ConfigMetrics:
+    """Which config is active and what changes of the config file came to (fleetpulse.reload)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.info = Gauge(
+            "fleetpulse_config_info",
+            "1 for the active config, labelled with the hash of its hot settings (readyz "
+            "shows the same hash).",
+            ["hash"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.reloads = Counter(
+            "fleetpulse_config_reloads",
+            "Changes of the config file seen, by result: applied, invalid (the last good "
+            "config stays), unchanged (no hot setting changed).",
+            ["result"],
+            registry=r,
+        )
+        self.restart_pending = Gauge(
+            "fleetpulse_config_restart_pending",
+            "1 while the config file changes restart-only settings (not applied until a restart).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        for result in ("applied", "invalid", "unchanged"):
+            self.reloads.labels(result)
+        self._hash: str | None = None
+
+    def observe(self, result: Reload | None, active: ActiveConfig) -> None:
+        """Count a change of the file (None: none, the start-up config) and show ``active``."""
+        if result is not None:
+            self.reloads.labels(result).inc()
+        if active.hash != self._hash:
+            if self._hash is not None:
+                self.info.remove(self._hash)
+            self.info.labels(active.hash).set(1)
+            self._hash = active.hash
+        self.restart_pending.set(1 if active.restart_pending else 0)
 
 
 class ApiMetrics:
@@ -63,6 +107,7 @@ class ApiMetrics:
             ["reason"],
             registry=r,
         )
+        self.config = ConfigMetrics(r)
         # Label children by (route, method, status): labels() validates, stringifies and
         # takes a lock on every call; route templates, methods and statuses are few.
         self._answered: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
@@ -161,6 +206,7 @@ class DataflowMetrics:
             ["partition"],
             registry=r,
         )
+        self.config = ConfigMetrics(r)
 
 
 _lock = threading.Lock()

@@ -15,6 +15,7 @@ from litestar.testing import TestClient
 
 from api.app import create_app
 from api.auth import hash_token, new_token
+from fleetpulse.reload import config_hash
 from fleetpulse.schema import decode_report, encode
 from fleetpulse.settings import Settings
 from tests.integration.kafka_util import consume_all
@@ -206,10 +207,10 @@ def test_rejected_input_never_reaches_the_topic(
     assert [m.key() for m in msgs] == [b"sentinel"]
 
 
-def test_health_and_readiness(client: TestClient[Any]) -> None:
+def test_health_and_readiness(client: TestClient[Any], settings: Settings) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/readyz")
-    assert (r.status_code, r.json()) == (200, {"status": "ready"})
+    assert (r.status_code, r.json()) == (200, {"status": "ready", "config": config_hash(settings)})
 
 
 BOUNDS = {"max_future_s": 120.0, "max_age_s": 3600.0}

@@ -27,6 +27,7 @@ from api.app import create_app
 from api.auth import hash_token, new_token
 from api.query import AlertList, ReportList, RobotPage, WindowList
 from deploy.local.procs import free_port
+from fleetpulse.reload import config_hash
 from fleetpulse.schema import STATUSES, LiveState
 from fleetpulse.settings import Settings
 from state import FleetSummary, Keys, RedisStateReader, RedisStateWriter, connect
@@ -497,7 +498,8 @@ def test_each_request_costs_bounded_redis_work(fleet: Fleet, api: TestClient[Any
 
 def test_readiness_reports_redis(fleet: Fleet, api: TestClient[Any]) -> None:
     r = api.get("/readyz")
-    assert (r.status_code, r.json()) == (200, {"status": "ready"})
+    ready = {"status": "ready", "config": config_hash(fleet.settings)}
+    assert (r.status_code, r.json()) == (200, ready)
     down = msgspec.structs.replace(fleet.settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
     with TestClient(create_app(down, ingest=False), raise_server_exceptions=False) as c:
         r = c.get("/readyz")

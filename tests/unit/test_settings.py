@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from fleetpulse.errors import ConfigError
-from fleetpulse.settings import Settings, load_settings, markdown_table, to_env
+from fleetpulse.settings import (
+    Settings,
+    load_settings,
+    markdown_table,
+    overlay_settings,
+    to_env,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -115,6 +121,49 @@ def test_unknown_variable_is_rejected_with_the_known_ones() -> None:
     text = str(info.value)
     assert text.startswith("FLEETPULSE_KAFKA_PARTITONS is not a fleetpulse setting.")
     assert "FLEETPULSE_KAFKA_PARTITIONS" in text
+
+
+def test_a_files_values_go_over_the_environment_through_the_same_schema() -> None:
+    env = {"FLEETPULSE_LOW_BATTERY_PCT": "15", "FLEETPULSE_WINDOW_S": "30"}
+    s = overlay_settings(env, {"low_battery_pct": 12.5, "log_level": "DEBUG"}, "f.yaml")
+    assert (s.low_battery_pct, s.window_s, s.log_level) == (12.5, 30, "DEBUG")
+    assert overlay_settings(env, {}, "f.yaml") == load_settings(env)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"low_battery_pct": 120},
+            "f.yaml: low_battery_pct: 120 is not allowed (Expected `float` <= 100.0); "
+            "expected a number >= 0 and <= 100",
+        ),
+        (
+            {"stuck_after": "many"},
+            "f.yaml: stuck_after: 'many' is not allowed (Expected `int`, got `str`); "
+            "expected an integer >= 1",
+        ),
+        (
+            {"FLEETPULSE_LOW_BATTERY_PCT": 10},
+            "f.yaml: 'FLEETPULSE_LOW_BATTERY_PCT' is not a fleetpulse setting: "
+            "write low_battery_pct, not FLEETPULSE_LOW_BATTERY_PCT",
+        ),
+    ],
+)
+def test_a_bad_file_value_names_the_file_key_value_and_what_is_allowed(
+    values: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        overlay_settings({}, values, "f.yaml")
+    assert str(info.value) == message
+
+
+def test_an_unknown_file_key_is_refused_with_the_known_ones() -> None:
+    with pytest.raises(ConfigError) as info:
+        overlay_settings({}, {"low_battery": 10}, "f.yaml")
+    text = str(info.value)
+    assert text.startswith("f.yaml: 'low_battery' is not a fleetpulse setting: keys are")
+    assert "low_battery_pct" in text
 
 
 def test_every_field_is_documented_and_the_readme_table_is_current() -> None:

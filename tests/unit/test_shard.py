@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import dataflows.shard
 from dataflows.records import Control, DeadLetter, Out, Raw
 from dataflows.robot import RobotState, on_control, on_progress, on_report
-from dataflows.rules import Rules
+from dataflows.rules import LiveRules, Rules
 from dataflows.shard import (
     SHARD_FORMAT,
     Item,
@@ -338,6 +338,59 @@ def test_progress_closes_windows_at_close_at_rounded_up_to_the_second() -> None:
     assert step(logic, (0, T0_MS + 40_500)) == Out()
     out = step(logic, (0, T0_MS + 41_000))
     assert [(w.robot_id, w.window_start) for w in out.windows] == [("b", T0)]
+
+
+# --- hot reload ---------------------------------------------------------------------------
+
+
+def test_new_rules_apply_to_every_shard_of_the_process_from_its_next_batch() -> None:
+    live = LiveRules(RULES)
+    a, b = ShardLogic(live, None, BINDING, None), ShardLogic(live, None, BINDING, None)
+    assert alerts(step(a, raw("amr-1", 1, T0_MS, battery=40.0))) == []
+    live.current = msgspec.structs.replace(RULES, low_battery_pct=50.0, battery_ok_pct=55.0)
+    out = step(a, raw("amr-1", 2, T0_MS + 1000, battery=40.0))
+    assert [(kind, s.report.seq) for kind, s in zip(alerts(out), out.states, strict=True)] == [
+        (("low_battery", "amr-1:low_battery:0:0:2"), 2)
+    ]
+    out = step(b, raw("amr-9", 1, T0_MS, battery=45.0))
+    assert [kind for kind, _ in alerts(out)] == ["low_battery"]
+    assert a.rules is b.rules is live.current
+
+
+def test_a_shorter_offline_after_applies_at_the_next_progress_mark() -> None:
+    live = LiveRules(RULES)  # offline after 30 s
+    logic = ShardLogic(live, None, BINDING, None)
+    step(logic, raw("amr-1", 1, T0_MS))
+    assert step(logic, (0, T0_MS + 10_000)) == Out()
+    live.current = msgspec.structs.replace(RULES, offline_after_s=5.0)
+    out = step(logic, (0, T0_MS + 10_001))
+    # Offline as of its new deadline (last seen + 5 s), judged at the first mark after.
+    assert alerts(out) == [("offline", f"amr-1:offline:{T0_MS + 5_000}")]
+
+
+@pytest.mark.parametrize(("lateness", "close_s"), [(25.0, 55), (0.0, 30), (10.0, 40)])
+def test_a_changed_lateness_moves_the_close_of_open_windows(lateness: float, close_s: int) -> None:
+    live = LiveRules(QUIET)  # lateness 10 s
+    logic = ShardLogic(live, None, BINDING, None)
+    # Event time 30 s into the minute, arrived at T0: closes at T0 + 60 - 30 + lateness.
+    step(logic, raw("a", 1, T0_MS, at=30.0))
+    live.current = msgspec.structs.replace(QUIET, allowed_lateness_s=lateness)
+    assert step(logic, (0, T0_MS + close_s * 1000 - 1)) == Out()
+    out = step(logic, (0, T0_MS + close_s * 1000))
+    assert [(w.robot_id, w.count) for w in out.windows] == [("a", 1)]
+
+
+def test_a_restated_watermark_is_in_the_next_snapshot() -> None:
+    live = LiveRules(QUIET)
+    logic = ShardLogic(live, None, BINDING, None)
+    step(logic, raw("a", 1, T0_MS, at=30.0))
+    before = logic.snapshot()
+    live.current = msgspec.structs.replace(QUIET, allowed_lateness_s=25.0)
+    step(logic)
+    after = logic.snapshot()
+    assert after != before
+    restored = ShardLogic(live, None, BINDING, after)
+    assert restored.robots["a"].windows.offset == logic.robots["a"].windows.offset == 30.0 - 25.0
 
 
 def test_a_sampled_report_is_traced_as_a_child_of_its_ingest_span() -> None:
