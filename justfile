@@ -121,6 +121,16 @@ bench: bench-ingest bench-dataflow bench-drain bench-freshness bench-query bench
 bench-ingest *ARGS: stack-up
     {{py}} -m bench.ingest {{ARGS}}
 
+# ask the running dataflow to write every robot's live state to Redis again, and wait (progress shown)
+rebuild-state *ARGS:
+    {{py}} -m dataflows.republish {{ARGS}}
+
+# the HA fault tests on an HA stack of their own, then their figures page docs/ha.md (+ docs/ha.png)
+ha-figures *ARGS: stack-up
+    rm -rf .stack/figures
+    FLEETPULSE_FIGURES_DIR={{justfile_directory()}}/.stack/figures {{py}} -m pytest -m ha -v {{ARGS}}
+    {{py}} -m deploy.local.figures --from .stack/figures
+
 # print the settings table (the README carries it)
 settings-table:
     @{{py}} -m fleetpulse.settings
