@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import redis
@@ -67,7 +67,7 @@ class Service:
 
     kind = "service"
     port_setting = ""  # the port the health check talks to
-    other_port_settings: tuple[str, ...] = ()  # further ports the service binds
+    other_port_settings: ClassVar[tuple[str, ...]] = ()  # further ports it binds
 
     @property
     def name(self) -> str:

@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import dataflows.shard
-from dataflows.records import Control, DeadLetter, Out, Raw
+from dataflows.records import Control, DeadLetter, Out, Raw, Republish
 from dataflows.robot import RobotState, on_control, on_progress, on_report
 from dataflows.rules import LiveRules, Rules
 from dataflows.shard import (
@@ -266,6 +266,35 @@ def test_reports_become_live_states_alerts_and_counts() -> None:
     )
     assert (out.applied, out.stale, out.duplicate, out.states, out.appended_ms) == (0, 1, 1, [], {})
     assert logic.robots["amr-1"].live.last_seen == (T0_MS + 6) / 1000
+
+
+def test_a_republish_emits_every_robots_live_state_once_per_token() -> None:
+    logic = shard()
+    step(logic, raw("amr-1", 1, T0_MS), raw("amr-2", 4, T0_MS + 1), raw("amr-1", 2, T0_MS + 2))
+    out = step(logic, Republish("t1"))
+    assert out.republished == "t1"
+    assert sorted((st.report.robot_id, st.report.seq) for st in out.states) == [
+        ("amr-1", 2),
+        ("amr-2", 4),
+    ]
+    assert out.states == [logic.robots[r].live for r in ("amr-1", "amr-2")]
+    assert (out.applied, out.stale, out.duplicate, out.alerts) == (0, 0, 0, [])
+    # Every source partition passes the same token on: the shard answers it once.
+    assert step(logic, Republish("t1")) == Out()
+    again = step(logic, raw("amr-1", 3, T0_MS + 3), Republish("t2"))
+    # In order: the new report applied, then every robot as it is now (amr-1 at seq 3).
+    assert [(st.report.robot_id, st.report.seq) for st in again.states] == [
+        ("amr-1", 3),
+        ("amr-1", 3),
+        ("amr-2", 4),
+    ]
+    assert again.republished == "t2" and again.applied == 1
+
+
+def test_an_empty_shard_answers_a_republish_too() -> None:
+    """The sink counts answering shards to know a re-publish is complete."""
+    out = step(shard(), Republish("t1"))
+    assert bool(out) and out.republished == "t1" and out.states == []
 
 
 def test_messages_that_are_no_report_become_dead_letters_and_change_nothing() -> None:
