@@ -128,7 +128,7 @@ rebuild-state *ARGS:
 # the HA fault tests on an HA stack of their own, then their figures page docs/ha.md (+ docs/ha.png)
 ha-figures *ARGS: stack-up
     rm -rf .stack/figures
-    FLEETPULSE_FIGURES_DIR={{justfile_directory()}}/.stack/figures {{py}} -m pytest -m ha -v {{ARGS}}
+    HA_FIGURES_DIR={{justfile_directory()}}/.stack/figures {{py}} -m pytest -m ha -v {{ARGS}}
     {{py}} -m deploy.local.figures --from .stack/figures
 
 # print the settings table (the README carries it)

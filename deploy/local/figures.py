@@ -3,7 +3,7 @@
     python -m deploy.local.figures [--from DIR]     (what `just ha-figures` runs last)
 
 The fault tests (tests/integration/test_ha.py) each write one JSON file of figures to
-``FLEETPULSE_FIGURES_DIR``; this renders them as one table per fault, with the command
+``HA_FIGURES_DIR``; this renders them as one table per fault, with the command
 that made them and the machine, and a chart of the headline numbers.
 """
 

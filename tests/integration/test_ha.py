@@ -11,7 +11,7 @@ faults injected under steady load:
 Each broker fault checks that every report answered 202 is in Redis (live state and
 history), that refusals were 503 (never another error), and that the dataflow rode
 through without a restart. Figures (seconds with 503s, p99 freshness during the event,
-reports lost) go to ``FLEETPULSE_FIGURES_DIR`` (default ``<stack>/figures``), which
+reports lost) go to ``HA_FIGURES_DIR`` (default ``<stack>/figures``), which
 ``just ha-figures`` renders into docs/ha.md.
 """
 
@@ -243,7 +243,7 @@ def p99(before: dict[float, float], after: dict[float, float]) -> float:
 
 def record(name: str, ha: Stack, figures: dict[str, Any]) -> None:
     """Write one fault test's figures for the figures page (docs/ha.md)."""
-    folder = Path(os.environ.get("FLEETPULSE_FIGURES_DIR") or ha.root.parent / "figures")
+    folder = Path(os.environ.get("HA_FIGURES_DIR") or ha.root.parent / "figures")
     folder.mkdir(parents=True, exist_ok=True)
     figures = {
         "test": name,
