@@ -49,7 +49,7 @@ from confluent_kafka import (
     TopicCollection,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
+from confluent_kafka.admin import AdminClient
 
 from dataflows.records import DLQ_KEY, Control, DeadLetter, Raw, Republish
 from dataflows.republish import ProjectionWatch
@@ -78,6 +78,9 @@ Keyed = tuple[str, Raw | DeadLetter | Control | Republish | tuple[int, int]]
 # asked for the partition's end).
 PROGRESS_MARGIN_S = 1.0
 MARK_EVERY_S = 0.2  # how often a partition tells the shards its progress
+ENDS_TIMEOUT_S = 0.5  # how long one partition's end may take to come
+ENDS_BACKOFF_S = 1.0  # first wait before asking again for an end that could not be had
+ENDS_BACKOFF_MAX_S = 8.0
 TOPIC_CHECK_S = 10.0  # how often a running flow checks that its topic was not recreated
 _LOG_EVERY_S = 30.0  # repeated consumer errors are logged at most this often
 
@@ -242,21 +245,34 @@ def _note_clean(why: str) -> None:
 
 
 class _Ends:
-    """The partitions' end offsets, asked of the broker (one request for all of this
-    process's partitions) at most every MARK_EVERY_S.
+    """The partitions' end offsets, asked of their leaders at most every MARK_EVERY_S.
 
-    Not the consumers' own ``get_watermark_offsets``: on the consumer's connection that
-    request waits behind the fetch long poll (up to fetch.wait.max.ms, 500 ms), which
-    stalled the flow's epochs; an admin client has a connection of its own.
+    Asked through a consumer of its own that reads nothing (``query_watermark_offsets``
+    on its own connections): the reading consumers' requests wait behind their fetch
+    long poll (up to fetch.wait.max.ms, 500 ms), which stalled the flow's epochs; and
+    not through an admin client: once an admin client's ListOffsets has met a dead
+    leader, librdkafka spins a core in it (measured: 70-85% of a core for as long as
+    the broker is away), which on 2 cores starved the Kafka controllers until their
+    leadership flapped for half a minute. A partition whose end cannot be had (its
+    leader is down until the controller moves it) is asked again after a back-off
+    (ENDS_BACKOFF_S doubling to ENDS_BACKOFF_MAX_S); meanwhile its clock stands still.
     """
 
     def __init__(self, settings: Settings) -> None:
-        self._admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+        self._client = Consumer(
+            {
+                "bootstrap.servers": settings.kafka_bootstrap_servers,
+                "group.id": settings.consumer_group,
+                "enable.auto.commit": False,
+            }
+        )
         self._topic = settings.topic_reports
         self._lock = threading.Lock()
         self._partitions: set[int] = set()
         self._asked_at = 0.0
         self._ends: dict[int, int] = {}
+        self._backoff: dict[int, float] = {}  # partition -> current back-off (s)
+        self._retry_at: dict[int, float] = {}  # partition -> when to ask again
 
     def add(self, partition: int) -> None:
         """Ask for ``partition``'s end too from now on."""
@@ -268,17 +284,36 @@ class _Ends:
         with self._lock:
             asked = time.time()
             if asked - self._asked_at >= MARK_EVERY_S:
-                latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
-                request = {TopicPartition(self._topic, p): latest for p in self._partitions}
-                try:
-                    answers = self._admin.list_offsets(request, request_timeout=2)
-                    self._ends = {tp.partition: f.result(3).offset for tp, f in answers.items()}
-                except Exception as exc:  # unreachable for now: nothing is claimed
-                    log.warning("cannot ask for the end of %s: %s", self._topic, exc)
-                    self._ends = {}
+                self._ask(asked)
                 self._asked_at = asked
             end = self._ends.get(partition)
             return None if end is None else (self._asked_at, end)
+
+    def _ask(self, now: float) -> None:
+        for p in sorted(self._partitions):
+            if self._retry_at.get(p, 0.0) > now:
+                continue
+            try:
+                _low, high = self._client.get_watermark_offsets(
+                    TopicPartition(self._topic, p), timeout=ENDS_TIMEOUT_S, cached=False
+                )
+            except KafkaException as exc:
+                self._failed(p, now, str(exc))
+                continue
+            self._ends[p] = high
+            self._backoff.pop(p, None)
+            self._retry_at.pop(p, None)
+
+    def _failed(self, partition: int, now: float, why: str) -> None:
+        self._ends.pop(partition, None)  # unknown: its clock does not move meanwhile
+        first = partition not in self._backoff
+        wait = min(self._backoff.get(partition, ENDS_BACKOFF_S / 2) * 2, ENDS_BACKOFF_MAX_S)
+        self._backoff[partition], self._retry_at[partition] = wait, now + wait
+        if first:
+            log.warning(
+                "cannot ask for the end of %s[%d] (%s); asking again in %.1fs, backing off",
+                self._topic, partition, why, wait,
+            )  # fmt: skip
 
 
 class _TopicWatch:

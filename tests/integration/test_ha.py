@@ -127,27 +127,35 @@ def product(ha: Stack, settings: Settings, tmp: Path, **over: Any) -> Settings:
     return s
 
 
-class Ingest:
-    """The ingest server (granian, as users run it) on a port of its own."""
+class Server:
+    """An API server (granian, as users run it) on a port of its own: ingest or query."""
 
-    def __init__(self, s: Settings, log: Path) -> None:
+    def __init__(self, s: Settings, role: str, log: Path) -> None:
         self.token = new_token()
         self.port = free_port()
+        scope = "ingest" if role == "ingest" else "read"
         env = {
             **os.environ,
             **to_env(s),
-            "FLEETPULSE_INGEST_PORT": str(self.port),
-            "FLEETPULSE_API_TOKENS": f"ingest:{hash_token(self.token)}",
+            f"FLEETPULSE_{role.upper()}_PORT": str(self.port),
+            "FLEETPULSE_API_TOKENS": f"{scope}:{hash_token(self.token)}",
         }
         self._log = log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "api.serve", "ingest"],
+            [sys.executable, "-m", "api.serve", role],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         wait_http_ready(f"http://127.0.0.1:{self.port}/readyz", self.proc, 60, log)
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(
+            f"http://127.0.0.1:{self.port}{path}",
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=10,
+        )
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGTERM)
@@ -164,7 +172,7 @@ class Load:
     keep-alive clients), each robot's seq going up by one per post; records every
     answer: 202s by robot, 503s by time, anything else as a failure."""
 
-    def __init__(self, ingest: Ingest, robots: int = ROBOTS, rate: float = RATE) -> None:
+    def __init__(self, ingest: Server, robots: int = ROBOTS, rate: float = RATE) -> None:
         self.url = f"http://127.0.0.1:{ingest.port}/v1/reports"
         self.headers = {"Authorization": f"Bearer {ingest.token}"}
         self.robots = [f"amr-ha-{i:03d}" for i in range(robots)]
@@ -256,18 +264,31 @@ def record(name: str, ha: Stack, figures: dict[str, Any]) -> None:
     print(f"\n{name}: {json.dumps(figures)}")
 
 
+_ADMINS: dict[str, AdminClient] = {}
+
+
+def _admin(s: Settings) -> AdminClient:
+    """One admin client per cluster for the whole module (polling with new ones would
+    open connections to every broker several times a second)."""
+    bootstrap = s.kafka_bootstrap_servers
+    if bootstrap not in _ADMINS:
+        _ADMINS[bootstrap] = AdminClient({"bootstrap.servers": bootstrap})
+    return _ADMINS[bootstrap]
+
+
+def _leader_counts(s: Settings) -> Counter[int]:
+    meta = _admin(s).list_topics(s.topic_reports, timeout=10).topics[s.topic_reports]
+    return Counter(p.leader for p in meta.partitions.values())
+
+
 def leader_of_most(s: Settings) -> int:
     """The broker id leading most partitions of the reports topic."""
-    admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap_servers})
-    meta = admin.list_topics(s.topic_reports, timeout=10).topics[s.topic_reports]
-    leaders = Counter(p.leader for p in meta.partitions.values())
-    return leaders.most_common(1)[0][0]
+    return _leader_counts(s).most_common(1)[0][0]
 
 
-def _leaders(s: Settings) -> set[int]:
-    admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap_servers})
-    meta = admin.list_topics(s.topic_reports, timeout=10).topics[s.topic_reports]
-    return {p.leader for p in meta.partitions.values()}
+def _leads_nothing(s: Settings, victim: int) -> bool:
+    time.sleep(0.4)  # wait_until's 0.1 s is too often for a metadata request
+    return victim not in _leader_counts(s)
 
 
 def check_nothing_acknowledged_lost(s: Settings, load: Load, flow: FlowProcess) -> int:
@@ -307,7 +328,7 @@ def broker_fault(
     metrics = free_port()
     s = msgspec.structs.replace(s, dataflow_metrics_port=metrics)
     flow = FlowProcess(s, tmp_path / "flow.log", processes=2)
-    ingest = Ingest(s, tmp_path / "ingest.log")
+    ingest = Server(s, "ingest", tmp_path / "ingest.log")
     try:
         with Load(ingest) as load:
             reader = RedisStateReader(connect_reader(s), s)
@@ -394,7 +415,7 @@ def test_broker_leading_most_partitions_killed(
         os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
         # Its partitions move once the controller fences it (broker.session.timeout.ms).
-        wait_until("the partitions led elsewhere", lambda: victim not in _leaders(s), 30)
+        wait_until("the partitions led elsewhere", lambda: _leads_nothing(s, victim), 60)
         moved = time.monotonic() - killed
         time.sleep(5)  # ingest keeps going on the other two
         ha.up([svc.name])
@@ -472,7 +493,8 @@ def test_redis_master_killed_and_redis_emptied_the_projection_converges(
     metrics = free_port()
     s = msgspec.structs.replace(s, dataflow_metrics_port=metrics)
     flow = FlowProcess(s, tmp_path / "flow.log", processes=2)
-    ingest = Ingest(s, tmp_path / "ingest.log")
+    ingest = Server(s, "ingest", tmp_path / "ingest.log")
+    query = Server(s, "query", tmp_path / "query.log")
     master = connect(s)
     projection = Projection(master, s.redis_prefix)
     reader = RedisStateReader(connect_reader(s), s)
@@ -508,6 +530,14 @@ def test_redis_master_killed_and_redis_emptied_the_projection_converges(
         assert not load.failed and not load.refused  # ingest never needs Redis
         wait_until("Redis equals what was sent", lambda: converged(load), 60, [flow])
         summary_matches_listing(reader)
+        # The query API found the new master through the Sentinels too.
+        answer = query.get("/v1/fleet/summary")
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["total"] == ROBOTS
+        robot = query.get(f"/v1/robots/{load.robots[0]}")
+        assert (
+            robot.status_code == 200 and robot.json()["report"]["seq"] == load.sent[load.robots[0]]
+        )
         promoted = projection.server()
         assert promoted != first
         claimed = _metric(metrics, 'fleetpulse_flow_republishes_total{event="claimed"}')
@@ -548,6 +578,7 @@ def test_redis_master_killed_and_redis_emptied_the_projection_converges(
             },
         )
     finally:
+        query.stop()
         ingest.stop()
         flow.stop()
         whole(ha)
