@@ -123,7 +123,11 @@ bench-ingest *ARGS: stack-up
 
 # ask the running dataflow to write every robot's live state to Redis again, and wait (progress shown)
 rebuild-state *ARGS:
-    {{py}} -m dataflows.republish {{ARGS}}
+    eval "$({{py}} -m deploy.local.stack env)" && {{py}} -m dataflows.republish {{ARGS}}
+
+# shell exports the product's processes need on the running stack layout (HA: every broker, the Sentinels)
+stack-env:
+    @{{py}} -m deploy.local.stack env
 
 # the HA fault tests on an HA stack of their own, then their figures page docs/ha.md (+ docs/ha.png)
 ha-figures *ARGS: stack-up

@@ -59,6 +59,17 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     kafka_heap_mb: Annotated[
         int, _doc("Heap of the local Kafka JVM, MiB (each HA node: half of it).", ge=256)
     ] = 1024
+    ha_kafka_port: Annotated[
+        Port,
+        _doc(
+            "HA stack: broker port of Kafka node 1 (nodes 2, 3: +10, +20); below Linux's "
+            "ephemeral range (32768-60999), where a client reconnecting to a killed node "
+            "can take the node's port as its own and keep it from starting again.",
+        ),
+    ] = 29092
+    ha_kafka_controller_port: Annotated[
+        Port, _doc("HA stack: KRaft controller port of Kafka node 1 (nodes 2, 3: +10, +20).")
+    ] = 29093
     redis_port: Annotated[Port, _doc("Local redis-server port.")] = 56379
     sentinel_down_after_ms: Annotated[
         int,

@@ -78,15 +78,18 @@ class Service:
         """Added to every port setting of the service (HA node n: 10 * (n - 1))."""
         return 10 * (self.node - 1) if self.node else 0
 
+    def port_settings(self) -> tuple[str, ...]:
+        """The settings of the ports it binds, the health-checked one first."""
+        return (self.port_setting, *self.other_port_settings)
+
     @property
     def port(self) -> int:
-        port: int = getattr(self.settings, self.port_setting)
+        port: int = getattr(self.settings, self.port_settings()[0])
         return port + self.port_offset
 
     def ports(self) -> dict[str, int]:
         """Every port the service binds, by the setting that names it."""
-        names = (self.port_setting, *self.other_port_settings)
-        return {n: int(getattr(self.settings, n)) + self.port_offset for n in names}
+        return {n: int(getattr(self.settings, n)) + self.port_offset for n in self.port_settings()}
 
     @property
     def log_path(self) -> Path:
@@ -117,7 +120,7 @@ class Kafka(Service):
     """Apache Kafka 4.x in KRaft combined mode, its jars copied from Maven Central by mvn.
 
     Alone (node 0): one broker + controller, topics with one copy. In the HA stack, node
-    n of 3 (node id n, ports +10 * (n - 1)): one cluster id formatted on all three, the
+    n of 3 (node id n, the HA ports +10 * (n - 1)): one cluster id formatted on all three, the
     same static controller quorum on all three, 3 copies of every topic with 2 in sync
     for a write to be acknowledged, unclean leader election off.
     """
@@ -163,9 +166,18 @@ class Kafka(Service):
     def config_path(self) -> Path:
         return self.home / "server.properties"
 
+    def port_settings(self) -> tuple[str, ...]:
+        # The HA nodes have ports of their own, below Linux's ephemeral range (see
+        # FLEETPULSE_HA_KAFKA_PORT): a killed node must be able to bind its port again.
+        if self.ha:
+            return ("ha_kafka_port", "ha_kafka_controller_port")
+        return ("kafka_port", "kafka_controller_port")
+
     def controller_port(self, node: int | None = None) -> int:
         node = self.node if node is None else node
-        return self.settings.kafka_controller_port + (10 * (node - 1) if node else 0)
+        if not node:
+            return self.settings.kafka_controller_port
+        return self.settings.ha_kafka_controller_port + 10 * (node - 1)
 
     def _java(self) -> str:
         java = shutil.which("java")

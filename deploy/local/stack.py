@@ -6,6 +6,8 @@
     python -m deploy.local.stack status    one line per service: pid, port, health
     python -m deploy.local.stack logs [SERVICE] [-n LINES] [-f]
     python -m deploy.local.stack down      stop only the processes this stack started
+    python -m deploy.local.stack env       shell exports for the product's processes on
+                                           the layout last brought up (none alone)
     python -m deploy.local.stack kill NODE [--signal KILL|STOP|CONT]
                                            fault injection by hand: signal one node
     python -m deploy.local.stack reset     down, then delete the stack's data (not its binaries)
@@ -16,8 +18,8 @@ git-ignored). ``up`` is idempotent: a service already running and healthy is lef
 The layout last brought up is recorded there, so ``status``, ``logs`` and ``down`` cover
 every node of it without being told.
 
-The HA layout (DESIGN.md, "High availability"): Kafka nodes 1-3 on the Kafka ports
-+ 0, 10, 20 (broker 59092, 59102, 59112; controller 59093, 59103, 59113), the Redis
+The HA layout (README, "High availability"): Kafka nodes 1-3 on the HA Kafka ports
++ 0, 10, 20 (broker 29092, 29102, 29112; controller 29093, 29103, 29113), the Redis
 master on the Redis port, its replica on +1 (56380), Sentinels on +11, +12, +13
 (56390-56392). :meth:`Stack.client_env` is what the product's processes need to use it.
 """
@@ -130,8 +132,8 @@ class Stack:
         self._layout_file.write_text("ha\n" if self.ha else "single\n")
         started = {svc.name: self._start(svc) for svc in chosen}
         for svc in chosen:
+            self._wait_started(svc, started[svc.name] is not None)
             pid = self.pidfile(svc).running_pid()
-            self._wait_healthy(svc, pid or 0)
             svc.after_start()
             took = started[svc.name]
             if took is None:
@@ -143,6 +145,28 @@ class Stack:
             exports = " ".join(f"{k}={v}" for k, v in self.client_env().items())
             print(f"the product's processes use this layout with: {exports}")
         return [name for name, took in started.items() if took is not None]
+
+    def _wait_started(self, svc: Service, fresh: bool) -> None:
+        """Wait until ``svc`` is healthy; start it again (twice at most) if it died of a
+        port it found taken although it was free when checked.
+
+        Our ports are in Linux's ephemeral range (32768-60999, the seed's 59092 among
+        them): a client reconnecting again and again to a node that is down can be given
+        that very port as its own source port and connect to itself (TCP simultaneous
+        open), holding the port for a moment. Seen when a killed broker was started again
+        while the flow's clients were reconnecting to it.
+        """
+        for attempt in (1, 2, 3):
+            try:
+                self._wait_healthy(svc, self.pidfile(svc).running_pid() or 0)
+                return
+            except StackError as exc:
+                taken = "Address already in use" in str(exc)
+                if not fresh or not taken or attempt == 3:
+                    raise
+            print(f"{svc.name:13} found its port taken for a moment; starting it again")
+            time.sleep(1.0)
+            self._start(svc)
 
     def _check_layout(self) -> None:
         """Refuse to start one layout while a service only the other one has runs."""
@@ -303,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("down", help="stop the processes this stack started")
     sub.add_parser("status", help="pid, port and health of each service; exit 1 unless all healthy")
     sub.add_parser("reset", help="down, then delete the stack's data")
+    sub.add_parser("env", help="shell exports the product needs on the running layout")
     kill = sub.add_parser("kill", help="signal one node (kill -9 by default): fault injection")
     kill.add_argument("service", help="e.g. kafka-1, redis, sentinel-2")
     kill.add_argument("--signal", choices=("KILL", "STOP", "CONT", "TERM"), default="KILL")
@@ -324,6 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             stack.down()
         elif args.cmd == "reset":
             stack.reset()
+        elif args.cmd == "env":  # a variable already set wins
+            for key, value in stack.client_env().items():
+                print(f'export {key}="${{{key}:-{value}}}"')
         elif args.cmd == "kill":
             svc = stack.service(args.service)
             pid = stack.pidfile(svc).running_pid()

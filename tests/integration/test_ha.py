@@ -54,10 +54,9 @@ from state.connect import connect, connect_reader
 from state.projection import Projection
 from state.reader import RedisStateReader
 
-# Ports of the HA stack under test (the layout adds +10/+20, +1, +11..13 to these);
-# below the ephemeral range (32768-60999): a client that keeps reconnecting to a killed
-# broker's port in that range can be given that very port as its own, and connect to
-# itself (TCP simultaneous open), which keeps the broker from binding it again.
+# Ports of the HA stack under test (the layout adds +10/+20, +1, +11..13 to these),
+# not the defaults (29092.., 56379..) so a developer's HA stack may run meanwhile; the
+# brokers below the ephemeral range like the defaults (README, "High availability").
 KAFKA_PORT, CONTROLLER_PORT, REDIS_PORT = 29192, 29193, 26479
 ROBOTS = 60
 RATE = 120.0  # reports/s through HTTP, all robots together
@@ -76,8 +75,8 @@ def ha(
     own = msgspec.structs.replace(
         settings,
         stack_dir=str(root),
-        kafka_port=KAFKA_PORT,
-        kafka_controller_port=CONTROLLER_PORT,
+        ha_kafka_port=KAFKA_PORT,
+        ha_kafka_controller_port=CONTROLLER_PORT,
         redis_port=REDIS_PORT,
         kafka_heap_mb=768,
         kafka_bootstrap=None,

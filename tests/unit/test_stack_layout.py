@@ -32,9 +32,9 @@ def test_the_single_layout_is_one_of_each_and_tells_the_product_nothing(tmp_path
 def test_the_ha_layout_has_its_nodes_on_ports_of_their_own(tmp_path: Path) -> None:
     stack = stack_in(tmp_path, ha=True)
     assert [(s.name, s.ports()) for s in stack.services] == [
-        ("kafka-1", {"kafka_port": 59092, "kafka_controller_port": 59093}),
-        ("kafka-2", {"kafka_port": 59102, "kafka_controller_port": 59103}),
-        ("kafka-3", {"kafka_port": 59112, "kafka_controller_port": 59113}),
+        ("kafka-1", {"ha_kafka_port": 29092, "ha_kafka_controller_port": 29093}),
+        ("kafka-2", {"ha_kafka_port": 29102, "ha_kafka_controller_port": 29103}),
+        ("kafka-3", {"ha_kafka_port": 29112, "ha_kafka_controller_port": 29113}),
         ("redis", {"redis_port": 56379}),
         ("redis-replica", {"redis_port": 56380}),
         ("sentinel-1", {"redis_port": 56390}),
@@ -43,7 +43,7 @@ def test_the_ha_layout_has_its_nodes_on_ports_of_their_own(tmp_path: Path) -> No
         ("jaeger", stack.service("jaeger").ports()),
     ]
     assert stack.client_env() == {
-        "FLEETPULSE_KAFKA_BOOTSTRAP": "127.0.0.1:59092,127.0.0.1:59102,127.0.0.1:59112",
+        "FLEETPULSE_KAFKA_BOOTSTRAP": "127.0.0.1:29092,127.0.0.1:29102,127.0.0.1:29112",
         "FLEETPULSE_KAFKA_REPLICATION": "3",
         "FLEETPULSE_REDIS_SENTINELS": "127.0.0.1:56390,127.0.0.1:56391,127.0.0.1:56392",
     }
@@ -54,7 +54,7 @@ def test_the_ha_layout_has_its_nodes_on_ports_of_their_own(tmp_path: Path) -> No
 
 def test_each_kafka_node_gets_its_id_the_shared_quorum_and_three_copies(tmp_path: Path) -> None:
     stack = stack_in(tmp_path, ha=True)
-    voters = "controller.quorum.voters=1@127.0.0.1:59093,2@127.0.0.1:59103,3@127.0.0.1:59113"
+    voters = "controller.quorum.voters=1@127.0.0.1:29093,2@127.0.0.1:29103,3@127.0.0.1:29113"
     for svc in stack.services:
         if not isinstance(svc, Kafka):
             continue
@@ -75,6 +75,7 @@ def test_each_kafka_node_gets_its_id_the_shared_quorum_and_three_copies(tmp_path
     single._write_config()
     text = single.config_path.read_text()
     assert "controller.quorum.bootstrap.servers=127.0.0.1:59093\n" in text
+    assert "listeners=PLAINTEXT://127.0.0.1:59092," in text
     assert "min.insync.replicas=1\n" in text and single.heap_mb == 1024
 
 
