@@ -34,7 +34,7 @@ from confluent_kafka.cimpl import NewTopic
 
 from deploy.local.procs import run_with_progress
 from fleetpulse.errors import StackError
-from fleetpulse.settings import Settings
+from fleetpulse.settings import Settings, env_name
 
 __all__ = [
     "HA_NODES",
@@ -255,7 +255,7 @@ class Kafka(Service):
                 raise StackError(
                     f"the Kafka data in {self.data_dir} was formatted for "
                     f"{json.loads(stamp.read_text())}, not {wanted}; set the old "
-                    "FLEETPULSE_KAFKA_CONTROLLER_PORT back, or run `just stack-reset`"
+                    f"{env_name(self.port_settings()[1])} back, or run `just stack-reset`"
                 )
             return
         # Alone: a dynamic quorum of this one controller (--standalone). HA: the static
