@@ -74,7 +74,8 @@ def render(figures: dict[str, dict[str, Any]]) -> str:
         "controller's broker session timeout.",
         "",
     ]
-    for name in [n for n in ORDER if n in figures] + sorted(set(figures) - set(ORDER)):
+    rank = {n: i for i, n in enumerate(ORDER)}
+    for name in sorted(figures, key=lambda n: (rank.get(n.partition(" (")[0], 99), n)):
         fig = figures[name]
         out += [
             f"## {TITLES.get(name, name)}",
