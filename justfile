@@ -131,7 +131,7 @@ stack-env:
 
 # the HA fault tests on an HA stack of their own, then their figures page docs/ha.md (+ docs/ha.png)
 ha-figures *ARGS: stack-up
-    rm -rf .stack/figures
+    find .stack/figures -maxdepth 1 -name '*.json' ! -name '*-*x*.json' -delete 2>/dev/null || true
     HA_FIGURES_DIR={{justfile_directory()}}/.stack/figures {{py}} -m pytest -m ha -v {{ARGS}}
     {{py}} -m deploy.local.figures --from .stack/figures
 

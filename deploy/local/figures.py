@@ -38,6 +38,7 @@ MEANING = {
     "controller_elected_s": "kill -> a new active controller (s)",
     "fault_seconds": "length of the event window measured (s)",
     "accepted_during": "reports answered 202 during the event",
+    "answered_per_s": "reports/s the load reached during the event (202 + 503)",
     "refused_503": "reports answered 503 during the event (the robot retries)",
     "seconds_with_503": "whole seconds in which ingest answered any 503",
     "freshness_p99_s": "p99 of Kafka append -> state in Redis during the event (bucket bound, s)",

@@ -320,6 +320,10 @@ def check_nothing_acknowledged_lost(s: Settings, load: Load, flow: FlowProcess) 
     return lost
 
 
+def _refused_between(load: Load, start: float, end: float) -> int:
+    return sum(start <= t <= end for t in load.refused)
+
+
 def broker_fault(
     name: str,
     ha: Stack,
@@ -360,6 +364,17 @@ def broker_fault(
                 "rate_per_s": RATE,
                 "fault_seconds": round(ended - started, 1),
                 "accepted_during": load.total_accepted() - accepted_before,
+                # What the load reached: a request bound to a partition whose leader is
+                # away waits up to the produce timeout, and a thread posts one at a time.
+                "answered_per_s": round(
+                    (
+                        load.total_accepted()
+                        - accepted_before
+                        + _refused_between(load, started, ended)
+                    )
+                    / max(ended - started, 0.001),
+                    1,
+                ),
                 "refused_503": len(load.refused),
                 "seconds_with_503": seconds_503,
                 "freshness_p99_s": p99(before, after),
