@@ -173,13 +173,7 @@ class FlowProcess:
         self._log.close()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_group(self.proc, signal.SIGINT)
         self._log.close()
 
     def alive(self) -> bool:
@@ -193,6 +187,32 @@ class FlowProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
+
+
+def stop_group(proc: subprocess.Popen[bytes], first: signal.Signals) -> None:
+    """End a child started in a session of its own, and its whole process group: ``first``,
+    then SIGKILL if it is still there after 15 s."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, first)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def metric_total(ports: Iterable[int], prefix: str) -> float:
+    """The sum of every sample on the ``/metrics`` of these ports whose line starts with
+    ``prefix`` (a metric name, or a name with its labels)."""
+    import httpx  # only the callers that scrape need it
+
+    total = 0.0
+    for port in ports:
+        for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text.splitlines():
+            if line.startswith(prefix) and not line.startswith("#"):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def wait_until(

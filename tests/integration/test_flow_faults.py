@@ -21,6 +21,7 @@ from deploy.local.harness import (
     Reporter,
     encoded,
     isolated,
+    metric_total,
     produce,
     report,
     wait_until,
@@ -169,16 +170,6 @@ def test_a_topic_recreated_under_a_running_flow_stops_it_and_a_restart_starts_cl
         flow.stop()
 
 
-def _metric(port: int, name: str) -> float:
-    import httpx
-
-    total = 0.0
-    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_offsets_deleted_while_the_flow_was_down_resume_at_the_earliest_retained(
     stack: Stack, settings: Settings, tmp_path: Path
 ) -> None:
@@ -213,7 +204,7 @@ def test_offsets_deleted_while_the_flow_was_down_resume_at_the_earliest_retained
         b = reader.get("ret-b")
         assert b is not None and b.report.seq == 99  # 150..199 were read
         assert [r.seq for r in reader.history("ret-b", limit=100)] == list(range(99, 49, -1))
-        assert _metric(port, "fleetpulse_flow_skipped_offsets_total") == 50
+        assert metric_total([port], "fleetpulse_flow_skipped_offsets_total") == 50
         assert "offsets 100..149 were deleted" in flow.output()
     finally:
         flow.stop()

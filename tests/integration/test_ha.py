@@ -42,7 +42,9 @@ from deploy.local.harness import (
     MADE_TOPICS,
     FlowProcess,
     isolated,
+    metric_total,
     report,
+    stop_group,
     wait_until,
 )
 from deploy.local.procs import free_port, wait_http_ready
@@ -159,12 +161,7 @@ class Server:
         )
 
     def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        stop_group(self.proc, signal.SIGTERM)
         self._log.close()
 
 
@@ -560,7 +557,9 @@ def test_redis_master_killed_and_redis_emptied_the_projection_converges(
         )
         promoted = projection.server()
         assert promoted != first
-        claimed = _metric(metrics, 'fleetpulse_flow_republishes_total{event="claimed"}')
+        claimed = metric_total(
+            [metrics, metrics + 1], 'fleetpulse_flow_republishes_total{event="claimed"} '
+        )
         assert claimed >= 2  # the first start, and the failover
 
         # 2. an empty Redis (a restart without persistence): every robot comes back,
@@ -610,12 +609,3 @@ def _published_elsewhere(projection: Projection, first: str) -> bool:
         return server != first and projection.published_to() == server
     except redis.RedisError:
         return False
-
-
-def _metric(port: int, name: str) -> float:
-    total = 0.0
-    for p in (port, port + 1):
-        for line in httpx.get(f"http://127.0.0.1:{p}/metrics", timeout=5).text.splitlines():
-            if line.startswith(name + " "):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
