@@ -264,7 +264,7 @@ fleetpulse is running — where to look:
   metrics             http://127.0.0.1:{s.ingest_port}/metrics  {q}/metrics  http://127.0.0.1:{s.dataflow_metrics_port}/metrics
   a stuck robot       curl -X POST {admin} http://127.0.0.1:{s.ingest_port}/v1/robots/{robot}/reset-order
   logs                {logs}/
-{_ha_lines(s) if s.redis_sentinels else ""}  dev tokens          read: {tokens.read}
+{_HA_LINES if s.redis_sentinels else ""}  dev tokens          read: {tokens.read}
                       ingest: {tokens.ingest}
                       admin: {tokens.admin}
 Ctrl-C stops everything this command started.
@@ -280,8 +280,7 @@ def _redis_port(s: Settings) -> str:
     return f"$(redis-cli -p {first} --raw {ask} | tail -1)"
 
 
-def _ha_lines(s: Settings) -> str:
-    return """  HA stack            just stack-status   (which broker leads most partitions, which
+_HA_LINES = """  HA stack            just stack-status   (which broker leads most partitions, which
                                            Redis is the master)
   kill a broker       just stack-kill kafka-1    then  just stack-up kafka-1
   pause a broker      just stack-kill kafka-2 --signal STOP  (CONT to resume)

@@ -235,17 +235,16 @@ class Stack:
         next start brings the Redis nodes up in their first roles, which is what fresh
         Sentinel configs describe.
         """
-        for ha in (not self.ha, self.ha):
-            for svc in reversed(self.layout(ha)):
-                if ha != self.ha and svc.name in {s.name for s in self.services}:
-                    continue
-                pid = self.pidfile(svc).stop()
-                if pid:
-                    print(f"{svc.name:13} stopped (pid {pid})")
-                elif ha == self.ha:
-                    print(f"{svc.name:13} not running")
-                if isinstance(svc, Sentinel):
-                    svc.config_path.unlink(missing_ok=True)
+        mine = {svc.name for svc in self.services}
+        others = [svc for svc in self.layout(not self.ha) if svc.name not in mine]
+        for svc in [*reversed(others), *reversed(self.services)]:
+            pid = self.pidfile(svc).stop()
+            if pid:
+                print(f"{svc.name:13} stopped (pid {pid})")
+            elif svc.name in mine:
+                print(f"{svc.name:13} not running")
+            if isinstance(svc, Sentinel):
+                svc.config_path.unlink(missing_ok=True)
 
     def status(self) -> list[ServiceStatus]:
         """Pid, port, health and role in its cluster of every service."""

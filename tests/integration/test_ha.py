@@ -110,8 +110,10 @@ def whole(ha: Stack) -> None:
         pytest.fail(f"the HA stack could not be made whole:\n{exc}", pytrace=False)
 
 
-def product(ha: Stack, settings: Settings, tmp: Path, **over: Any) -> Settings:
-    """The product's settings on the HA stack: every broker, 3 copies, Sentinel."""
+def product(ha: Stack, settings: Settings, tmp: Path) -> Settings:
+    """The product's settings on the HA stack (made whole first): every broker, 3 copies,
+    Sentinel; topics and a Redis prefix of its own, the flow's metrics on a free port."""
+    whole(ha)
     base = load_settings({**to_env(ha.settings), **ha.client_env()})
     assert base.kafka_replication == 3 and base.redis_sentinels
     s = isolated(
@@ -121,13 +123,23 @@ def product(ha: Stack, settings: Settings, tmp: Path, **over: Any) -> Settings:
         history_len=1000,
         produce_timeout_s=PRODUCE_TIMEOUT_S,
         otlp_endpoint=settings.otlp_endpoint,
-        **over,
+        dataflow_metrics_port=free_port(),
     )
     # They live on the HA stack, which goes at the end: not the shared stack's to clean.
     for made in (s.topic_reports, s.topic_dlq, s.topic_alerts):
         MADE_TOPICS.remove(made)
     MADE_PREFIXES.remove(s.redis_prefix)
     return s
+
+
+def run_product(s: Settings, tmp: Path) -> tuple[FlowProcess, Server]:
+    """The dataflow as the main job's 2 processes, and the ingest server."""
+    return FlowProcess(s, tmp / "flow.log", processes=2), Server(s, "ingest", tmp / "ingest.log")
+
+
+def flow_metrics(s: Settings) -> list[int]:
+    """The /metrics ports of the flow's 2 processes."""
+    return [s.dataflow_metrics_port, s.dataflow_metrics_port + 1]
 
 
 class Server:
@@ -329,24 +341,20 @@ def broker_fault(
     fault: Any,
 ) -> None:
     """Steady HTTP load; ``fault(s)`` injects the fault (and undoes it) while it runs."""
-    whole(ha)
     s = product(ha, settings, tmp_path)
-    metrics = free_port()
-    s = msgspec.structs.replace(s, dataflow_metrics_port=metrics)
-    flow = FlowProcess(s, tmp_path / "flow.log", processes=2)
-    ingest = Server(s, "ingest", tmp_path / "ingest.log")
+    flow, ingest = run_product(s, tmp_path)
     try:
         with Load(ingest) as load:
             reader = RedisStateReader(connect_reader(s), s)
             wait_until("every robot in Redis", lambda: reader.summary().total == ROBOTS, 90, [flow])
             time.sleep(2)
-            before = freshness_buckets([metrics, metrics + 1])
+            before = freshness_buckets(flow_metrics(s))
             accepted_before = load.total_accepted()
             started = time.time()
             what = fault(s)
             ended = time.time()
             time.sleep(3)  # steady again
-            after = freshness_buckets([metrics, metrics + 1])
+            after = freshness_buckets(flow_metrics(s))
         assert flow.alive(), f"the dataflow exited during the fault:\n{flow.output()}"
         assert not load.failed, f"answers other than 202/503: {load.failed[:5]}"
         lost = check_nothing_acknowledged_lost(s, load, flow)
@@ -505,12 +513,8 @@ def summary_matches_listing(reader: RedisStateReader) -> None:
 def test_redis_master_killed_and_redis_emptied_the_projection_converges(
     ha: Stack, settings: Settings, tmp_path: Path
 ) -> None:
-    whole(ha)
     s = product(ha, settings, tmp_path)
-    metrics = free_port()
-    s = msgspec.structs.replace(s, dataflow_metrics_port=metrics)
-    flow = FlowProcess(s, tmp_path / "flow.log", processes=2)
-    ingest = Server(s, "ingest", tmp_path / "ingest.log")
+    flow, ingest = run_product(s, tmp_path)
     query = Server(s, "query", tmp_path / "query.log")
     master = connect(s)
     projection = Projection(master, s.redis_prefix)
@@ -558,7 +562,7 @@ def test_redis_master_killed_and_redis_emptied_the_projection_converges(
         promoted = projection.server()
         assert promoted != first
         claimed = metric_total(
-            [metrics, metrics + 1], 'fleetpulse_flow_republishes_total{event="claimed"} '
+            flow_metrics(s), 'fleetpulse_flow_republishes_total{event="claimed"} '
         )
         assert claimed >= 2  # the first start, and the failover
 
