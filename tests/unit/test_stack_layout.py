@@ -108,3 +108,29 @@ def test_one_layout_will_not_start_while_the_other_runs(tmp_path: Path) -> None:
         "the HA stack is running (sentinel-1); stop it with `just stack-down` before "
         "starting the single-node one"
     )
+
+
+def test_the_cli_names_a_node_it_does_not_have_and_prints_the_layouts_exports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deploy.local.stack import main
+
+    monkeypatch.setenv("FLEETPULSE_STACK_DIR", str(tmp_path / "stack"))
+    assert main(["kill", "kafka-9"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no service named 'kafka-9'; the stack has kafka, redis, jaeger")
+    assert main(["env"]) == 0  # alone: nothing to export
+    assert capsys.readouterr().out == ""
+    layout = tmp_path / "stack" / "run" / "layout"
+    layout.parent.mkdir(parents=True)
+    layout.write_text("ha\n")
+    assert main(["env"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        'export FLEETPULSE_KAFKA_BOOTSTRAP="${FLEETPULSE_KAFKA_BOOTSTRAP:-'
+        '127.0.0.1:29092,127.0.0.1:29102,127.0.0.1:29112}"',
+        'export FLEETPULSE_KAFKA_REPLICATION="${FLEETPULSE_KAFKA_REPLICATION:-3}"',
+        'export FLEETPULSE_REDIS_SENTINELS="${FLEETPULSE_REDIS_SENTINELS:-'
+        '127.0.0.1:56390,127.0.0.1:56391,127.0.0.1:56392}"',
+    ]
+    assert main(["kill", "sentinel-2"]) == 1
+    assert capsys.readouterr().err == "error: sentinel-2 is not running\n"
