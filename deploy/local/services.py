@@ -22,19 +22,12 @@ from typing import Any, ClassVar
 
 import httpx
 import redis
-from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
-
-# Imported from where they are defined: confluent_kafka.admin re-exports them implicitly,
-# which mypy --strict does not follow.
-from confluent_kafka.admin._config import AlterConfigOpType, ConfigEntry, ConfigResource
-from confluent_kafka.admin._metadata import TopicMetadata
-from confluent_kafka.admin._resource import ResourceType
-from confluent_kafka.cimpl import NewTopic
 
 from deploy.local.procs import run_with_progress
 from fleetpulse.errors import StackError
 from fleetpulse.settings import Settings, env_name
+from fleetpulse.topics import ensure_topics, topic_configs
 
 __all__ = [
     "HA_NODES",
@@ -221,6 +214,8 @@ class Kafka(Service):
         self.config_path.write_text(
             template.format(
                 node_id=self.node or 1,
+                listen_host="127.0.0.1",
+                advertised_host="127.0.0.1",
                 kafka_port=self.port,
                 controller_port=self.controller_port(),
                 quorum=quorum,
@@ -364,128 +359,6 @@ def quorum_leader(root: Path) -> int | None:
 _QUIET = logging.getLogger("fleetpulse.stack.kafka-probe")
 _QUIET.addHandler(logging.NullHandler())
 _QUIET.propagate = False
-
-
-def topic_configs(replication: int, *, reports: bool) -> dict[str, str]:
-    """The topic configs we set, and keep set, on a topic of ours.
-
-    ``min.insync.replicas`` is 2 from a replication factor of 3 up, so an acks=all
-    write (every 202 of ingest) is on two brokers before it is acknowledged, and one
-    broker may be down without stopping writes; below 3 it is 1 (2 would stop every
-    write while one of two brokers is away). The reports topic keeps the broker's
-    append time as each message's timestamp: the dataflow's arrival clock, which no
-    producer (or robot clock) can set.
-    """
-    configs = {"min.insync.replicas": "2" if replication >= 3 else "1"}
-    if reports:
-        configs["message.timestamp.type"] = "LogAppendTime"
-    return configs
-
-
-def ensure_topics(
-    admin: AdminClient,
-    names: list[str],
-    partitions: int,
-    replication: int,
-    *,
-    reports_topic: str | None = None,
-) -> None:
-    """Create the topics that do not exist yet with :func:`topic_configs`; alter the
-    configs of existing ones to match (printing what changed); complain if one has
-    another partition count. ``reports_topic`` names the topic of reports, if listed."""
-    existing = admin.list_topics(timeout=10).topics
-    for name in names:
-        if name in existing and len(existing[name].partitions) != partitions:
-            print(
-                f"warning: topic {name} has {len(existing[name].partitions)} partitions, "
-                f"settings ask for {partitions}; left as it is"
-            )
-    missing = [
-        NewTopic(
-            n,
-            partitions,
-            replication,
-            config=topic_configs(replication, reports=n == reports_topic),
-        )
-        for n in names
-        if n not in existing
-    ]
-    present = [n for n in names if n in existing]
-    if missing:
-        for name, future in admin.create_topics(missing, operation_timeout=30).items():
-            try:
-                future.result(timeout=30)
-            except Exception as exc:
-                if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                    raise StackError(f"could not create topic {name}: {exc}") from exc
-                present.append(name)  # made meanwhile, or not yet in the metadata we read
-    # An existing topic keeps its replication factor, so its configs follow that one.
-    wanted = {
-        name: topic_configs(_replicas(admin, name, replication), reports=name == reports_topic)
-        for name in present
-    }
-    _align_configs(admin, wanted)
-
-
-def _replicas(admin: AdminClient, name: str, otherwise: int) -> int:
-    """The replication factor of an existing topic (``otherwise`` if the metadata lacks it)."""
-    topic: TopicMetadata | None = admin.list_topics(name, timeout=10).topics.get(name)
-    if topic is None or topic.error is not None or not topic.partitions:
-        return otherwise
-    return min(len(p.replicas) for p in topic.partitions.values())
-
-
-def _describe(admin: AdminClient, name: str, timeout_s: float = 15.0) -> dict[str, ConfigEntry]:
-    """The topic's configs. A topic created a moment ago may be known to the controller
-    but not yet to the broker that answers (UNKNOWN_TOPIC_OR_PART): asked again until then."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        (future,) = admin.describe_configs(
-            [ConfigResource(ResourceType.TOPIC, name)], request_timeout=30
-        ).values()
-        try:
-            entries: dict[str, ConfigEntry] = future.result(timeout=30)
-            return entries
-        except KafkaException as exc:
-            unknown = exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART
-            if not unknown or time.monotonic() > deadline:
-                raise StackError(f"could not read the configs of topic {name}: {exc}") from exc
-        time.sleep(0.1)
-
-
-def _align_configs(admin: AdminClient, wanted: dict[str, dict[str, str]]) -> None:
-    """Set the configs in ``wanted`` (topic -> {name: value}) where a topic differs."""
-    if not wanted:
-        return
-    changes: list[ConfigResource] = []
-    for name in wanted:
-        current = _describe(admin, name)
-        differ = {
-            key: value
-            for key, value in wanted[name].items()
-            if key not in current or current[key].value != value
-        }
-        if not differ:
-            continue
-        changed = ", ".join(
-            f"{k} {current[k].value if k in current else '(unset)'} -> {v}"
-            for k, v in differ.items()
-        )
-        print(f"note: topic {name}: {changed} (altered to match what fleetpulse creates)")
-        entries = [
-            ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
-            for k, v in differ.items()
-        ]
-        changes.append(ConfigResource(ResourceType.TOPIC, name, incremental_configs=entries))
-    if not changes:
-        return
-    for resource, future in admin.incremental_alter_configs(changes, request_timeout=30).items():
-        try:
-            future.result(timeout=30)
-        except Exception as exc:
-            raise StackError(
-                f"could not alter the configs of topic {resource.name}: {exc}"
-            ) from exc
 
 
 def _apt_install(package: str, binary: str, root: Path) -> None:
@@ -657,6 +530,12 @@ sentinel parallel-syncs {name} 1
         return f"master is {state.get('ip')}:{state.get('port')}"
 
 
+# How Jaeger is built, here and in its image (deploy/images/jaeger.Dockerfile): a static
+# binary with trimmed paths, so the image's build stage, lent this machine's Go caches,
+# finds every package already compiled.
+JAEGER_BUILD_ENV = {"CGO_ENABLED": "0", "GOFLAGS": "-buildvcs=false -trimpath"}
+
+
 class Jaeger(Service):
     """Jaeger v2 built from the Go module proxy; OTLP in, in-memory storage, query API out."""
 
@@ -699,6 +578,7 @@ class Jaeger(Service):
                 "go build jaeger",
                 self.root / "logs" / "provision-jaeger.log",
                 cwd=HERE / "jaeger",
+                env={**os.environ, **JAEGER_BUILD_ENV},
             )
             partial.rename(self.binary)
         template = (HERE / "jaeger" / "config.yaml.in").read_text()
