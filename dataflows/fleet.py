@@ -35,6 +35,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -140,7 +141,7 @@ def _recovery_on_by_default(settings: Settings) -> None:
         ("-r", "--recovery-directory")
     )
     if directory:
-        _init_partitions(Path(directory), settings.recovery_partitions)
+        _init_partitions(Path(directory), settings.recovery_partitions, _share(settings))
         return
     if not settings.recovery_dir:
         log.warning(
@@ -150,7 +151,7 @@ def _recovery_on_by_default(settings: Settings) -> None:
         )
         return
     recovery = Path(settings.recovery_dir).resolve()
-    _init_partitions(recovery, settings.recovery_partitions)
+    _init_partitions(recovery, settings.recovery_partitions, _share(settings))
     env = {
         **os.environ,
         "BYTEWAX_RECOVERY_DIRECTORY": str(recovery),
@@ -172,13 +173,45 @@ def _flag(names: tuple[str, ...]) -> str | None:
     return None
 
 
-def _init_partitions(directory: Path, count: int) -> None:
-    """Create the recovery partitions once; concurrent processes of a cluster wait their turn."""
+def _share(settings: Settings) -> tuple[int, int]:
+    """(this process, processes) whose recovery partitions this process creates: all of
+    them (0, 1) unless ``recovery_per_process`` and this process is one of a cluster."""
+    addresses = _flag(("-a", "--addresses"))
+    processes = len([a for a in addresses.split(";") if a]) if addresses else 1
+    if not settings.recovery_per_process or processes < 2:
+        return 0, 1
+    return process_id(), processes
+
+
+def _init_partitions(directory: Path, count: int, share: tuple[int, int] = (0, 1)) -> None:
+    """Create the recovery partitions once; concurrent processes of a cluster wait their turn.
+
+    ``share`` (index, processes): create only partitions p with p % processes == index,
+    the process's own folder then holds its share and the cluster as a whole all of them
+    (Bytewax resumes when the processes together see every partition)."""
+    index, processes = share
     directory.mkdir(parents=True, exist_ok=True)
     with (directory / ".init.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not any(directory.glob("part-*")):
+        if any(directory.glob("part-*")):
+            return
+        if processes == 1:
             init_db_dir(directory, count)  # type: ignore[no-untyped-call]
             print(
                 f"fleetpulse: created {count} recovery partitions in {directory}", file=sys.stderr
             )
+            return
+        staging = directory / f".init-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        init_db_dir(staging, count)  # type: ignore[no-untyped-call]
+        mine = [p for p in range(count) if p % processes == index]
+        for part in mine:
+            for path in staging.glob(f"part-{part}.*"):
+                path.rename(directory / path.name)
+        shutil.rmtree(staging)
+        print(
+            f"fleetpulse: created recovery partitions {mine} of {count} in {directory} "
+            f"(process {index} of {processes})",
+            file=sys.stderr,
+        )

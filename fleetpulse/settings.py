@@ -263,6 +263,14 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
         str, _doc("Bytewax recovery partitions; empty turns recovery off (re-reads Kafka).")
     ] = ".stack/recovery"
     recovery_partitions: Annotated[int, _doc("Recovery partitions created on first run.", ge=1)] = 2
+    recovery_per_process: Annotated[
+        bool,
+        _doc(
+            "Each process of a cluster creates only its share of the recovery partitions "
+            "(partition p on process p mod processes), for a recovery volume per process "
+            "(containers, Kubernetes); off: the processes share one folder.",
+        ),
+    ] = False
     # Whole seconds: Bytewax's runner takes no fractions (BYTEWAX_SNAPSHOT_INTERVAL).
     snapshot_interval_s: Annotated[
         int, _doc("Bytewax epoch / snapshot interval, whole seconds.", ge=1, le=3600)
