@@ -135,10 +135,31 @@ ha-figures *ARGS: stack-up
     HA_FIGURES_DIR={{justfile_directory()}}/.stack/figures {{py}} -m pytest -m ha -v {{ARGS}}
     {{py}} -m deploy.local.figures --from .stack/figures
 
+# build the container images with podman (Debian bases made once; cached layers); prints names and sizes
+images *NAMES:
+    @{{py}} -m deploy.containers images {{NAMES}}
+
+# the compose topology in containers (deploy/docker-compose-local.yml): build, start in order, wait healthy (`--sim`: with robots)
+compose-up *ARGS:
+    @{{py}} -m deploy.containers up {{ARGS}}
+
+# stop and remove the compose topology's containers (`--volumes`: and its data)
+compose-down *ARGS:
+    @{{py}} -m deploy.containers down {{ARGS}}
+
+# the compose topology's containers and their state
+compose-ps:
+    @{{py}} -m deploy.containers ps
+
+# shell exports for podman with the project's storage and config (`eval "$(just compose-env)"`)
+compose-env:
+    @{{py}} -m deploy.containers env
+
 # print the settings table (the README carries it)
 settings-table:
     @{{py}} -m fleetpulse.settings
 
-# regenerate requirements.lock (hashed pins) from pyproject.toml
+# regenerate requirements.lock (hashed pins) and the images' runtime lock from pyproject.toml
 lock:
     {{py}} -m uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 -o requirements.lock
+    {{py}} -m uv pip compile pyproject.toml --generate-hashes --python-version 3.11 -c requirements.lock -o deploy/images/requirements.lock
