@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -344,6 +345,16 @@ def _go_env(name: str) -> str:
     ).stdout.strip()
 
 
+def _maven_repo() -> Path:
+    """The local Maven repository mvn uses here: -Dmaven.repo.local in MAVEN_OPTS, else
+    ~/.m2/repository of the user's home as Java finds it (the password database, not
+    $HOME)."""
+    for word in os.environ.get("MAVEN_OPTS", "").split():
+        if word.startswith("-Dmaven.repo.local="):
+            return Path(word.split("=", 1)[1]).expanduser().resolve()
+    return Path(pwd.getpwuid(os.getuid()).pw_dir) / ".m2" / "repository"
+
+
 def _lent(podman: Podman, what: str) -> list[str]:
     """podman build flags that lend the build stage this machine's tool caches, after
     making sure they hold what the build needs (a download here, once)."""
@@ -367,8 +378,7 @@ def _lent(podman: Podman, what: str) -> list[str]:
             ROOT / "deploy/local/kafka",
         )
         shutil.rmtree(scratch, ignore_errors=True)
-        m2 = Path.home() / ".m2"
-        return ["--build-arg", "OFFLINE=1", "-v", f"{m2}:/root/.m2"]
+        return ["--build-arg", "OFFLINE=1", "-v", f"{_maven_repo()}:/root/.m2/repository"]
     if what == "go":
         if shutil.which("go") is None:
             raise StackError("go not found on PATH; the Jaeger image is built with Go")
