@@ -725,7 +725,7 @@ fleetpulse is up in containers (project fleetpulse; `just compose-ps`, `just com
                       admin: {tokens["admin"]}
   try                 curl -H "Authorization: Bearer {tokens["read"]}" \\
                         http://127.0.0.1:{s.query_port}/v1/robots
-  logs                podman logs fleetpulse_dataflow-0_1   (with `just compose-env` first)
+  logs                podman logs fleetpulse_dataflow-0_1   (after eval "$(just compose-env)")
 """
 
 

@@ -110,12 +110,12 @@ def test_images_and_compose_topology_round_trip_crash_and_teardown(settings: Set
             "redis",
             "jaeger",
             "topics",
-            "ingest",
-            "api",
+            "webhook-server",
+            "api-server",
             "dataflow-0",
             "dataflow-1",
         }
-        for service, user in (("ingest", "10001:10001"), ("kafka", "10002:10002")):
+        for service, user in (("webhook-server", "10001:10001"), ("kafka", "10002:10002")):
             assert compose.inspect(service)["Config"]["User"] == user
 
         # Reports through the ingest container, read back from the query container.

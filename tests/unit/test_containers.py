@@ -66,10 +66,10 @@ def test_services_wait_for_what_they_need_and_are_health_checked() -> None:
         if name not in ("topics", "sim"):
             assert "healthcheck" in spec, name
     assert SERVICES["topics"]["depends_on"] == {"kafka": {"condition": "service_healthy"}}
-    for name in ("ingest", "dataflow-0", "dataflow-1"):
+    for name in ("webhook-server", "dataflow-0", "dataflow-1"):
         needs = SERVICES[name]["depends_on"]
         assert needs["topics"] == {"condition": "service_completed_successfully"}, name
-    assert SERVICES["api"]["depends_on"]["redis"] == {"condition": "service_healthy"}
+    assert SERVICES["api-server"]["depends_on"]["redis"] == {"condition": "service_healthy"}
 
 
 def test_the_dataflow_is_two_processes_of_one_cluster_with_a_volume_each() -> None:
@@ -91,8 +91,8 @@ def test_the_dataflow_is_two_processes_of_one_cluster_with_a_volume_each() -> No
 def test_start_order_follows_depends_on(settings: Settings) -> None:
     levels = Compose(settings).order()
     assert levels[0] == ["jaeger", "kafka", "redis"]
-    assert levels[1] == ["api", "topics"]
-    assert set(levels[2]) == {"dataflow-0", "dataflow-1", "ingest"}
+    assert levels[1] == ["api-server", "topics"]
+    assert set(levels[2]) == {"dataflow-0", "dataflow-1", "webhook-server"}
     assert "sim" not in {s for level in levels for s in level}  # profile "sim" only
     with_sim = Compose(settings, profiles=("sim",)).order()
     assert with_sim[-1] == ["sim"]
