@@ -155,6 +155,22 @@ compose-ps:
 compose-env:
     @{{py}} -m deploy.containers env
 
+# the local Kubernetes control plane (etcd, kube-apiserver, controller-manager, scheduler; built once per version)
+k8s-up:
+    @{{py}} -m deploy.local.cluster up
+
+# stop the local Kubernetes processes (and only those); its data stays
+k8s-down:
+    @{{py}} -m deploy.local.cluster down
+
+# pid, port and health of each local Kubernetes process; fails unless all are healthy
+k8s-status:
+    @{{py}} -m deploy.local.cluster status
+
+# kubectl (the locally built one) against the local cluster as its admin, e.g. `just kubectl get ns`
+kubectl *ARGS:
+    @"$({{py}} -m deploy.local.cluster kubectl-path)" --kubeconfig "$({{py}} -m deploy.local.cluster kubeconfig)" {{ARGS}}
+
 # print the settings table (the README carries it)
 settings-table:
     @{{py}} -m fleetpulse.settings

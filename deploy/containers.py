@@ -277,16 +277,15 @@ def _debootstrap_base(podman: Podman, ref: str) -> None:
                         _remove(path)
             elif child.name != "locale.alias":
                 _remove(child)
-    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-    imported = subprocess.run(
-        ["podman", "import", "--change", 'CMD ["bash"]', "-", ref],
-        stdin=tar.stdout,
-        env=podman.env(),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    tar.wait()
+    with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
+        imported = subprocess.run(
+            ["podman", "import", "--change", 'CMD ["bash"]', "-", ref],
+            stdin=tar.stdout,
+            env=podman.env(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     shutil.rmtree(rootfs)
     if imported.returncode != 0 or tar.returncode != 0:
         raise StackError(f"podman import of the base failed: {imported.stderr.strip()[-800:]}")

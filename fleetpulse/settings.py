@@ -82,6 +82,16 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     jaeger_query_grpc_port: Annotated[Port, _doc("Local Jaeger query gRPC port.")] = 16685
     jaeger_otlp_grpc_port: Annotated[Port, _doc("Local Jaeger OTLP/gRPC receiver port.")] = 4317
     jaeger_otlp_http_port: Annotated[Port, _doc("Local Jaeger OTLP/HTTP receiver port.")] = 4318
+    # The local Kubernetes control plane (`just k8s-up`): below Linux's ephemeral range.
+    k8s_etcd_port: Annotated[Port, _doc("Local Kubernetes: etcd client port.")] = 22379
+    k8s_etcd_peer_port: Annotated[Port, _doc("Local Kubernetes: etcd peer port.")] = 22380
+    k8s_apiserver_port: Annotated[Port, _doc("Local Kubernetes: kube-apiserver port.")] = 26443
+    k8s_controller_manager_port: Annotated[
+        Port, _doc("Local Kubernetes: kube-controller-manager's secure (health) port.")
+    ] = 20257
+    k8s_scheduler_port: Annotated[
+        Port, _doc("Local Kubernetes: kube-scheduler's secure (health) port.")
+    ] = 20259
     stack_start_timeout_s: Annotated[
         Seconds, _doc("How long `stack-up` waits for a service to become healthy.")
     ] = 90.0
