@@ -25,8 +25,8 @@ lint:
 types:
     {{py}} -m mypy
 
-# the test suite against the real stack (started first, so first-run provisioning shows progress)
-test *ARGS: stack-up
+# the test suite against the real stack and the local Kubernetes (started first, so first-run builds show progress)
+test *ARGS: stack-up k8s-up
     {{py}} -m pytest {{ARGS}}
 
 # unit tests only (no services)
