@@ -176,7 +176,10 @@ def _flag(names: tuple[str, ...]) -> str | None:
 def _share(settings: Settings) -> tuple[int, int]:
     """(this process, processes) whose recovery partitions this process creates: all of
     them (0, 1) unless ``recovery_per_process`` and this process is one of a cluster."""
-    addresses = _flag(("-a", "--addresses"))
+    addresses = _flag(("-a", "--addresses")) or os.environ.get("BYTEWAX_ADDRESSES")
+    hostfile = os.environ.get("BYTEWAX_HOSTFILE_PATH")
+    if not addresses and hostfile:  # the Bytewax chart's peers, one per line
+        addresses = ";".join(Path(hostfile).read_text().split())
     processes = len([a for a in addresses.split(";") if a]) if addresses else 1
     if not settings.recovery_per_process or processes < 2:
         return 0, 1

@@ -51,8 +51,16 @@ __all__ = ["FleetSink", "process_id"]
 
 
 def process_id() -> int:
-    """This process's index in a Bytewax cluster (``-i`` / BYTEWAX_PROCESS_ID), 0 alone."""
+    """This process's index in a Bytewax cluster, 0 alone: ``-i``, BYTEWAX_PROCESS_ID, or
+    (as ``bytewax.run`` does in the Bytewax chart's StatefulSet) the pod's ordinal, from
+    BYTEWAX_POD_NAME less BYTEWAX_STATEFULSET_NAME + "-"."""
     value = os.environ.get("BYTEWAX_PROCESS_ID")
+    pod, statefulset = (
+        os.environ.get("BYTEWAX_POD_NAME"),
+        os.environ.get("BYTEWAX_STATEFULSET_NAME"),
+    )
+    if value is None and pod and statefulset and pod.startswith(statefulset + "-"):
+        value = pod[len(statefulset) + 1 :]
     argv = sys.argv
     for i, arg in enumerate(argv[:-1]):
         if arg in ("-i", "--process-id"):

@@ -49,3 +49,20 @@ def test_the_share_comes_from_the_setting_and_the_cluster_flags(
     monkeypatch.delenv("BYTEWAX_PROCESS_ID", raising=False)
     s = msgspec.structs.replace(Settings(), recovery_per_process=per_process)
     assert _share(s) == share
+
+
+def test_a_statefulset_pod_finds_its_share_as_the_bytewax_chart_sets_it_up(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # No -i/-a: the pod's ordinal and a hostfile of peers, as bytewax.run reads them.
+    hostfile = tmp_path / "hostfile.txt"
+    peers = [f"dataflow-{i}.dataflow.fleetpulse.svc.cluster.local:9999" for i in range(3)]
+    hostfile.write_text("\n".join(peers) + "\n")
+    monkeypatch.setattr(sys, "argv", ["bytewax.run", "dataflows.fleet:build_flow()"])
+    monkeypatch.delenv("BYTEWAX_PROCESS_ID", raising=False)
+    monkeypatch.delenv("BYTEWAX_ADDRESSES", raising=False)
+    monkeypatch.setenv("BYTEWAX_POD_NAME", "dataflow-2")
+    monkeypatch.setenv("BYTEWAX_STATEFULSET_NAME", "dataflow")
+    monkeypatch.setenv("BYTEWAX_HOSTFILE_PATH", str(hostfile))
+    s = msgspec.structs.replace(Settings(), recovery_per_process=True)
+    assert _share(s) == (2, 3)
