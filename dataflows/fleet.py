@@ -47,7 +47,7 @@ from bytewax.recovery import init_db_dir
 from dataflows.chaos import Chaos
 from dataflows.rules import LiveRules, Rules
 from dataflows.shard import ShardLogic
-from dataflows.sink import FleetSink, process_id
+from dataflows.sink import FleetSink, metrics_offset, process_id
 from dataflows.source import Binding, ReportSource
 from dataflows.spans import flow_spans
 from fleetpulse.reload import ActiveConfig, ConfigWatcher, config_hash
@@ -75,7 +75,9 @@ def build_flow(settings: Settings | None = None, *, tail: bool = True) -> Datafl
         settings = watcher.current.settings
         set_log_level(settings.log_level)
     rules = LiveRules(Rules.from_settings(settings))
-    metrics = dataflow_metrics(settings.metrics_host, settings.dataflow_metrics_port, process_id())
+    metrics = dataflow_metrics(
+        settings.metrics_host, settings.dataflow_metrics_port, metrics_offset(settings)
+    )
     _follow_config(watcher, settings, rules, metrics)
     # What the recovery snapshots belong to; a snapshot of another topic is not resumed.
     binding = Binding.read(settings)

@@ -47,7 +47,7 @@ T = TypeVar("T")
 # Redis errors that pass (a restart, a failover, a network blip); others are bugs.
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
 
-__all__ = ["FleetSink", "process_id"]
+__all__ = ["FleetSink", "metrics_offset", "process_id"]
 
 
 def process_id() -> int:
@@ -69,6 +69,12 @@ def process_id() -> int:
         return int(value or 0)
     except ValueError:
         return 0
+
+
+def metrics_offset(settings: Settings) -> int:
+    """Added to FLEETPULSE_DATAFLOW_METRICS_PORT: this process's index where processes
+    share a host, 0 where each has its own address (``metrics_port_per_process`` off)."""
+    return process_id() if settings.metrics_port_per_process else 0
 
 
 class FleetSink(DynamicSink[tuple[str, Out]]):
@@ -109,7 +115,7 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
         self.kafka = CheckedProducer(settings)
         self.spans = flow_spans(settings)
         self.metrics = dataflow_metrics(
-            settings.metrics_host, settings.dataflow_metrics_port, process_id()
+            settings.metrics_host, settings.dataflow_metrics_port, metrics_offset(settings)
         )
 
     def write_batch(self, items: list[tuple[str, Out]]) -> None:

@@ -298,6 +298,14 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
         ),
     ] = 9464
     metrics_host: Annotated[str, _doc("Address the dataflow's /metrics binds to.")] = "127.0.0.1"
+    metrics_port_per_process: Annotated[
+        bool,
+        _doc(
+            "Process N of a dataflow cluster serves /metrics on FLEETPULSE_DATAFLOW_METRICS_PORT "
+            "+ N (processes sharing one host); off: every process on the port itself (a pod "
+            "each, Kubernetes).",
+        ),
+    ] = True
     consumer_group: Annotated[str, _doc("Kafka consumer group label of the dataflow.")] = (
         "fleetpulse-dataflow"
     )

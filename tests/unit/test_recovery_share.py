@@ -9,6 +9,7 @@ import msgspec
 import pytest
 
 from dataflows.fleet import _init_partitions, _share
+from dataflows.sink import metrics_offset
 from fleetpulse.settings import Settings
 
 
@@ -66,3 +67,13 @@ def test_a_statefulset_pod_finds_its_share_as_the_bytewax_chart_sets_it_up(
     monkeypatch.setenv("BYTEWAX_HOSTFILE_PATH", str(hostfile))
     s = msgspec.structs.replace(Settings(), recovery_per_process=True)
     assert _share(s) == (2, 3)
+
+
+@pytest.mark.parametrize(("per_process", "offset"), [(True, 1), (False, 0)])
+def test_the_metrics_port_moves_with_the_process_only_where_processes_share_a_host(
+    monkeypatch: pytest.MonkeyPatch, per_process: bool, offset: int
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["bytewax.run", "flow", "-i", "1", "-a", "h:1;h:2"])
+    monkeypatch.delenv("BYTEWAX_PROCESS_ID", raising=False)
+    s = msgspec.structs.replace(Settings(), metrics_port_per_process=per_process)
+    assert metrics_offset(s) == offset
