@@ -40,8 +40,7 @@ RUN groupadd --system --gid 10002 kafka \
 COPY --from=jars /build/libs /opt/kafka/libs
 COPY deploy/local/kafka/server.properties.in deploy/local/kafka/log4j2.yaml /opt/kafka/config/
 COPY deploy/images/kafka-entrypoint /usr/local/bin/
-ENV KAFKA_NODE_ID=1 \
-    KAFKA_PORT=9092 \
+ENV KAFKA_PORT=9092 \
     KAFKA_CONTROLLER_PORT=9093 \
     KAFKA_PARTITIONS=6 \
     KAFKA_REPLICATION=1 \
