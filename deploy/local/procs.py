@@ -259,9 +259,25 @@ def wait_http_ready(
         time.sleep(0.2)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+def free_port(span: int = 1) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now; with ``span`` > 1, the
+    first of that many free ports in a row (a dataflow cluster's processes serve their
+    metrics on the port + their index)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if all(_bindable(port + i) for i in range(1, span)):
+            return port
+    raise StackError(f"no {span} free ports in a row on 127.0.0.1")
+
+
+def _bindable(port: int) -> bool:
+    if port > 65535:
+        return False
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

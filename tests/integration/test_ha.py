@@ -123,7 +123,7 @@ def product(ha: Stack, settings: Settings, tmp: Path) -> Settings:
         history_len=1000,
         produce_timeout_s=PRODUCE_TIMEOUT_S,
         otlp_endpoint=settings.otlp_endpoint,
-        dataflow_metrics_port=free_port(),
+        dataflow_metrics_port=free_port(2),  # process 1 on the next port
     )
     # They live on the HA stack, which goes at the end: not the shared stack's to clean.
     for made in (s.topic_reports, s.topic_dlq, s.topic_alerts):

@@ -37,7 +37,7 @@ def test_main_job_runs_ten_robots_through_the_pipeline(
         trace_sample_ratio=1.0,
         ingest_port=free_port(),
         query_port=free_port(),
-        dataflow_metrics_port=free_port(),
+        dataflow_metrics_port=free_port(2),  # process 1 on the next port
     )
     env = {**os.environ, **to_env(s)}
     started = time.time()

@@ -142,7 +142,7 @@ def test_main_job_restarts_killed_children_and_loses_no_acknowledged_report(
         history_len=5000,
         ingest_port=free_port(),
         query_port=free_port(),
-        dataflow_metrics_port=free_port(),
+        dataflow_metrics_port=free_port(2),  # process 1 on the next port
     )
     started = time.monotonic()
     job = MainJob(s, tmp_path)
