@@ -39,6 +39,7 @@ from typing import Any
 
 import yaml
 
+from deploy.local.main import Tokens
 from deploy.local.procs import run_with_progress
 from fleetpulse.errors import FleetpulseError, StackError
 from fleetpulse.settings import Settings, env_name, load_settings
@@ -87,6 +88,7 @@ class Podman:
         self.settings = settings
         self.root = Path(settings.stack_dir).resolve() / "containers"
         self.logs = Path(settings.stack_dir).resolve() / "logs"
+        self._env: dict[str, str] | None = None
 
     def ensure_installed(self) -> None:
         """podman, buildah, runc and debootstrap from Debian (first run only)."""
@@ -107,6 +109,11 @@ class Podman:
 
     def env(self) -> dict[str, str]:
         """The environment of every podman (and podman-compose) this module runs."""
+        if self._env is None:
+            self._env = self._make_env()
+        return self._env
+
+    def _make_env(self) -> dict[str, str]:
         self.root.mkdir(parents=True, exist_ok=True)
         storage = self.root / "storage.conf"
         text = (
@@ -127,17 +134,7 @@ class Podman:
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """podman ARGS, its output captured; StackError with its stderr when check fails."""
-        proc = subprocess.run(
-            ["podman", *args],
-            env=self.env(),
-            capture_output=True,
-            text=True,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
-        if check and proc.returncode != 0:
-            raise StackError(f"podman {' '.join(args[:3])} failed: {proc.stderr.strip()[-800:]}")
-        return proc
+        return _captured(["podman", *args], self.env(), f"podman {' '.join(args[:3])}", check)
 
     def image_exists(self, ref: str) -> bool:
         return self.run("image", "exists", ref, check=False).returncode == 0
@@ -162,6 +159,22 @@ class Podman:
         cmd = ["podman", "build", "--network", "host", "--layers", *args, str(ROOT)]
         log = self.logs / f"image-{label}.log"
         run_with_progress(cmd, f"build {label}", log, ROOT, self.env())
+
+
+def _captured(
+    cmd: list[str], env: Mapping[str, str], what: str, check: bool
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` with its output captured; StackError with its output's tail when
+    ``check`` and it fails."""
+    proc = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False
+    )
+    if check and proc.returncode != 0:
+        raise StackError(
+            f"{what} failed (exit {proc.returncode}):\n"
+            f"{(proc.stdout + proc.stderr).strip()[-1500:]}"
+        )
+    return proc
 
 
 # --- the bases -------------------------------------------------------------------------
@@ -492,20 +505,9 @@ class Compose:
     def compose(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         profiles = [f"--profile={p}" for p in self.profiles]
         cmd = [sys.executable, "-m", "podman_compose", *profiles, "-f", str(COMPOSE_FILE)]
-        proc = subprocess.run(
-            [*cmd, "-p", self.project, *args],
-            env=self.env(),
-            capture_output=True,
-            text=True,
-            stdin=subprocess.DEVNULL,
-            check=False,
+        return _captured(
+            [*cmd, "-p", self.project, *args], self.env(), f"podman-compose {' '.join(args)}", check
         )
-        if check and proc.returncode != 0:
-            raise StackError(
-                f"podman-compose {' '.join(args)} failed (exit {proc.returncode}):\n"
-                f"{(proc.stdout + proc.stderr).strip()[-1500:]}"
-            )
-        return proc
 
     # -- what is running
 
@@ -613,7 +615,7 @@ class Compose:
         started = time.monotonic()
         name = self.container(service)
         while True:
-            state = self.inspect(service)["State"]
+            state = self.inspect_id(name)["State"]
             if one_shot and state["Status"] == "exited":
                 if state["ExitCode"] == 0:
                     break
@@ -681,48 +683,43 @@ def _tokens_file(settings: Settings, project: str) -> Path:
     return Path(settings.stack_dir).resolve() / "containers" / f"{project}.tokens.json"
 
 
-def _tokens(settings: Settings, project: str) -> dict[str, str]:
-    """The project's dev tokens (read, ingest, admin): made at its first compose-up, kept
-    (mode 0600) so the tokens stay valid across compose-up runs until compose-down -v."""
-    from api.auth import new_token
-
+def _tokens(settings: Settings, project: str) -> Tokens:
+    """The project's dev tokens (the main job's read, ingest and admin): made at its first
+    compose-up, kept (mode 0600) so they stay valid across compose-up runs until
+    compose-down -v."""
     path = _tokens_file(settings, project)
     if path.exists():
-        tokens: dict[str, str] = json.loads(path.read_text())
-        return tokens
-    tokens = {scope: new_token() for scope in ("read", "ingest", "admin")}
+        return Tokens(**json.loads(path.read_text()))
+    tokens = Tokens.new()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600)
-    path.write_text(json.dumps(tokens))
+    path.write_text(json.dumps(tokens._asdict()))
     return tokens
 
 
 def compose_environ(settings: Settings, tokens: Mapping[str, str]) -> dict[str, str]:
     """The compose file's variables: the port settings in effect, and the token hashes."""
-    from api.auth import hash_token
-
+    dev = Tokens(**tokens)
     environ = {env_name(n): str(getattr(settings, n)) for n in PORT_SETTINGS}
     environ[env_name("dataflow_metrics_port")] = str(settings.dataflow_metrics_port)
-    environ[env_name("api_tokens")] = ",".join(
-        f"{scope}:{hash_token(token)}" for scope, token in tokens.items()
-    )
-    environ[env_name("sim_token")] = tokens["ingest"]
+    environ[env_name("api_tokens")] = dev.setting()
+    environ[env_name("sim_token")] = dev.ingest
     for var, default in PEER_PORTS.items():
         environ[var] = os.environ.get(var, str(default))
     return environ
 
 
-def _where_to_look(settings: Settings, tokens: Mapping[str, str]) -> str:
+def _where_to_look(settings: Settings, tokens: Tokens) -> str:
     s = settings
     return f"""
 fleetpulse is up in containers (project fleetpulse; `just compose-ps`, `just compose-down`)
   query API           http://127.0.0.1:{s.query_port}/v1/fleet/summary
   ingest (webhook)    http://127.0.0.1:{s.ingest_port}/v1/reports
   Jaeger query API    http://127.0.0.1:{s.jaeger_query_port}/api/services
-  dev tokens          read: {tokens["read"]}
-                      ingest: {tokens["ingest"]}
-                      admin: {tokens["admin"]}
-  try                 curl -H "Authorization: Bearer {tokens["read"]}" \\
+  dev tokens          read: {tokens.read}
+                      ingest: {tokens.ingest}
+                      admin: {tokens.admin}
+  try                 curl -H "Authorization: Bearer {tokens.read}" \\
                         http://127.0.0.1:{s.query_port}/v1/robots
   logs                podman logs fleetpulse_dataflow-0_1   (after eval "$(just compose-env)")
 """
@@ -756,7 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tokens = _tokens(settings, "fleetpulse")
         compose = Compose(
             settings,
-            environ=compose_environ(settings, tokens),
+            environ=compose_environ(settings, tokens._asdict()),
             profiles=("sim",) if getattr(args, "sim", False) else (),
         )
         if args.command == "up":

@@ -316,56 +316,56 @@ class ApiServer(_Component):
         return self._get(f"https://127.0.0.1:{self.port}/readyz")
 
 
-class ControllerManager(_Component):
-    kind = "kube-controller-manager"
-    port_setting = "k8s_controller_manager_port"
+class _Controller(_Component):
+    """A component that talks to the API server with a kubeconfig of its own (``user``)
+    and serves its health on a secure port with a certificate of our CA."""
+
+    user = ""
 
     def command(self) -> list[str]:
-        pki, home = self.pki, self.home
+        kubeconfig, pki = self.home / f"{self.user}.kubeconfig", self.pki
         return [
-            str(_bin(self.root, "kube-controller-manager")),
-            f"--kubeconfig={home / 'controller-manager.kubeconfig'}",
-            f"--authentication-kubeconfig={home / 'controller-manager.kubeconfig'}",
-            f"--authorization-kubeconfig={home / 'controller-manager.kubeconfig'}",
+            str(_bin(self.root, self.kind)),
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
             "--leader-elect=false",
             "--bind-address=127.0.0.1",
             f"--secure-port={self.port}",
+            f"--tls-cert-file={pki.path(f'{self.user}-serving.crt')}",
+            f"--tls-private-key-file={pki.path(f'{self.user}-serving.key')}",
+            "--profiling=false",
+            *self.flags(),
+        ]
+
+    def flags(self) -> list[str]:
+        return []
+
+    def healthy(self) -> bool:
+        return self._get(f"https://127.0.0.1:{self.port}/healthz")
+
+
+class ControllerManager(_Controller):
+    kind = "kube-controller-manager"
+    port_setting = "k8s_controller_manager_port"
+    user = "controller-manager"
+
+    def flags(self) -> list[str]:
+        pki = self.pki
+        return [
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--use-service-account-credentials=true",
             f"--service-account-private-key-file={pki.path('sa.key')}",
             f"--root-ca-file={pki.path('ca.crt')}",
-            f"--tls-cert-file={pki.path('controller-manager-serving.crt')}",
-            f"--tls-private-key-file={pki.path('controller-manager-serving.key')}",
             f"--cluster-signing-cert-file={pki.path('ca.crt')}",
             f"--cluster-signing-key-file={pki.path('ca.key')}",
-            "--profiling=false",
         ]
 
-    def healthy(self) -> bool:
-        return self._get(f"https://127.0.0.1:{self.port}/healthz")
 
-
-class Scheduler(_Component):
+class Scheduler(_Controller):
     kind = "kube-scheduler"
     port_setting = "k8s_scheduler_port"
-
-    def command(self) -> list[str]:
-        home = self.home
-        return [
-            str(_bin(self.root, "kube-scheduler")),
-            f"--kubeconfig={home / 'scheduler.kubeconfig'}",
-            f"--tls-cert-file={self.pki.path('scheduler-serving.crt')}",
-            f"--tls-private-key-file={self.pki.path('scheduler-serving.key')}",
-            f"--authentication-kubeconfig={home / 'scheduler.kubeconfig'}",
-            f"--authorization-kubeconfig={home / 'scheduler.kubeconfig'}",
-            "--leader-elect=false",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={self.port}",
-            "--profiling=false",
-        ]
-
-    def healthy(self) -> bool:
-        return self._get(f"https://127.0.0.1:{self.port}/healthz")
+    user = "scheduler"
 
 
 class Cluster(Stack):

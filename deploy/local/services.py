@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from confluent_kafka.admin import AdminClient
 from deploy.local.procs import run_with_progress
 from fleetpulse.errors import StackError
 from fleetpulse.settings import Settings, env_name
-from fleetpulse.topics import ensure_topics, topic_configs
+from fleetpulse.topics import ensure_topics, product_topics, topic_configs, wait_for_brokers
 
 __all__ = [
     "HA_NODES",
@@ -307,18 +306,15 @@ class Kafka(Service):
 
     def after_start(self) -> None:
         if self.ha:  # topics of 3 copies need all 3 brokers registered
-            deadline = time.monotonic() + self.settings.stack_start_timeout_s
-            while len(self._admin().list_topics(timeout=5).brokers) < self.replication:
-                if time.monotonic() > deadline:
-                    raise StackError(
-                        f"{self.name}: fewer than {self.replication} Kafka brokers "
-                        f"registered after {self.settings.stack_start_timeout_s:.0f}s; "
-                        "see `just stack-logs`"
-                    )
-                time.sleep(0.25)
+            try:
+                wait_for_brokers(
+                    self._admin(), self.replication, self.settings.stack_start_timeout_s
+                )
+            except StackError as exc:
+                raise StackError(f"{self.name}: {exc}; see `just stack-logs`") from exc
         ensure_topics(
             self._admin(),
-            [self.settings.topic_reports, self.settings.topic_dlq, self.settings.topic_alerts],
+            product_topics(self.settings),
             self.settings.kafka_partitions,
             self.replication,
             reports_topic=self.settings.topic_reports,
