@@ -417,8 +417,6 @@ def _lent(podman: Podman, what: str) -> list[str]:
 
 def build_images(settings: Settings, names: Sequence[str] = ()) -> list[Image]:
     """Build the project's images (all, or those named), cached layer by layer; returns them."""
-    podman = Podman(settings)
-    podman.ensure_installed()
     chosen = [i for i in IMAGES if not names or i.name in names]
     unknown = set(names) - {i.name for i in IMAGES}
     if unknown:
@@ -426,6 +424,8 @@ def build_images(settings: Settings, names: Sequence[str] = ()) -> list[Image]:
             f"no image {', '.join(sorted(unknown))}; the images: "
             + ", ".join(i.name for i in IMAGES)
         )
+    podman = Podman(settings)
+    podman.ensure_installed()
     started = time.monotonic()
     debian, python = ensure_bases(podman)
     for n, image in enumerate(chosen, 1):

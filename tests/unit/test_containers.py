@@ -144,3 +144,25 @@ def test_the_build_context_leaves_out_local_state() -> None:
 @pytest.mark.parametrize("ref", [debian_base_ref(), python_base_ref()])
 def test_base_tags_are_hashes_of_their_recipe(ref: str) -> None:
     assert re.fullmatch(r"localhost/fleetpulse-base/\w+:[\w.-]+-[0-9a-f]{12}", ref)
+
+
+def test_an_image_the_project_does_not_build_is_named_with_the_ones_it_does(
+    settings: Settings,
+) -> None:
+    from deploy.containers import build_images
+    from fleetpulse.errors import StackError
+
+    with pytest.raises(
+        StackError, match=r"no image nope; the images: fleetpulse, fleetpulse-kafka"
+    ):
+        build_images(settings, ["nope"])
+
+
+def test_topics_cli_refuses_a_bad_setting_before_touching_kafka(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fleetpulse import topics
+
+    monkeypatch.setenv("FLEETPULSE_KAFKA_PARTITIONS", "many")
+    assert topics.main([]) == 2
+    assert "FLEETPULSE_KAFKA_PARTITIONS" in capsys.readouterr().err
