@@ -92,6 +92,44 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     k8s_scheduler_port: Annotated[
         Port, _doc("Local Kubernetes: kube-scheduler's secure (health) port.")
     ] = 20259
+    k8s_kubelet_port: Annotated[
+        Port, _doc("Local Kubernetes: the kubelet's API port (on the node's address).")
+    ] = 20250
+    k8s_kubelet_healthz_port: Annotated[
+        Port, _doc("Local Kubernetes: the kubelet's health port.")
+    ] = 20248
+    k8s_proxy_healthz_port: Annotated[
+        Port, _doc("Local Kubernetes: kube-proxy's health port.")
+    ] = 20256
+    k8s_proxy_metrics_port: Annotated[
+        Port, _doc("Local Kubernetes: kube-proxy's metrics port.")
+    ] = 20249
+    k8s_containerd_metrics_port: Annotated[
+        Port, _doc("Local Kubernetes: containerd's metrics (and health) port.")
+    ] = 21338
+    k8s_dns_health_port: Annotated[
+        Port, _doc("Local Kubernetes: the cluster DNS's health port.")
+    ] = 20180
+    k8s_dns_ready_port: Annotated[
+        Port, _doc("Local Kubernetes: the cluster DNS's readiness port.")
+    ] = 20181
+    k8s_volumes_port: Annotated[
+        Port, _doc("Local Kubernetes: the volume provisioner's health port.")
+    ] = 20251
+    k8s_node_ip: Annotated[
+        str,
+        _doc(
+            "Local Kubernetes: the node's address (the kubelet refuses a loopback one). "
+            "Empty: the address of the interface with the default route."
+        ),
+    ] = ""
+    k8s_node: Annotated[
+        Literal["kubelet", "kwok"],
+        _doc(
+            "Local Kubernetes: `kubelet` runs real pods (containerd, kube-proxy, DNS); "
+            "`kwok` simulates a node where a kubelet cannot run (pods only pretend to run)."
+        ),
+    ] = "kubelet"
     stack_start_timeout_s: Annotated[
         Seconds, _doc("How long `stack-up` waits for a service to become healthy.")
     ] = 90.0
