@@ -155,11 +155,15 @@ compose-ps:
 compose-env:
     @{{py}} -m deploy.containers env
 
-# the local Kubernetes control plane (etcd, kube-apiserver, controller-manager, scheduler; built once per version)
+# the local Kubernetes: control plane, volume provisioner and a node (containerd, kubelet, kube-proxy, DNS; built once per version)
 k8s-up:
     @{{py}} -m deploy.local.cluster up
 
-# stop the local Kubernetes processes (and only those); its data stays
+# deploy an overlay of deploy/k8s to the local Kubernetes (images built and imported, CRDs applied, rollout waited for, where to look printed)
+k8s-deploy overlay="minikube": k8s-up
+    @{{py}} -m deploy.local.cluster deploy {{overlay}}
+
+# stop the local Kubernetes processes (and only those) and put back what its node changed on the machine; its data stays
 k8s-down:
     @{{py}} -m deploy.local.cluster down
 

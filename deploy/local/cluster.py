@@ -27,8 +27,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
+import yaml
 
 from deploy.local import node
 from deploy.local.node import NODE_NAME
@@ -38,7 +40,10 @@ from deploy.local.stack import Stack
 from deploy.local.volumes import PROVISIONER
 from deploy.local.volumes import STORAGE_CLASS as STORAGE_CLASS_NAME
 from fleetpulse.errors import FleetpulseError, StackError
-from fleetpulse.settings import Settings, load_settings
+from fleetpulse.settings import Settings, env_name, load_settings
+
+if TYPE_CHECKING:
+    from deploy.local.main import Tokens
 
 __all__ = ["Cluster", "kubectl", "main"]
 
@@ -620,6 +625,12 @@ class Volumes(_Component):
         return node.http_ok(f"http://127.0.0.1:{self.port}/healthz")
 
     def after_start(self) -> None:
+        """The default StorageClass; one of the same name made otherwise is replaced (a
+        StorageClass's provisioner cannot be changed in place)."""
+        found = kubectl(self.settings, "get", "storageclass", "-o", "json")
+        for sc in json.loads(found)["items"]:
+            if sc["metadata"]["name"] == STORAGE_CLASS_NAME and sc["provisioner"] != PROVISIONER:
+                kubectl(self.settings, "delete", "storageclass", STORAGE_CLASS_NAME)
         kubectl(self.settings, "apply", "--server-side", "-f", "-", input=STORAGE_CLASS)
 
 
@@ -887,8 +898,97 @@ def deploy(settings: Settings, overlay: str, timeout_s: float = 600.0) -> None:
         sync_images(settings)
     apply_crds(settings)
     print(f"applying deploy/k8s/overlays/{overlay}")
-    kubectl(settings, "apply", "--server-side", "--force-conflicts", "-k", str(path))
-    wait_rollout(settings, "fleetpulse", timeout_s)
+    docs = [d for d in yaml.safe_load_all(kubectl(settings, "kustomize", str(path))) if d]
+    tokens = dev_tokens(settings)
+    stamp = hashlib.sha256(tokens.setting().encode()).hexdigest()[:12]
+    for doc in docs:
+        data = doc.get("stringData", {})
+        if doc["kind"] == "Secret" and data.get(env_name("api_tokens")) == "":
+            data[env_name("api_tokens")] = tokens.setting()  # no token: the dev tokens
+        if doc["kind"] in ("Deployment", "StatefulSet"):  # a token change rolls the pods
+            meta = doc["spec"]["template"]["metadata"]
+            meta.setdefault("annotations", {})["fleetpulse.local/tokens"] = stamp
+    _fit_cpu_requests(settings, docs)
+    listed = json.dumps({"apiVersion": "v1", "kind": "List", "items": docs})
+    kubectl(settings, "apply", "--server-side", "--force-conflicts", "-f", "-", input=listed)
+    wait_rollout(settings, NAMESPACE, timeout_s)
+    print(where_to_look(settings, tokens))
+
+
+NAMESPACE = "fleetpulse"
+
+
+def _cpu(quantity: str | int | float) -> float:
+    text = str(quantity)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _fit_cpu_requests(settings: Settings, docs: list[dict[str, Any]]) -> None:
+    """Scale the workloads' CPU requests down to fit the node when they would not (the ha
+    overlay asks for more than this machine's 2 cores); limits stay as they are, and the
+    scheduler still places every pod. Printed, so nobody mistakes it for the overlay."""
+    out = kubectl(settings, "get", "node", NODE_NAME, "-o", "json")
+    allocatable = _cpu(json.loads(out)["status"]["allocatable"]["cpu"]) * 0.9
+    pods = []
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            spec = doc["spec"]["template"]["spec"]
+            pods += [spec] * int(doc["spec"].get("replicas", 1))
+    containers = [c for spec in pods for c in spec["containers"]]
+    asked = sum(_cpu(c.get("resources", {}).get("requests", {}).get("cpu", 0)) for c in containers)
+    if asked <= allocatable:
+        return
+    factor = allocatable / asked
+    for doc in docs:
+        if doc["kind"] not in ("Deployment", "StatefulSet", "Job"):
+            continue
+        spec = doc["spec"]["template"]["spec"]
+        for c in [*spec.get("initContainers", []), *spec["containers"]]:
+            requests = c.get("resources", {}).get("requests", {})
+            if "cpu" in requests:
+                requests["cpu"] = f"{max(1, int(_cpu(requests['cpu']) * factor * 1000))}m"
+    print(
+        f"  the overlay asks for {asked:.2f} CPUs, this node has {allocatable / 0.9:.0f}: "
+        f"CPU requests scaled by {factor:.2f} to fit (limits unchanged)"
+    )
+
+
+def dev_tokens(settings: Settings) -> Tokens:
+    """The local cluster's dev tokens (read, ingest, admin): made at the first deploy and
+    kept (mode 0600) in the cluster's folder, so they stay valid across deploys."""
+    from deploy.local.main import Tokens
+
+    path = Path(settings.stack_dir).resolve() / "k8s" / "dev-tokens.json"
+    if path.exists():
+        return Tokens(**json.loads(path.read_text()))
+    tokens = Tokens.new()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(json.dumps(tokens._asdict()))
+    return tokens
+
+
+def service_url(settings: Settings, name: str, namespace: str = NAMESPACE) -> str:
+    """http://CLUSTER-IP:PORT of a Service (reachable from this machine through kube-proxy)."""
+    svc = json.loads(kubectl(settings, "get", "service", name, "-n", namespace, "-o", "json"))
+    return f"http://{svc['spec']['clusterIP']}:{svc['spec']['ports'][0]['port']}"
+
+
+def where_to_look(settings: Settings, tokens: Tokens) -> str:
+    ingest, query = service_url(settings, "ingest"), service_url(settings, "query")
+    jaeger = service_url(settings, "jaeger")
+    auth = f'-H "Authorization: Bearer {tokens.read}"'
+    return f"""
+fleetpulse runs on the local Kubernetes — where to look (Service addresses, routed here
+by kube-proxy):
+  fleet summary       curl {auth} {query}/v1/fleet/summary
+  API docs            {query}/schema  ·  ingest {ingest}/schema
+  traces (Jaeger API) {jaeger}/api/services
+  pods                just kubectl -n {NAMESPACE} get pods -o wide
+  dev tokens          read: {tokens.read}
+                      ingest: {tokens.ingest}
+                      admin: {tokens.admin}
+"""
 
 
 def wait_rollout(settings: Settings, namespace: str, timeout_s: float) -> None:
@@ -902,7 +1002,8 @@ def wait_rollout(settings: Settings, namespace: str, timeout_s: float) -> None:
         for w in json.loads(out)["items"]:
             want, status = w["spec"].get("replicas", 1), w.get("status", {})
             ready, updated = status.get("readyReplicas", 0), status.get("updatedReplicas", 0)
-            if ready < want or updated < want:
+            stale = status.get("observedGeneration", 0) < w["metadata"]["generation"]
+            if ready < want or updated < want or stale:
                 waiting.append(f"{w['metadata']['name']} {ready}/{want}")
         if not waiting:
             print(f"rolled out in {time.monotonic() - started:.0f}s")
