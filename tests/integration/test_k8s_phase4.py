@@ -64,8 +64,13 @@ def test_the_strimzi_cluster_is_kraft_on_3_dual_role_nodes_of_our_kafka_release(
     for pod_template in (
         pool["spec"]["template"]["pod"],
         kafka["spec"]["kafka"]["template"]["pod"],
+        kafka["spec"]["entityOperator"]["template"]["pod"],
     ):
         assert pod_template["securityContext"]["runAsNonRoot"] is True
+    operator = kafka["spec"]["entityOperator"]["topicOperator"]["resources"]
+    assert operator["requests"] and operator["limits"]["memory"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert kafka["spec"]["kafka"][probe]["timeoutSeconds"] >= 1
 
 
 def test_the_strimzi_overlay_runs_the_product_on_that_cluster_with_its_topics(
@@ -222,6 +227,9 @@ def test_mirror_maker_copies_the_product_topics_from_ha_to_strimzi(
     strimzi_docs = render(settings, "overlays/strimzi")
     target = product_settings(strimzi_docs)
     assert mm2["version"] == kafka_version()
+    assert mm2["resources"]["requests"] and mm2["resources"]["limits"]["memory"]
+    assert mm2["template"]["pod"]["securityContext"]["runAsNonRoot"] is True
+    assert "readinessProbe" in mm2 and "livenessProbe" in mm2
     assert mm2["target"]["bootstrapServers"] == target.kafka_bootstrap
     (mirror,) = mm2["mirrors"]
     assert mirror["source"]["bootstrapServers"] == ha.kafka_bootstrap
