@@ -38,6 +38,7 @@ def test_deploy_has_no_problems_and_every_kind_of_place_was_read() -> None:
         ("deploy/k8s/base/ingest.yaml", "Deployment/ingest container ingest", "(settings together)"),
         ("deploy/k8s/base/dataflow.yaml", "StatefulSet/dataflow container dataflow", "FLEETPULSE_METRICS_HOST"),
         ("deploy/k8s/overlays/ha/kustomization.yaml", "Kustomization patch 2 (ConfigMap/fleetpulse-env)", "FLEETPULSE_KAFKA_REPLICATION"),
+        ("deploy/k8s/overlays/ha/kustomization.yaml", "Kustomization patch 2 (ConfigMap/fleetpulse-env)", "FLEETPULSE_SENTINEL_DOWN_AFTER_MS"),
     }  # fmt: skip
     assert expected <= checked, expected - checked
     # Only fleetpulse's variables are counted (Kafka's KAFKA_* or Bytewax's are not ours).
