@@ -20,7 +20,9 @@ would read:
 - kustomizations: patches that set a ConfigMap's ``FLEETPULSE_*`` key or add a container
   variable, and ``configMapGenerator`` literals;
 - compose files: each service's ``environment`` (interpolated with the file's defaults)
-  and every ``${FLEETPULSE_*:-default}`` reference in a service.
+  and every ``${FLEETPULSE_*:-default}`` reference in a service;
+- values files of the Bytewax Helm chart (deploy/k8s/waxctl): its ``env`` map, checked as
+  the dataflow role's whole configuration.
 
 Values are checked by the functions the processes use (``load_settings``,
 ``overlay_settings``), so the audit and a starting pod agree on what is wrong. The report
@@ -358,6 +360,22 @@ class _Auditor:
                 for name, default in _REFERENCE.findall(text):
                     self.variable(doc, where, name, default)
 
+    # the Bytewax Helm chart's values (waxctl) ----------------------------------------------
+
+    def chart_values(self, doc: _Doc, body: Mapping[str, Any]) -> None:
+        """The chart runs the image's dataflow with ``env`` (a map) as its variables."""
+        where = "Bytewax chart values env"
+        ours: dict[str, str] = {}
+        for key, value in (body.get("env") or {}).items():
+            self.variable(doc, where, str(key), str(value))
+            if str(key).startswith(ENV_PREFIX):
+                ours[str(key)] = str(value)
+        for name in map(env_name, ROLE_NEEDS["dataflow"]):
+            self.problem(
+                doc, where, name, None if name in ours else UNSET_IN_POD.format("dataflow")
+            )
+        self._whole(doc, where, ours, {}, {})
+
     # one document ------------------------------------------------------------------------
 
     def document(self, doc: _Doc) -> None:
@@ -373,6 +391,8 @@ class _Auditor:
             self.workload(doc, body)
         elif kind is None and isinstance(body.get("services"), dict):
             self.compose(doc, body)
+        elif kind is None and isinstance(body.get("configuration"), dict) and "env" in body:
+            self.chart_values(doc, body)
 
 
 def _shared(a: Sequence[str], b: Sequence[str]) -> int:
