@@ -13,8 +13,8 @@ default:
 main *ARGS:
     {{py}} -m deploy.local.main {{ARGS}}
 
-# what CI runs: lint, types, then the whole test suite against the real stack
-check: lint types test
+# what CI runs: lint, types, the config audit, then the whole test suite against the real stack
+check: lint types audit-config test
 
 # ruff: lint and format check
 lint:
@@ -24,6 +24,10 @@ lint:
 # mypy, strict on the source tree
 types:
     {{py}} -m mypy
+
+# check every fleetpulse setting in deploy/ (ConfigMaps, env, kustomize patches, compose, the hot-reload file) against the settings schema; PATHS: other files or folders
+audit-config *PATHS:
+    @{{py}} -m deploy.audit {{PATHS}}
 
 # the test suite against the real stack and the local Kubernetes (started first, so first-run builds show progress)
 test *ARGS: stack-up k8s-up

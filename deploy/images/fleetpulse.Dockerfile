@@ -36,6 +36,9 @@ RUN groupadd --system --gid 10001 fleetpulse \
     && chown -R fleetpulse:fleetpulse /var/lib/fleetpulse
 COPY --from=deps /opt/fleetpulse/venv /opt/fleetpulse/venv
 COPY deploy/images/fleetpulse-entrypoint deploy/images/fleetpulse-health /usr/local/bin/
+# The Bytewax Helm chart's commands (`sh ./entrypoint.sh`) in the working folder: waxctl.
+COPY deploy/images/chart-entrypoint.sh /var/lib/fleetpulse/entrypoint.sh
+COPY deploy/images/chart-entrypoint-recovery.sh /var/lib/fleetpulse/entrypoint-recovery.sh
 COPY fleetpulse /opt/fleetpulse/app/fleetpulse
 COPY api /opt/fleetpulse/app/api
 COPY dataflows /opt/fleetpulse/app/dataflows

@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# Debian's redis-server (the same package as the local stack), non-root, data in a volume.
+# Debian's redis-server and redis-sentinel (the same packages as the local stack), non-root,
+# data in a volume. The ha overlay runs a Sentinel beside each Redis (`redis-sentinel CONF`).
 #   docker build -f deploy/images/redis.Dockerfile -t localhost/fleetpulse-redis:bookworm .
 # REDIS_PORT (6379) and REDIS_BIND (0.0.0.0) set where it listens; more redis-server
 # arguments can follow the image name (`... --maxmemory 2gb`).
@@ -8,7 +9,7 @@ FROM ${BASE}
 LABEL org.opencontainers.image.title="fleetpulse-redis" \
       org.opencontainers.image.description="Debian's redis-server for fleetpulse"
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends redis-server redis-tools \
+    && apt-get install -y --no-install-recommends redis-server redis-sentinel redis-tools \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb \
     && mkdir -p /data && chown redis:redis /data
 ENV REDIS_PORT=6379 REDIS_BIND=0.0.0.0

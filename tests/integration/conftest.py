@@ -11,10 +11,12 @@ from collections.abc import Iterator
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from deploy.local.cluster import Cluster
 from deploy.local.harness import remove_made
 from deploy.local.stack import Stack
 from fleetpulse.errors import StackError
 from fleetpulse.settings import Settings
+from tests.integration.k8s_util import apply_crds
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +29,19 @@ def stack(settings: Settings) -> Iterator[Stack]:
         pytest.fail(f"the local stack could not start:\n{exc}", pytrace=False)
     yield stack
     remove_made(settings)
+
+
+@pytest.fixture(scope="session")
+def k8s(settings: Settings) -> Cluster:
+    """The local Kubernetes control plane, up, with every CRD of deploy/k8s/crds applied
+    (server-side, for real), so that custom resources are validated against them."""
+    cluster = Cluster(settings)
+    try:
+        cluster.up()
+        apply_crds(settings)
+    except StackError as exc:
+        pytest.fail(f"the local Kubernetes or its CRDs failed:\n{exc}", pytrace=False)
+    return cluster
 
 
 @pytest.fixture(scope="session")
