@@ -98,9 +98,9 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     k8s_kubelet_healthz_port: Annotated[
         Port, _doc("Local Kubernetes: the kubelet's health port.")
     ] = 20248
-    k8s_proxy_healthz_port: Annotated[
-        Port, _doc("Local Kubernetes: kube-proxy's health port.")
-    ] = 20256
+    k8s_proxy_healthz_port: Annotated[Port, _doc("Local Kubernetes: kube-proxy's health port.")] = (
+        20256
+    )
     k8s_proxy_metrics_port: Annotated[
         Port, _doc("Local Kubernetes: kube-proxy's metrics port.")
     ] = 20249
