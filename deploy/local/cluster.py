@@ -739,9 +739,29 @@ class Kwok(_Component):
     kind = "kwok"
     port_setting = "k8s_kubelet_healthz_port"
 
+    @property
+    def stages(self) -> Path:
+        return self.home / f"kwok-stages-{TOOLS['kwok'].version()}.yaml"
+
+    def provision(self) -> None:
+        """kwok's own "fast" stages (node Ready, pods Running), rendered from its module."""
+        super().provision()
+        if self.stages.exists():
+            return
+        tool = TOOLS["kwok"]
+        found = subprocess.run(
+            [_go(), "list", "-m", "-f", "{{.Dir}}", tool.module],
+            cwd=tool.dir, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if found.returncode != 0:
+            raise StackError(f"kwok's module is not in the module cache: {found.stderr.strip()}")
+        fast = Path(found.stdout.strip()) / "kustomize" / "stage" / "fast"
+        self.stages.write_text(kubectl(self.settings, "kustomize", str(fast)))
+
     def command(self) -> list[str]:
         return [
             str(_bin(self.root, "kwok")),
+            f"--config={self.stages}",
             f"--kubeconfig={self.home / 'kwok.kubeconfig'}",
             "--manage-all-nodes=false",
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
