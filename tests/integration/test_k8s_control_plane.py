@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from deploy.local import node
 from deploy.local.cluster import Cluster, kube_version, kubectl
 from deploy.local.stack import Stack
 from fleetpulse.errors import StackError
@@ -61,7 +63,9 @@ def test_the_control_plane_is_the_pinned_version_and_healthy(
     assert version["serverVersion"]["gitVersion"] == kube_version() == "v1.37.2"
     assert version["clientVersion"]["gitVersion"] == kube_version()
     rows = {row.name: row for row in cluster.status()}
-    assert set(rows) == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"}
+    plane = {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "volumes"}
+    node_ = {"containerd", "kubelet", "kube-proxy", "coredns"}
+    assert set(rows) == plane | (node_ if settings.k8s_node == "kubelet" else {"kwok"})
     assert all(row.healthy and row.pid for row in rows.values()), rows
     # The controller manager works: every namespace gets its default service account.
     deadline = time.monotonic() + 60
@@ -111,8 +115,24 @@ def test_a_custom_resource_is_validated_against_its_crd(
 def test_down_stops_only_the_cluster(cluster: Cluster, settings: Settings) -> None:
     stack = Stack(settings)
     before = {row.name: row.pid for row in stack.status()}
+    record = json.loads((cluster.root / "k8s" / "node" / "machine-before.json").read_text())
+    assert Path(f"/sys/class/net/{node.BRIDGE}").exists()  # what the node changes, before
     cluster.down()
     assert all(row.pid is None for row in cluster.status())
     assert {row.name: row.pid for row in stack.status()} == before  # the data stack runs on
+    # ... and what k8s-down puts back: the recorded sysctls, no bridge, no kube-proxy
+    # tables, no cgroups, nothing mounted under the cluster's folder, no folders made.
+    for name, value in record["sysctls"].items():
+        assert Path("/proc/sys", name.replace(".", "/")).read_text().strip() == value, name
+    assert not Path(f"/sys/class/net/{node.BRIDGE}").exists()
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    assert "kube-proxy" not in tables
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/{node.CGROUP_ROOT}"))
+    home = str((cluster.root / "k8s").resolve())
+    mounts = Path("/proc/self/mountinfo").read_text().split()
+    assert not [m for m in mounts if m.startswith(home)]
+    for folder in node.OUTSIDE:
+        assert folder.exists() == (str(folder) in record["existed"]), folder
+    assert not (cluster.root / "k8s" / "node" / "machine-before.json").exists()
     cluster.up()  # and back, with its data: the namespace is still there
     assert NS in kubectl(settings, "get", "namespaces", "-o", "name")
