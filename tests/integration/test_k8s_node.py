@@ -16,6 +16,7 @@ import json
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, TypeVar
@@ -83,6 +84,7 @@ class Fleet:
         self.robots = [f"{prefix}-{os.getpid()}-{i}" for i in range(robots)]
         self.acked: dict[str, set[int]] = {r: set() for r in self.robots}
         self.refused = 0
+        self.answers: Counter[str] = Counter()  # status code or exception, per round
         self.seq = 0
         self.last_missing: dict[str, list[int]] = {}
         self.checked: set[tuple[str, int]] = set()  # acknowledged and seen in a history
@@ -96,14 +98,19 @@ class Fleet:
         batch = [report(r, self.seq, t=now, **over) for r in self.robots]
         try:
             r = self.ingest.post("/v1/reports/batch", json=batch)
-        except httpx.HTTPError:
+        except httpx.HTTPError as exc:
             self.refused += 1
+            self.answers[type(exc).__name__] += 1
             return
+        self.answers[str(r.status_code)] += 1
         if r.status_code == 202:
             for robot in self.robots:
                 self.acked[robot].add(self.seq)
         else:
             self.refused += 1
+
+    def acked_rounds(self) -> int:
+        return len(self.acked[self.robots[0]])  # a round is one batch: all or none
 
     def unverified(self) -> int:
         """Acknowledged reports never seen in a history (only possible when a run posts
@@ -332,22 +339,28 @@ def test_pods_killed_in_a_loop_lose_nothing_acknowledged(fleet: Fleet) -> None:
     """Chaos Mesh's PodChaos (pod-kill) done with kubectl: the ingest, a dataflow process,
     the broker and the query pod, one after the other, each back Ready before the next."""
     fleet.start()
+    wait_for("reports acknowledged before the kills", lambda: fleet.acked_rounds() >= 3, 60)
     for victim in ("ingest-", "dataflow-1", "kafka-0", "query-"):
         name = next(n for n in pods() if n.startswith(victim))
         uid = pods()[name]["metadata"]["uid"]
         kubectl_text("delete", "pod", name, "-n", NAMESPACE, "--wait=false", "--grace-period=1")
         wait_for(f"{victim} replaced and Ready", partial(_replaced, victim, uid), 240)
     wait_rollout(_SETTINGS[0], NAMESPACE, 240)
-    time.sleep(10)  # and the recovered pods take the load again
+    # The recovered pods take the load again (refusals while a pod was gone are fine:
+    # only a loss of something acknowledged is not).
+    after = fleet.acked_rounds()
+    wait_for(
+        f"reports acknowledged again (answers so far: {dict(fleet.answers)})",
+        lambda: fleet.acked_rounds() >= after + 5,
+        120,
+    )
     fleet.stop()
     try:
         wait_for("every acknowledged report applied", fleet.all_applied, 180)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\nmissing: {fleet.last_missing}") from None
-    acked = sum(len(s) for s in fleet.acked.values())
-    assert fleet.unverified() == 0
-    # Refusals (503 while the only broker restarts) are fine; a loss is not.
-    assert acked >= 10 * len(fleet.robots), (acked, fleet.refused)
+    assert fleet.unverified() == 0, dict(fleet.answers)
+    print(f"answers to the fleet during the pod kills: {dict(fleet.answers)}")
 
 
 def test_the_ha_overlay_loses_a_broker_pod_and_nothing_acknowledged(
