@@ -687,14 +687,7 @@ def _tokens(settings: Settings, project: str) -> Tokens:
     """The project's dev tokens (the main job's read, ingest and admin): made at its first
     compose-up, kept (mode 0600) so they stay valid across compose-up runs until
     compose-down -v."""
-    path = _tokens_file(settings, project)
-    if path.exists():
-        return Tokens(**json.loads(path.read_text()))
-    tokens = Tokens.new()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600)
-    path.write_text(json.dumps(tokens._asdict()))
-    return tokens
+    return Tokens.kept(_tokens_file(settings, project))
 
 
 def compose_environ(settings: Settings, tokens: Mapping[str, str]) -> dict[str, str]:

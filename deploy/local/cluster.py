@@ -978,14 +978,7 @@ def dev_tokens(settings: Settings) -> Tokens:
     kept (mode 0600) in the cluster's folder, so they stay valid across deploys."""
     from deploy.local.main import Tokens
 
-    path = Path(settings.stack_dir).resolve() / "k8s" / "dev-tokens.json"
-    if path.exists():
-        return Tokens(**json.loads(path.read_text()))
-    tokens = Tokens.new()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600)
-    path.write_text(json.dumps(tokens._asdict()))
-    return tokens
+    return Tokens.kept(Path(settings.stack_dir).resolve() / "k8s" / "dev-tokens.json")
 
 
 def service_url(settings: Settings, name: str, namespace: str = NAMESPACE) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -242,6 +243,17 @@ class Tokens(NamedTuple):
     @classmethod
     def new(cls) -> Tokens:
         return cls(new_token(), new_token(), new_token())
+
+    @classmethod
+    def kept(cls, path: Path) -> Tokens:
+        """The tokens kept in ``path`` (JSON, mode 0600), made and kept there on first use."""
+        if path.exists():
+            return cls(**json.loads(path.read_text()))
+        tokens = cls.new()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(json.dumps(tokens._asdict()))
+        return tokens
 
     def setting(self) -> str:
         """Their FLEETPULSE_API_TOKENS entries (hashes only)."""

@@ -26,6 +26,7 @@ Choices (each confined to what the project owns):
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import json
 import os
@@ -74,6 +75,7 @@ SYSCTLS = (
 OUTSIDE = (Path("/run/containerd"), Path("/var/lib/cni"))
 
 
+@functools.cache
 def discover_node_ip() -> str:
     """The IPv4 address of the interface with the default route (else the first global
     one): the kubelet refuses a loopback node address."""
