@@ -3,6 +3,8 @@
 create_app(settings)                 everything on one port
 create_app(settings, query=False)    the ingest (webhook) server alone
 create_app(settings, ingest=False)   the query (API) server alone
+create_app(settings, ingest=False, dashboard=True)
+                                     the dashboard server: query routes, page and feed
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from litestar.types import Scope as ASGIScope
 
 from api.admin import admin_routes
 from api.auth import Scope, TokenStore
+from api.dashboard import Dashboard
 from api.errors import ApiError, exception_handlers
 from api.fast import SingleReport
 from api.ingest import Publisher, ingest_routes
@@ -123,6 +126,7 @@ def create_app(
     *,
     ingest: bool = True,
     query: bool = True,
+    dashboard: bool = False,
     producer: ReportProducer | None = None,
 ) -> Litestar:
     """Build the app. Raises ConfigError for bad token settings or a bad config file
@@ -171,9 +175,12 @@ def create_app(
             observe.ingest_routes |= {route.path for route in router.routes}
             handlers.append(router)
 
-    service = QueryService(settings, api_tracer) if query else None
+    service = QueryService(settings, api_tracer) if query or dashboard else None
     if service is not None:
         handlers.append(service.router(guards=[_guard(tokens, "read")]))
+    board = Dashboard(settings, service) if dashboard and service is not None else None
+    if board is not None:
+        handlers += board.routes(guards=[_guard(tokens, "read")])
 
     @get("/healthz", summary="Liveness")
     async def healthz() -> dict[str, str]:
@@ -230,7 +237,11 @@ def create_app(
                 security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}
             ),
         ),
-        lifespan=[lifespan] if service is None else [lifespan, service.lifespan],
+        lifespan=[
+            lifespan,
+            *([service.lifespan] if service is not None else []),
+            *([board.lifespan] if board is not None else []),
+        ],
         middleware=[observe],
         state=State({"metrics": metrics}),
     )

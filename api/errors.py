@@ -11,7 +11,12 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from fleetpulse.errors import BrokerUnavailable, FleetpulseError, ReportRejected
+from fleetpulse.errors import (
+    BrokerUnavailable,
+    FleetpulseError,
+    ReportRejected,
+    TracesUnavailable,
+)
 
 __all__ = [
     "AnyRequest",
@@ -127,6 +132,8 @@ def domain_error(exc: FleetpulseError) -> ApiError:
         return ApiError(503, "unavailable", str(exc), headers={"Retry-After": "1"})
     if isinstance(exc, ReportRejected):
         return ApiError(422, "rejected", str(exc))
+    if isinstance(exc, TracesUnavailable):
+        return ApiError(503, "unavailable", str(exc), headers={"Retry-After": "5"})
     log.exception("unexpected domain error")
     return ApiError(500, "internal_error", "internal error")
 

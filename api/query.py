@@ -95,6 +95,7 @@ __all__ = [
     "WindowList",
     "query_exception_handlers",
     "reject_unknown_parameters",
+    "route_checks",
 ]
 
 log = logging.getLogger("fleetpulse.api.query")
@@ -218,7 +219,7 @@ def _errors(*statuses: int) -> dict[int, ResponseSpec]:
     }
 
 
-def _checks(guards: Sequence[Guard]) -> BeforeRequestHookHandler:
+def route_checks(guards: Sequence[Guard]) -> BeforeRequestHookHandler:
     """The routes' guards, then :func:`reject_unknown_parameters`, as one async hook.
 
     Litestar would run each guard after copying the route handler, and a sync guard or
@@ -439,14 +440,14 @@ class QueryService:
     def router(self, guards: Sequence[Guard]) -> Router:
         """The routes with their error mapping, guards, parameter check and bearer security.
 
-        ``guards`` run in the routes' before-request hook (:func:`_checks`), not as
+        ``guards`` run in the routes' before-request hook (:func:`route_checks`), not as
         Litestar guards.
         """
         return Router(
             "/",
             route_handlers=self.routes(),
             exception_handlers=query_exception_handlers,
-            before_request=_checks(guards),
+            before_request=route_checks(guards),
             security=[{"bearer": []}],
         )
 

@@ -2,6 +2,8 @@
 
     python -m api.serve ingest   the webhook server: POST routes, port FLEETPULSE_INGEST_PORT
     python -m api.serve query    the API server: GET routes, port FLEETPULSE_QUERY_PORT
+    python -m api.serve dashboard  the dashboard: page, feed and GET routes, port
+                                 FLEETPULSE_DASHBOARD_PORT
     python -m api.serve all      every route on FLEETPULSE_QUERY_PORT
 
 Each worker process builds its app through one of the factories below, which load
@@ -26,7 +28,7 @@ from fleetpulse.reload import ConfigWatcher
 from fleetpulse.settings import Settings, load_settings
 from observability.logs import setup_logging
 
-__all__ = ["all_app", "ingest_app", "main", "query_app"]
+__all__ = ["all_app", "dashboard_app", "ingest_app", "main", "query_app"]
 
 
 def _settings(service: str) -> Settings:
@@ -45,6 +47,11 @@ def query_app() -> Litestar:
     return create_app(_settings("fleetpulse-api"), ingest=False)
 
 
+def dashboard_app() -> Litestar:
+    """Factory for the dashboard server's workers."""
+    return create_app(_settings("fleetpulse-api"), ingest=False, dashboard=True)
+
+
 def all_app() -> Litestar:
     """Factory for a server with every route."""
     return create_app(_settings("fleetpulse-api"))
@@ -52,7 +59,7 @@ def all_app() -> Litestar:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="api.serve", description="serve the fleetpulse API")
-    parser.add_argument("role", choices=("ingest", "query", "all"))
+    parser.add_argument("role", choices=("ingest", "query", "dashboard", "all"))
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
@@ -67,7 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from granian.constants import Interfaces
     from granian.server import Server
 
-    port = settings.ingest_port if args.role == "ingest" else settings.query_port
+    port = {"ingest": settings.ingest_port, "dashboard": settings.dashboard_port}.get(
+        args.role, settings.query_port
+    )
     if settings.api_workers > 1:
         # Workers are processes: their metrics add up through files in this folder.
         metrics_dir = Path(tempfile.mkdtemp(prefix=f"fleetpulse-{args.role}-metrics-"))

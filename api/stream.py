@@ -66,9 +66,13 @@ from state.reader import MAX_PAGE, StateReader
 
 __all__ = [
     "KEEPALIVE_S",
+    "SSE_HEADERS",
     "ChangeHub",
+    "LastEventIdHeader",
+    "LastEventIdQuery",
     "StreamBackend",
     "Subscription",
+    "client_stream",
     "event_stream",
     "frame",
     "parse_event_id",
@@ -354,6 +358,31 @@ async def event_stream(
         hub.unsubscribe(sub)
 
 
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def client_stream(
+    backend: StreamBackend, header: str | None, query: str | None
+) -> AsyncIterator[bytes]:
+    """The event stream for a client that sent ``Last-Event-ID`` ``header`` and/or
+    ``last_event_id`` ``query`` (the header wins; neither: from the newest entry).
+    Raises InvalidQuery for a malformed id, before anything is sent."""
+    reader = backend.reader
+    if header is not None:
+        after = parse_event_id(header, "Last-Event-ID")
+    elif query is not None:
+        after = parse_event_id(query, "last_event_id")
+    else:
+        after = parse_event_id(await anyio.to_thread.run_sync(reader.latest_change_id), "id")
+    return event_stream(
+        backend.hub,
+        reader,
+        after,
+        new_client=header is None and query is None,
+        keepalive_s=KEEPALIVE_S,  # read per request, so tests can shorten it
+    )
+
+
 LastEventIdQuery = Annotated[
     str | None,
     QueryParameter(
@@ -423,24 +452,7 @@ def stream_routes(
         last_event_id_header: LastEventIdHeader = None,
     ) -> Stream:
         """Server-sent events, one per change-stream entry; resumable with Last-Event-ID."""
-        reader = backend.reader
-        if last_event_id_header is not None:
-            after = parse_event_id(last_event_id_header, "Last-Event-ID")
-        elif last_event_id is not None:
-            after = parse_event_id(last_event_id, "last_event_id")
-        else:
-            after = parse_event_id(await anyio.to_thread.run_sync(reader.latest_change_id), "id")
-        body = event_stream(
-            backend.hub,
-            reader,
-            after,
-            new_client=last_event_id_header is None and last_event_id is None,
-            keepalive_s=KEEPALIVE_S,  # read per request, so tests can shorten it
-        )
-        return Stream(
-            body,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        body = await client_stream(backend, last_event_id_header, last_event_id)
+        return Stream(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
     return [stream]

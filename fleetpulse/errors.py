@@ -4,6 +4,7 @@
     ├── ConfigError          a setting is missing, unknown or out of range
     ├── StackError           a local-stack service could not be provisioned or started
     ├── InvalidQuery         a query parameter is out of range or malformed (API: 422)
+    ├── TracesUnavailable    the Jaeger query API did not answer (API: 503)
     └── IngestError          a report could not be made durable
         ├── BrokerUnavailable    Kafka did not confirm in time, or the producer queue is full
         └── ReportRejected       Kafka refused the report for good (too large, bad topic, ...)
@@ -22,6 +23,7 @@ __all__ = [
     "InvalidQuery",
     "ReportRejected",
     "StackError",
+    "TracesUnavailable",
 ]
 
 
@@ -44,6 +46,10 @@ class InvalidQuery(FleetpulseError, ValueError):  # noqa: N818
         super().__init__(f"{parameter}: {detail}")
         self.parameter = parameter
         self.detail = detail
+
+
+class TracesUnavailable(FleetpulseError):  # noqa: N818
+    """The Jaeger query API could not be reached or answered with an error."""
 
 
 class IngestError(FleetpulseError):

@@ -220,6 +220,30 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     ingest_port: Annotated[Port, _doc("Port of the ingest routes (the webhook server).")] = 58081
     query_port: Annotated[Port, _doc("Port of the query routes (the API server).")] = 58080
     api_workers: Annotated[int, _doc("ASGI server worker processes.", ge=1, le=64)] = 1
+    dashboard_port: Annotated[
+        Port, _doc("Port of the dashboard (the page, the query routes and its live feed).")
+    ] = 58082
+    dashboard_metrics: Annotated[
+        str,
+        _doc(
+            "Comma-separated /metrics URLs the dashboard's pipeline panel reads (ingest and "
+            "dataflow processes); empty: the local ingest server and dataflow process 0.",
+            pattern=r"^(https?://[^,\s]+(,\s*https?://[^,\s]+)*)?$",
+        ),
+    ] = ""
+    dashboard_tick_s: Annotated[
+        float,
+        _doc(
+            "How often the dashboard's feed sends pipeline figures and the summary.", ge=0.2, le=60
+        ),
+    ] = 2.0
+    jaeger_ui_url: Annotated[
+        str,
+        _doc(
+            "Base URL of a Jaeger web UI the dashboard links traces to; empty: no link.",
+            pattern=r"^(https?://\S+)?$",
+        ),
+    ] = ""
     api_tokens: Annotated[
         str,
         _doc(
@@ -370,6 +394,16 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     def otlp_grpc_endpoint(self) -> str:
         """OTLP/gRPC endpoint: explicit, or the local Jaeger."""
         return self.otlp_endpoint or f"http://127.0.0.1:{self.jaeger_otlp_grpc_port}"
+
+    @property
+    def dashboard_metrics_urls(self) -> list[str]:
+        """The /metrics URLs the dashboard reads: explicit, or the local ingest and flow."""
+        if self.dashboard_metrics:
+            return [u.strip() for u in self.dashboard_metrics.split(",") if u.strip()]
+        local = [f"http://127.0.0.1:{self.ingest_port}/metrics"]
+        if self.dataflow_metrics_port:
+            local.append(f"http://127.0.0.1:{self.dataflow_metrics_port}/metrics")
+        return local
 
     @property
     def jaeger_api(self) -> str:

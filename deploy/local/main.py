@@ -5,8 +5,8 @@
 
 Starts, in order: the local stack (Kafka, Redis, Jaeger; left alone if already up),
 the dataflow (recovery on; 2 processes of 1 worker, the seed's parallelism 2, as one
-supervised unit through ``dataflows.cluster``), the ingest server
-(58081) and the query server (58080), then the simulator. It prints where to look and
+supervised unit through ``dataflows.cluster``), the ingest server (58081), the query
+server (58080) and the dashboard (58082), then the simulator. It prints where to look and
 runs until Ctrl-C or ``--duration``; then it stops everything it started, in reverse
 order, and nothing else. A fresh pair of dev tokens (ingest, read) is made per run and
 printed: the API is never open without one. ``--ha`` runs it all on the HA stack (3
@@ -267,6 +267,7 @@ def _where_to_look(s: Settings, logs: Path, tokens: Tokens, robot: str) -> str:
     key = Keys(s.redis_prefix).robot(robot)
     return f"""
 fleetpulse is running — where to look:
+  dashboard           http://127.0.0.1:{s.dashboard_port}/   (paste the read token below)
   API docs (OpenAPI)  {q}/schema            (JSON: {q}/schema/openapi.json)
   one robot           curl {auth} {q}/v1/robots/{robot}
   fleet summary       curl {auth} {q}/v1/fleet/summary
@@ -281,6 +282,16 @@ fleetpulse is running — where to look:
                       admin: {tokens.admin}
 Ctrl-C stops everything this command started.
 """
+
+
+def _metrics_urls(s: Settings, processes: int) -> str:
+    """The /metrics of the ingest server and of each dataflow process, for the dashboard."""
+    urls = [f"http://127.0.0.1:{s.ingest_port}/metrics"]
+    if s.dataflow_metrics_port:
+        urls += [
+            f"http://127.0.0.1:{s.dataflow_metrics_port + i}/metrics" for i in range(processes)
+        ]
+    return ",".join(urls)
 
 
 def _redis_port(s: Settings) -> str:
@@ -328,6 +339,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if stack.client_env():  # the product's clients then reach every node
         base = load_settings({**os.environ, **stack.client_env()})
     tokens = Tokens.new()
+    if not base.dashboard_metrics:  # the pipeline panel reads every process this job runs
+        base = load_settings(
+            {
+                **os.environ,
+                **to_env(base),
+                env_name("dashboard_metrics"): _metrics_urls(base, args.processes),
+            }
+        )
     env = {**os.environ, **to_env(base), env_name("api_tokens"): tokens.setting()}
     logs = args.logs.resolve() if args.logs else REPO_ROOT / base.stack_dir / "logs"
     started_services: list[str] = []
@@ -347,7 +366,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A Bytewax cluster restarts whole: one supervised child runs all its processes.
         flow_cmd = [py, "-m", "dataflows.cluster", "-p", str(args.processes), _FLOW]
         supervisor.start(Child("dataflow", flow_cmd, env, logs / "dataflow.log"))
-        for role, port in (("ingest", base.ingest_port), ("query", base.query_port)):
+        servers = (
+            ("ingest", base.ingest_port),
+            ("query", base.query_port),
+            ("dashboard", base.dashboard_port),
+        )
+        for role, port in servers:
             server = Child(role, [py, "-m", "api.serve", role], env, logs / f"{role}.log")
             proc = supervisor.start(server)
             wait_http_ready(f"http://127.0.0.1:{port}/readyz", proc, 60, server.log)

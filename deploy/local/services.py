@@ -37,6 +37,7 @@ __all__ = [
     "RedisReplica",
     "Sentinel",
     "Service",
+    "apt_install",
     "ensure_topics",
     "quorum_leader",
     "topic_configs",
@@ -357,7 +358,7 @@ _QUIET.addHandler(logging.NullHandler())
 _QUIET.propagate = False
 
 
-def _apt_install(package: str, binary: str, root: Path) -> None:
+def apt_install(package: str, binary: str, root: Path) -> None:
     """Install a Debian package when ``binary`` is not on PATH (first run only)."""
     if shutil.which(binary) is not None:
         return
@@ -400,7 +401,7 @@ class Redis(Service):
         return self.root / self.name
 
     def provision(self) -> None:
-        _apt_install("redis-server", "redis-server", self.root)
+        apt_install("redis-server", "redis-server", self.root)
 
     def extra_args(self) -> list[str]:
         return []
@@ -477,7 +478,7 @@ class Sentinel(Service):
         return self.root / self.name / "sentinel.conf"
 
     def provision(self) -> None:
-        _apt_install("redis-sentinel", "redis-sentinel", self.root)
+        apt_install("redis-sentinel", "redis-sentinel", self.root)
         # A fresh config at every start of the HA stack's Redis (its nodes start in
         # their first roles then); a Sentinel restarted alone keeps what it learned.
         if self.config_path.exists():

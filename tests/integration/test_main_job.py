@@ -37,6 +37,7 @@ def test_main_job_runs_ten_robots_through_the_pipeline(
         trace_sample_ratio=1.0,
         ingest_port=free_port(),
         query_port=free_port(),
+        dashboard_port=free_port(),
         dataflow_metrics_port=free_port(2),  # process 1 on the next port
     )
     env = {**os.environ, **to_env(s)}
@@ -117,8 +118,8 @@ def test_main_job_runs_ten_robots_through_the_pipeline(
         job.wait(60)
     text = out_path.read_text(errors="replace")
     assert job.returncode == 0, text
-    for name in ("simulator", "query", "ingest", "dataflow"):
+    for name in ("simulator", "dashboard", "query", "ingest", "dataflow"):
         assert f"{name:9} stopped" in text
-    for port in (s.ingest_port, s.query_port, s.dataflow_metrics_port):
+    for port in (s.ingest_port, s.query_port, s.dashboard_port, s.dataflow_metrics_port):
         assert not port_in_use(port), f"port {port} still in use after the main job stopped"
     assert all(row.healthy for row in stack.status()), "the stack it found was stopped"

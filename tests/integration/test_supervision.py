@@ -142,6 +142,7 @@ def test_main_job_restarts_killed_children_and_loses_no_acknowledged_report(
         history_len=5000,
         ingest_port=free_port(),
         query_port=free_port(),
+        dashboard_port=free_port(),
         dataflow_metrics_port=free_port(2),  # process 1 on the next port
     )
     started = time.monotonic()
@@ -274,9 +275,9 @@ def test_main_job_restarts_killed_children_and_loses_no_acknowledged_report(
         if job.proc.poll() is None:
             os.killpg(job.proc.pid, signal.SIGINT)
         job.proc.wait(60)
-    for name in ("simulator", "query", "ingest", "dataflow"):
+    for name in ("simulator", "dashboard", "query", "ingest", "dataflow"):
         assert f"{name:9} stopped" in text
-    for port in (s.ingest_port, s.query_port, s.dataflow_metrics_port):
+    for port in (s.ingest_port, s.query_port, s.dashboard_port, s.dataflow_metrics_port):
         assert not port_in_use(port), f"port {port} still in use after the main job stopped"
     assert all(row.healthy for row in stack.status()), "the stack it found was stopped"
 
