@@ -65,6 +65,10 @@ const app = {
   lastDraw: 0,
   drawTimes: [],          // ms per map draw, newest last (read by tests)
   events: 0,              // feed events applied
+  snapshots: 0,           // snapshots begun (1, and one more per reset)
+  loaded: 0,              // snapshots completed
+  resets: 0,              // reset events: changes after our id were gone
+  connects: 0,            // feed connections opened
   marks: {},              // "robot:status" -> {since, drawn}: a transition and when drawn (tests)
   pendingMarks: new Map(),
   alertSeen: {},          // alert id -> epoch ms when it entered the feed (tests)
@@ -76,6 +80,7 @@ window.fleetpulse = {
     robots: app.robots.size, events: app.events, alerts: app.alerts.length, sites: [...app.sites.keys()],
     drawTimes: app.drawTimes.slice(), lastEventId: app.lastEventId,
     connected: $("conn").classList.contains("on"), trail: app.trail.length,
+    snapshots: app.snapshots, loaded: app.loaded, resets: app.resets, connects: app.connects,
   }),
   ids: () => [...app.robots.keys()],
   alerts: () => app.alerts.slice(0, 100).map((a) => ({ ...a })),
@@ -178,6 +183,7 @@ function addSite(site) {
 }
 
 async function loadSnapshot() {
+  app.snapshots += 1;
   const fresh = new Map();
   let cursor = null;
   do {
@@ -199,6 +205,23 @@ async function loadSnapshot() {
   renderFleetBar();
   renderAlerts();
   app.dirty = true;
+  app.loaded += 1;
+}
+
+// A snapshot that fails (the server restarting, Redis away) is tried again until it loads.
+async function reloadSnapshot() {
+  let delay = 1000;
+  for (;;) {
+    try {
+      await loadSnapshot();
+      return;
+    } catch (e) {
+      if (e instanceof Unauthorised) { reportProblem(e); return; }
+      $("conn").textContent = "reloading";
+      await new Promise((ok) => setTimeout(ok, delay));
+      delay = Math.min(delay * 2, 10000);
+    }
+  }
 }
 
 // --- the feed -----------------------------------------------------------------------------
@@ -221,6 +244,7 @@ async function runFeed() {
       if (r.status === 401 || r.status === 403) { setConnected(false, "token refused"); askToken("the token was refused; enter a read token"); return; }
       if (!r.ok) throw new Error(`feed answered ${r.status}`);
       setConnected(true, "live");
+      app.connects += 1;
       delay = 1000;
       await readEvents(r.body);
       setConnected(false, "reconnecting");
@@ -279,7 +303,8 @@ function onEvent(event, data) {
   else if (event === "reset") {
     // Changes after our id are gone: start again from a snapshot, then the feed goes on.
     app.lastEventId = body.resume;
-    loadSnapshot().catch(reportProblem);
+    app.resets += 1;
+    reloadSnapshot();
   }
 }
 
@@ -795,11 +820,7 @@ async function start() {
   legend();
   requestAnimationFrame(loop);
   runFeed();  // first, so the snapshot and the feed overlap rather than leave a gap
-  try {
-    await loadSnapshot();
-  } catch (e) {
-    reportProblem(e);
-  }
+  await reloadSnapshot();
 }
 
 (async () => {

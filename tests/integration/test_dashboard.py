@@ -40,6 +40,7 @@ from deploy.local.procs import free_port
 from deploy.local.stack import REPO_ROOT, Stack
 from fleetpulse.schema import LiveState, Pose, RobotReport
 from fleetpulse.settings import Settings, to_env
+from state.keys import Keys
 from state.writer import RedisStateWriter
 
 SHOTS = REPO_ROOT / "docs" / "screenshots"
@@ -473,6 +474,148 @@ def test_the_trace_view_draws_the_four_span_chain_of_a_posted_report(
     assert bad.status_code == 422 and "trace_id" in bad.json()["detail"]
     page.screenshot(path=str(SHOTS / "dashboard-trace.png"))
     board.clean()
+
+
+def test_the_dashboard_routes_refuse_bad_input_by_name(job: Job) -> None:
+    with job.api() as api:
+        cases = {
+            "/v1/traces": ("robot_id", 422),
+            "/v1/traces?robot_id=bad%20id": ("robot_id", 422),
+            "/v1/traces?robot_id=amr-001&limit=0": ("limit", 422),
+            "/v1/traces?robot_id=amr-001&limit=51": ("limit", 422),
+            "/v1/traces?robot_id=amr-001&robot=x": ("robot", 422),
+            "/v1/dashboard/pipeline?verbose=1": ("verbose", 422),
+            "/v1/dashboard/feed?last_event_id=yesterday": ("last_event_id", 422),
+        }
+        for path, (name, status) in cases.items():
+            r = api.get(path)
+            assert (r.status_code, name in r.text) == (status, True), (path, r.status_code, r.text)
+        # The feed answers a good resume id with the stream, and a bad header by name.
+        bad = api.get("/v1/dashboard/feed", headers={"Last-Event-ID": "x-y"})
+        assert bad.status_code == 422 and "Last-Event-ID" in bad.json()["detail"]
+        # Every data route needs the read token.
+        for path in ("/v1/dashboard/feed", "/v1/dashboard/pipeline", "/v1/traces?robot_id=a"):
+            assert httpx.get(job.url.rstrip("/") + path, timeout=5).status_code == 401
+
+
+def test_jaeger_away_is_a_503_naming_where_it_was_looked_for() -> None:
+    import asyncio
+
+    from api.traces import TraceSource
+    from fleetpulse.errors import TracesUnavailable
+
+    url = f"http://127.0.0.1:{free_port()}"
+    source = TraceSource(url)
+
+    async def search() -> None:
+        try:
+            await source.search("amr-001", 5)
+        finally:
+            await source.close()
+
+    with pytest.raises(TracesUnavailable) as info:
+        asyncio.run(search())
+    assert url in str(info.value) and "FLEETPULSE_JAEGER_QUERY_URL" in str(info.value)
+
+
+def kill_dashboard_server(job: Job) -> int:
+    """SIGKILL the dashboard server's process group; the main job starts it again."""
+    pids = re.findall(r"^dashboard\s+started, pid (\d+)", job.output(), re.M)
+    os.killpg(int(pids[-1]), signal.SIGKILL)
+    return len(pids)
+
+
+def only_the_drop(problems: list[str]) -> bool:
+    """Whether every problem is the feed breaking off or refused while the server was down."""
+    return all(
+        "/v1/dashboard/feed" in p
+        or re.fullmatch(
+            r"console error: Failed to load resource: net::ERR_(INCOMPLETE_CHUNKED_ENCODING|CONNECTION_REFUSED)",
+            p,
+        )
+        for p in problems
+    )
+
+
+def feed_requests(page: Page) -> list[dict[str, str]]:
+    """The headers of every feed request the page makes from now on."""
+    seen: list[dict[str, str]] = []
+    page.on(
+        "request",
+        lambda r: "/v1/dashboard/feed" in r.url and seen.append(r.headers),
+    )
+    return seen
+
+
+def caught_up(page: Page, job: Job) -> bool:
+    """Whether every robot the API lists is on the page at the same (boot, seq) or newer."""
+    with job.api() as api:
+        listed = api.get("/v1/robots", params={"limit": 1000}).json()["items"]
+    for s in listed:
+        mine = page.evaluate("(id) => window.fleetpulse.robot(id)", s["report"]["robot_id"])
+        if mine is None or (mine["boot"], mine["seq"]) < (s["report"]["boot"], s["report"]["seq"]):
+            return False
+    return True
+
+
+def test_the_feed_resumes_with_last_event_id_after_the_server_restarts(
+    browser: Browser, job: Job
+) -> None:
+    page = browser.new_page(viewport=VIEWPORT)
+    watched = Watched(page)
+    requests = feed_requests(page)
+    try:
+        log_in(page, job, job.read)
+        until(page, "window.fleetpulse.stats().loaded && window.fleetpulse.stats().lastEventId")
+        before = watched.stats()
+        starts = kill_dashboard_server(job)
+        until(page, "!window.fleetpulse.stats().connected", 10)
+        last_id = watched.stats()["lastEventId"]
+        wait_until(
+            "the main job to start the dashboard server again",
+            lambda: len(re.findall(r"^dashboard\s+started", job.output(), re.M)) > starts,
+            30,
+        )
+        until(page, "window.fleetpulse.stats().connected", 30)
+        # The reconnect asked for what came after the last id the page had, ...
+        assert requests[0].get("last-event-id") is None
+        resumed = [h for h in requests[1:] if h.get("last-event-id")]
+        assert resumed and resumed[-1]["last-event-id"] == last_id, (requests, last_id)
+        # ... got it without a reset or a second snapshot, and is up to date again.
+        wait_until("the page to catch up with the API", lambda: caught_up(page, job), 20)
+        after = watched.stats()
+        assert after["resets"] == 0 and after["snapshots"] == before["snapshots"] == 1
+        assert after["connects"] == before["connects"] + 1
+        assert only_the_drop(watched.problems), watched.problems
+    finally:
+        page.close()
+
+
+def test_a_gap_in_the_change_stream_reloads_the_snapshot(browser: Browser, job: Job) -> None:
+    page = browser.new_page(viewport=VIEWPORT)
+    watched = Watched(page)
+    client = redis.Redis.from_url(job.s.redis_dsn)
+    try:
+        log_in(page, job, job.read)
+        until(page, "window.fleetpulse.stats().loaded && window.fleetpulse.stats().lastEventId")
+        starts = kill_dashboard_server(job)
+        until(page, "!window.fleetpulse.stats().connected", 10)
+        # While the page is away, the changes after its id are trimmed away (as a long
+        # absence would, with FLEETPULSE_CHANGES_LEN); the robots go on reporting.
+        client.xtrim(Keys(job.s.redis_prefix).changes, maxlen=0)
+        wait_until(
+            "the main job to start the dashboard server again",
+            lambda: len(re.findall(r"^dashboard\s+started", job.output(), re.M)) > starts,
+            30,
+        )
+        until(page, "window.fleetpulse.stats().resets >= 1", 30)
+        until(page, "window.fleetpulse.stats().snapshots >= 2", 10)
+        wait_until("the page to catch up with the API", lambda: caught_up(page, job), 20)
+        assert watched.stats()["connected"]
+        assert only_the_drop(watched.problems), watched.problems
+    finally:
+        client.close()
+        page.close()
 
 
 # --- 10,000 robots ---------------------------------------------------------------------------
