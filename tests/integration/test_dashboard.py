@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -513,8 +514,9 @@ def test_jaeger_away_is_a_503_naming_where_it_was_looked_for() -> None:
         finally:
             await source.close()
 
-    with pytest.raises(TracesUnavailable) as info:
-        asyncio.run(search())
+    # In a thread of its own: Playwright's sync API keeps an event loop in this one.
+    with ThreadPoolExecutor(1) as pool, pytest.raises(TracesUnavailable) as info:
+        pool.submit(lambda: asyncio.run(search())).result()
     assert url in str(info.value) and "FLEETPULSE_JAEGER_QUERY_URL" in str(info.value)
 
 
