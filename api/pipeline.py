@@ -7,6 +7,10 @@ of the last :data:`WINDOW_S` seconds and turns them into what the pipeline panel
 dead letters by kind, freshness p50/p99. The browser reads them through the app (the
 dashboard's feed and ``GET /v1/dashboard/pipeline``), never from the other ports.
 
+A URL whose host name has several addresses is read at each of them (the pods behind
+a headless Kubernetes Service: ``http://ingest-pods:58081/metrics`` reads every ingest
+pod), each a target of its own; a literal address or a name of one address is read as is.
+
 Rates are per series, then summed: a process that restarts resets its counters to zero,
 and its drop is read as a restart (its new value is the increase), as Prometheus'
 ``rate`` does. Quantiles come from the freshness histogram's buckets over the window,
@@ -16,7 +20,9 @@ interpolated inside the bucket the quantile falls in (``histogram_quantile``).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import math
+import socket
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -187,6 +193,27 @@ def figures(samples: Sequence[Scrape]) -> Pipeline:
     )
 
 
+async def _addresses(url: str) -> list[str]:
+    """``url`` once per address of its host when there are several, else ``url``."""
+    parsed = httpx.URL(url)
+    host = parsed.host
+    try:
+        ipaddress.ip_address(host)
+        return [url]  # a literal address
+    except ValueError:
+        pass
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, parsed.port or 80, type=socket.SOCK_STREAM
+        )
+    except OSError:
+        return [url]  # unresolvable now: reading it says so
+    found = sorted({str(info[4][0]) for info in infos if info[0] == socket.AF_INET})
+    if len(found) <= 1:
+        return [url]
+    return [str(parsed.copy_with(host=address)) for address in found]
+
+
 class PipelineWatch:
     """Reads every target's /metrics on demand and keeps :data:`WINDOW_S` of samples."""
 
@@ -206,11 +233,17 @@ class PipelineWatch:
             return url, None, f"HTTP {response.status_code}"
         return url, response.text, ""
 
+    async def targets(self) -> list[str]:
+        """The URLs to read now: each configured one, or one per address of its host."""
+        expanded = await asyncio.gather(*(_addresses(url) for url in self.urls))
+        return [u for urls in expanded for u in urls]
+
     async def scrape(self) -> Scrape:
         """Read every target now (concurrently) and keep the sample."""
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=SCRAPE_TIMEOUT_S)
-        answers = await asyncio.gather(*(self._read(self._client, u) for u in self.urls))
+        urls = await self.targets()
+        answers = await asyncio.gather(*(self._read(self._client, u) for u in urls))
         values: dict[str, dict[Series, float]] = {}
         targets: list[Target] = []
         for url, text, error in answers:

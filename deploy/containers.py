@@ -478,6 +478,7 @@ PORT_SETTINGS = (
     "jaeger_otlp_http_port",
     "ingest_port",
     "query_port",
+    "dashboard_port",
 )
 PEER_PORTS = {"FLOW_PEER_PORT_0": 58090, "FLOW_PEER_PORT_1": 58091}
 
@@ -695,6 +696,8 @@ def compose_environ(settings: Settings, tokens: Mapping[str, str]) -> dict[str, 
     dev = Tokens(**tokens)
     environ = {env_name(n): str(getattr(settings, n)) for n in PORT_SETTINGS}
     environ[env_name("dataflow_metrics_port")] = str(settings.dataflow_metrics_port)
+    # The second dataflow process's metrics port, for the dashboard (compose cannot add).
+    environ["DATAFLOW_METRICS_PORT_1"] = str(settings.dataflow_metrics_port + 1)
     environ[env_name("api_tokens")] = dev.setting()
     environ[env_name("sim_token")] = dev.ingest
     for var, default in PEER_PORTS.items():
@@ -706,6 +709,7 @@ def _where_to_look(settings: Settings, tokens: Tokens) -> str:
     s = settings
     return f"""
 fleetpulse is up in containers (project fleetpulse; `just compose-ps`, `just compose-down`)
+  dashboard           http://127.0.0.1:{s.dashboard_port}/   (paste the read token below)
   query API           http://127.0.0.1:{s.query_port}/v1/fleet/summary
   ingest (webhook)    http://127.0.0.1:{s.ingest_port}/v1/reports
   Jaeger query API    http://127.0.0.1:{s.jaeger_query_port}/api/services

@@ -989,11 +989,12 @@ def service_url(settings: Settings, name: str, namespace: str = NAMESPACE) -> st
 
 def where_to_look(settings: Settings, tokens: Tokens) -> str:
     ingest, query = service_url(settings, "ingest"), service_url(settings, "query")
-    jaeger = service_url(settings, "jaeger")
+    jaeger, board = service_url(settings, "jaeger"), service_url(settings, "dashboard")
     auth = f'-H "Authorization: Bearer {tokens.read}"'
     return f"""
 fleetpulse runs on the local Kubernetes — where to look (Service addresses, routed here
 by kube-proxy):
+  dashboard           {board}/   (paste the read token below)
   fleet summary       curl {auth} {query}/v1/fleet/summary
   API docs            {query}/schema  ·  ingest {ingest}/schema
   traces (Jaeger API) {jaeger}/api/services

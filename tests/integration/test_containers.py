@@ -41,6 +41,7 @@ PORTS = {
     "jaeger_otlp_http_port": 28318,
     "ingest_port": 28081,
     "query_port": 28080,
+    "dashboard_port": 28082,
     "dataflow_metrics_port": 28464,
 }
 PEERS = {"FLOW_PEER_PORT_0": "28090", "FLOW_PEER_PORT_1": "28091"}
@@ -158,6 +159,21 @@ def test_images_and_compose_topology_round_trip_crash_and_teardown(settings: Set
         assert "redis write" in names
         services = {p["serviceName"] for p in found["processes"].values()}
         assert services == {"fleetpulse-ingest", "fleetpulse-dataflow"}
+
+        # The dashboard container: its page, and its pipeline panel's figures read from
+        # the ingest container and both dataflow containers.
+        board = f"http://127.0.0.1:{s.dashboard_port}"
+        page = httpx.get(f"{board}/", timeout=5)
+        assert page.status_code == 200 and '<canvas id="map">' in page.text
+        assert httpx.get(f"{board}/ui/dashboard.js", timeout=5).status_code == 200
+        pipeline = httpx.get(f"{board}/v1/dashboard/pipeline", headers=query.headers, timeout=10)
+        figures = pipeline.json()
+        assert [(t["role"], t["up"]) for t in figures["targets"]] == [
+            ("ingest", True), ("dataflow", True), ("dataflow", True),
+        ], figures  # fmt: skip
+        assert figures["accepted_total"] >= 3 * len(ROBOTS)
+        traced = httpx.get(f"{board}/v1/traces/{trace_id}", headers=query.headers, timeout=10)
+        assert [sp["name"] for sp in traced.json()["spans"]][0] == "POST /v1/reports"
 
         # Crash the dataflow: SIGKILL its process 0 from outside. The cluster runs whole
         # or not at all, so process 1 exits too; both are restarted (restart: on-failure)

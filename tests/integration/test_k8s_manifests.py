@@ -153,7 +153,7 @@ def test_monitors_scrape_named_ports_of_services_and_pods_that_exist(
     docs = render(settings, f"overlays/{overlay}")
     templates = [p for _, p in pods(docs)]
     monitors = of_kind(docs, "ServiceMonitor")
-    assert sorted(m["metadata"]["name"] for m in monitors) == ["ingest", "query"]
+    assert sorted(m["metadata"]["name"] for m in monitors) == ["dashboard", "ingest", "query"]
     for monitor in monitors:
         wanted = monitor["spec"]["selector"]["matchLabels"]
         (svc,) = [s for s in of_kind(docs, "Service") if selects(wanted, s["metadata"]["labels"])]
@@ -198,7 +198,7 @@ def test_prometheus_annotations_name_a_container_port(
         scraped.add(pod["metadata"]["labels"]["app.kubernetes.io/name"])
         assert int(notes["prometheus.io/port"]) in _container_ports(pod).values(), workload
         assert notes["prometheus.io/path"] == "/metrics"
-    assert scraped == {"ingest", "query", "dataflow"}
+    assert scraped == {"ingest", "query", "dashboard", "dataflow"}
 
 
 # --- the API server ------------------------------------------------------------------------

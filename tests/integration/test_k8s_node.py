@@ -238,6 +238,36 @@ def test_a_report_through_the_ingest_service_is_live_state_through_the_query_ser
     assert bad.status_code == 401
 
 
+def test_the_dashboard_service_serves_the_page_and_reads_every_pods_metrics(
+    cluster: Cluster, settings: Settings, tokens: Tokens
+) -> None:
+    board = service_url(settings, "dashboard")
+    page = httpx.get(f"{board}/", timeout=10)
+    assert page.status_code == 200 and '<canvas id="map">' in page.text
+    headers = {"Authorization": f"Bearer {tokens.read}"}
+    running = pods()
+
+    def every_pod_read() -> dict[str, Any] | None:
+        figures = httpx.get(f"{board}/v1/dashboard/pipeline", headers=headers, timeout=10).json()
+        up = sorted((t["role"], t["up"]) for t in figures["targets"])
+        return figures if up == [("dataflow", True)] * 2 + [("ingest", True)] else None
+
+    figures = wait_for(
+        "the dashboard reading the ingest and both dataflow pods", every_pod_read, 60
+    )
+    # Each pod is read at its own address (the headless Services' DNS answers).
+    addresses = {t["url"].split("/")[2].split(":")[0] for t in figures["targets"]}
+    pod_ips = {
+        p["status"]["podIP"] for n, p in running.items() if n.startswith(("ingest-", "dataflow-"))
+    }
+    assert addresses == pod_ips
+    env = json.loads(
+        kubectl_text("get", "configmap", "fleetpulse-env", "-n", NAMESPACE, "-o", "json")
+    )
+    partitions = int(env["data"]["FLEETPULSE_KAFKA_PARTITIONS"])
+    assert set(figures["lag"]) == {str(p) for p in range(partitions)}
+
+
 def test_a_deleted_dataflow_pod_resumes_from_its_volume_with_nothing_lost(
     fleet: Fleet, cluster: Cluster
 ) -> None:

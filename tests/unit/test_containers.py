@@ -70,6 +70,15 @@ def test_services_wait_for_what_they_need_and_are_health_checked() -> None:
         needs = SERVICES[name]["depends_on"]
         assert needs["topics"] == {"condition": "service_completed_successfully"}, name
     assert SERVICES["api-server"]["depends_on"]["redis"] == {"condition": "service_healthy"}
+    board = SERVICES["dashboard"]
+    assert board["command"] == ["dashboard"]
+    assert board["depends_on"]["redis"] == {"condition": "service_healthy"}
+    # Its pipeline panel reads the ingest server and both dataflow processes.
+    assert board["environment"]["FLEETPULSE_DASHBOARD_METRICS"].split(",") == [
+        "http://127.0.0.1:${FLEETPULSE_INGEST_PORT:-58081}/metrics",
+        "http://127.0.0.1:${FLEETPULSE_DATAFLOW_METRICS_PORT:-9464}/metrics",
+        "http://127.0.0.1:${DATAFLOW_METRICS_PORT_1:-9465}/metrics",
+    ]
 
 
 def test_the_dataflow_is_two_processes_of_one_cluster_with_a_volume_each() -> None:
@@ -91,7 +100,7 @@ def test_the_dataflow_is_two_processes_of_one_cluster_with_a_volume_each() -> No
 def test_start_order_follows_depends_on(settings: Settings) -> None:
     levels = Compose(settings).order()
     assert levels[0] == ["jaeger", "kafka", "redis"]
-    assert levels[1] == ["api-server", "topics"]
+    assert levels[1] == ["api-server", "dashboard", "topics"]
     assert set(levels[2]) == {"dataflow-0", "dataflow-1", "webhook-server"}
     assert "sim" not in {s for level in levels for s in level}  # profile "sim" only
     with_sim = Compose(settings, profiles=("sim",)).order()

@@ -218,3 +218,32 @@ def test_closing_the_feed_closes_the_change_stream() -> None:
         await asyncio.wait_for(closed.wait(), 1)
 
     asyncio.run(run())
+
+
+def test_a_name_with_several_addresses_is_read_at_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from api import pipeline
+
+    answers = {
+        "ingest-pods": ["10.244.0.7", "10.244.0.9", "10.244.0.7"],
+        "one": ["10.0.0.1"],
+    }
+
+    async def getaddrinfo(self: Any, host: str, port: int, **_: Any) -> list[Any]:
+        if host not in answers:
+            raise socket.gaierror(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in answers[host]]
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", getaddrinfo)
+    watch = pipeline.PipelineWatch(
+        ["http://ingest-pods:58081/metrics", "http://one:9464/metrics",
+         "http://127.0.0.1:1/metrics", "http://gone:2/metrics"]
+    )  # fmt: skip
+    assert asyncio.run(watch.targets()) == [
+        "http://10.244.0.7:58081/metrics",
+        "http://10.244.0.9:58081/metrics",
+        "http://one:9464/metrics",  # one address: read by its name
+        "http://127.0.0.1:1/metrics",
+        "http://gone:2/metrics",  # not resolvable now: its read says so
+    ]
