@@ -82,6 +82,14 @@ serve-ingest:
 serve-query:
     {{py}} -m api.serve query
 
+# serve the dashboard (page, live feed, query routes) on FLEETPULSE_DASHBOARD_PORT with granian
+serve-dashboard:
+    {{py}} -m api.serve dashboard
+
+# Debian's chromium for the dashboard's browser tests (apt-get on first use); prints its path
+browser:
+    {{py}} -m deploy.local.browser
+
 # run the fleet dataflow (recovery on: FLEETPULSE_RECOVERY_DIR); ARGS go to bytewax.run, e.g. `-w 2`
 dataflow *ARGS:
     {{py}} -m bytewax.run "dataflows.fleet:build_flow()" {{ARGS}}

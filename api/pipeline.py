@@ -7,9 +7,9 @@ of the last :data:`WINDOW_S` seconds and turns them into what the pipeline panel
 dead letters by kind, freshness p50/p99. The browser reads them through the app (the
 dashboard's feed and ``GET /v1/dashboard/pipeline``), never from the other ports.
 
-A URL whose host name has several addresses is read at each of them (the pods behind
-a headless Kubernetes Service: ``http://ingest-pods:58081/metrics`` reads every ingest
-pod), each a target of its own; a literal address or a name of one address is read as is.
+A URL whose host is a name is read at each of the name's addresses (the pods behind a
+headless Kubernetes Service: ``http://ingest-pods:58081/metrics`` reads every ingest
+pod), each a target of its own, shown by address.
 
 Rates are per series, then summed: a process that restarts resets its counters to zero,
 and its drop is read as a restart (its new value is the increase), as Prometheus'
@@ -194,7 +194,8 @@ def figures(samples: Sequence[Scrape]) -> Pipeline:
 
 
 async def _addresses(url: str) -> list[str]:
-    """``url`` once per address of its host when there are several, else ``url``."""
+    """``url`` once per (IPv4) address of its host; ``url`` itself for a literal address
+    or a name that does not resolve now."""
     parsed = httpx.URL(url)
     host = parsed.host
     try:
@@ -209,7 +210,7 @@ async def _addresses(url: str) -> list[str]:
     except OSError:
         return [url]  # unresolvable now: reading it says so
     found = sorted({str(info[4][0]) for info in infos if info[0] == socket.AF_INET})
-    if len(found) <= 1:
+    if not found:
         return [url]
     return [str(parsed.copy_with(host=address)) for address in found]
 

@@ -881,9 +881,9 @@ def kubectl(settings: Settings, *args: str, input: str | None = None) -> str:
 K8S = HERE.parent / "k8s"
 
 
-def sync_images(settings: Settings) -> None:
+def sync_images(settings: Settings) -> dict[str, str]:
     """Build the product's images (cached) and import into the node those whose podman
-    image id changed since their last import."""
+    image id changed since their last import; returns each image's id by reference."""
     from deploy.containers import IMAGES, Podman, build_images
 
     build_images(settings)
@@ -897,6 +897,7 @@ def sync_images(settings: Settings) -> None:
             containerd.import_images([image.ref])
             imported[image.ref] = image_id
             record.write_text(json.dumps(imported, indent=2) + "\n")
+    return {ref: imported[ref] for ref in (image.ref for image in IMAGES)}
 
 
 def apply_crds(settings: Settings) -> None:
@@ -914,8 +915,7 @@ def deploy(settings: Settings, overlay: str, timeout_s: float = 600.0) -> None:
     if not path.is_dir():
         known = ", ".join(sorted(p.name for p in (K8S / "overlays").iterdir()))
         raise StackError(f"no overlay {overlay!r} in deploy/k8s/overlays; there are: {known}")
-    if settings.k8s_node == "kubelet":
-        sync_images(settings)
+    images = sync_images(settings) if settings.k8s_node == "kubelet" else {}
     apply_crds(settings)
     print(f"applying deploy/k8s/overlays/{overlay}")
     docs = [d for d in yaml.safe_load_all(kubectl(settings, "kustomize", str(path))) if d]
@@ -928,7 +928,22 @@ def deploy(settings: Settings, overlay: str, timeout_s: float = 600.0) -> None:
         if doc["kind"] in ("Deployment", "StatefulSet"):  # a token change rolls the pods
             meta = doc["spec"]["template"]["metadata"]
             meta.setdefault("annotations", {})["fleetpulse.local/tokens"] = stamp
+            # So does a rebuilt image: its tag stays, its id changes (imagePullPolicy Never).
+            spec = doc["spec"]["template"]["spec"]
+            used = sorted(
+                {c["image"] for c in [*spec.get("initContainers", []), *spec["containers"]]}
+            )
+            ids = [images[ref].removeprefix("sha256:")[:12] for ref in used if ref in images]
+            if ids:
+                meta["annotations"]["fleetpulse.local/images"] = ",".join(ids)
     _fit_cpu_requests(settings, docs)
+    # A Job's pod template cannot change once made: a one-shot of an earlier deploy (the
+    # topics, idempotent) is removed and runs again with this deploy's template.
+    for doc in docs:
+        if doc["kind"] == "Job":
+            ns = doc["metadata"].get("namespace", NAMESPACE)
+            kubectl(settings, "delete", "job", doc["metadata"]["name"], "-n", ns,
+                    "--ignore-not-found", "--wait=true")  # fmt: skip
     listed = json.dumps({"apiVersion": "v1", "kind": "List", "items": docs})
     kubectl(settings, "apply", "--server-side", "--force-conflicts", "-f", "-", input=listed)
     wait_rollout(settings, NAMESPACE, timeout_s)

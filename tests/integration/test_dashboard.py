@@ -48,6 +48,7 @@ SHOTS = REPO_ROOT / "docs" / "screenshots"
 ROBOTS = 12
 ESTOP = (255, 59, 59)  # STATUS_COLOURS.estop in api/static/dashboard.js
 VIEWPORT = {"width": 1500, "height": 900}
+JAEGER_UI = "http://127.0.0.1:16686"  # as if a Jaeger web UI ran there: the page links to it
 
 
 class Job:
@@ -86,6 +87,7 @@ def job(
         query_port=free_port(),
         dashboard_port=free_port(),
         dataflow_metrics_port=free_port(2),
+        jaeger_ui_url=JAEGER_UI,
     )
     out = tmp / "main.out"
     with out.open("wb") as sink:
@@ -304,6 +306,11 @@ def test_every_robot_is_drawn_in_its_status_colour_without_console_errors(
         "cs => cs.map(c => [c.dataset.status, +c.querySelector('b').textContent])",
     )
     assert sum(n for _, n in chips) == summary["total"]
+    # Robots per site, in the site selector.
+    options = page.eval_on_selector_all(
+        "#site option[data-site]", "os => os.map(o => o.textContent)"
+    )
+    assert options == [f"{site} · {n}" for site, n in sorted(summary["by_site"].items())]
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "dashboard-map.png"))
     board.clean()
@@ -450,6 +457,8 @@ def test_the_trace_view_draws_the_four_span_chain_of_a_posted_report(
     )
     assert services == ["fleetpulse-ingest"] * 2 + ["fleetpulse-dataflow"] * 2
     assert trace_id in page.inner_text("#waterfall")
+    link = page.get_attribute("#waterfall a", "href")
+    assert link == f"{JAEGER_UI}/trace/{trace_id}"
     attributes = page.inner_text("#waterfall-table")
     assert re.search(r"messaging\.kafka\.partition=\d+", attributes)
     assert re.search(r"messaging\.kafka\.offset=\d+", attributes)

@@ -243,7 +243,7 @@ def test_a_name_with_several_addresses_is_read_at_each(monkeypatch: pytest.Monke
     assert asyncio.run(watch.targets()) == [
         "http://10.244.0.7:58081/metrics",
         "http://10.244.0.9:58081/metrics",
-        "http://one:9464/metrics",  # one address: read by its name
+        "http://10.0.0.1:9464/metrics",
         "http://127.0.0.1:1/metrics",
         "http://gone:2/metrics",  # not resolvable now: its read says so
     ]
