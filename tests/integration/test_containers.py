@@ -173,7 +173,9 @@ def test_images_and_compose_topology_round_trip_crash_and_teardown(settings: Set
         ], figures  # fmt: skip
         assert figures["accepted_total"] >= 3 * len(ROBOTS)
         traced = httpx.get(f"{board}/v1/traces/{trace_id}", headers=query.headers, timeout=10)
-        assert [sp["name"] for sp in traced.json()["spans"]][0] == "POST /v1/reports"
+        assert [sp["name"] for sp in traced.json()["spans"]] == [
+            "POST /v1/reports", f"produce {s.topic_reports}", "process report", "redis write",
+        ]  # fmt: skip
 
         # Crash the dataflow: SIGKILL its process 0 from outside. The cluster runs whole
         # or not at all, so process 1 exits too; both are restarted (restart: on-failure)
