@@ -13,6 +13,8 @@ const STATUS_COLOURS = {
   charging: "#b07cf0", error: "#f2994a", estop: "#ff3b3b",
 };
 const STATUSES = Object.keys(STATUS_COLOURS);
+const LIT_KEYS = Object.fromEntries(STATUSES.map((s) => [s, `${STATUS_COLOURS[s]}|0`]));
+const DIM_KEYS = Object.fromEntries(STATUSES.map((s) => [s, `${STATUS_COLOURS[s]}|1`]));
 const ALERT_COLOURS = {
   low_battery: "#f2c94c", battery_ok: "#27ae60", error: "#f2994a", estop: "#ff3b3b",
   offline: "#7d8896", back_online: "#2f80ed", stuck: "#b07cf0", order_reset: "#56ccf2",
@@ -277,14 +279,19 @@ async function readEvents(body) {
         slice = performance.now();
       }
       let id = null, event = "message", data = "";
-      for (const line of block.split("\n")) {
-        if (line.startsWith(":")) continue;
-        const colon = line.indexOf(":");
-        const field = colon < 0 ? line : line.slice(0, colon);
-        const v = colon < 0 ? "" : line.slice(colon + (line[colon + 1] === " " ? 2 : 1));
-        if (field === "id") id = v;
-        else if (field === "event") event = v;
-        else if (field === "data") data += (data ? "\n" : "") + v;
+      for (let at = 0; at < block.length;) {
+        let nl = block.indexOf("\n", at);
+        if (nl < 0) nl = block.length;
+        if (block.charCodeAt(at) !== 58) {  // ":" starts a comment
+          const colon = block.indexOf(":", at);
+          const cut = colon < 0 || colon > nl ? nl : colon;
+          const field = block.slice(at, cut);
+          const v = cut === nl ? "" : block.slice(cut + (block.charCodeAt(cut + 1) === 32 ? 2 : 1), nl);
+          if (field === "data") data = data ? `${data}\n${v}` : v;
+          else if (field === "id") id = v;
+          else if (field === "event") event = v;
+        }
+        at = nl + 1;
       }
       if (id != null) app.lastEventId = id;
       if (data) onEvent(event, data);
@@ -490,14 +497,16 @@ function draw() {
   const groups = new Map();
   const rings = new Map();
   const search = app.search;
+  // Nothing is allocated per robot here but the entries of these arrays: a draw of
+  // 10,000 robots several times a second must not feed the garbage collector.
   for (const r of app.robots.values()) {
     const t = layout.get(r.site);
     if (!t) continue;
-    const [sx, sy] = toScreen(v, t.px(r.x), t.py(r.y));
+    const sx = t.px(r.x) * v.k + v.tx, sy = t.py(r.y) * v.k + v.ty;
     if (sx < -10 || sy < -10 || sx > w + 10 || sy > h + 10) continue;
     shown.push(r.id, sx, sy);
     const dim = !r.online || (search && !r.id.includes(search));
-    const key = `${markerColour(r)}|${dim ? 1 : 0}`;
+    const key = dim ? DIM_KEYS[r.status] || "#ffffff|1" : LIT_KEYS[r.status] || "#ffffff|0";
     let g = groups.get(key);
     if (!g) { g = []; groups.set(key, g); }
     g.push(sx, sy);
@@ -513,7 +522,12 @@ function draw() {
     ctx.globalAlpha = dim === "1" ? 0.28 : 1;
     ctx.fillStyle = colour;
     ctx.beginPath();
-    for (let i = 0; i < pts.length; i += 2) { ctx.moveTo(pts[i] + radius, pts[i + 1]); ctx.arc(pts[i], pts[i + 1], radius, 0, 2 * Math.PI); }
+    if (radius < 3) {  // a few pixels: a square reads the same and costs far less than an arc
+      const d = 2 * radius;
+      for (let i = 0; i < pts.length; i += 2) ctx.rect(pts[i] - radius, pts[i + 1] - radius, d, d);
+    } else {
+      for (let i = 0; i < pts.length; i += 2) { ctx.moveTo(pts[i] + radius, pts[i + 1]); ctx.arc(pts[i], pts[i + 1], radius, 0, 2 * Math.PI); }
+    }
     ctx.fill();
   }
   ctx.globalAlpha = 1;

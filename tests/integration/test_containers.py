@@ -113,6 +113,7 @@ def test_images_and_compose_topology_round_trip_crash_and_teardown(settings: Set
             "topics",
             "webhook-server",
             "api-server",
+            "dashboard",
             "dataflow-0",
             "dataflow-1",
         }
