@@ -30,9 +30,10 @@ from api.auth import Scope, TokenStore
 from api.dashboard import Dashboard
 from api.errors import ApiError, exception_handlers
 from api.fast import SingleReport
-from api.ingest import Publisher, ingest_routes
+from api.ingest import Publisher, ingest_routes, limits_from
 from api.producer import ReportProducer
 from api.query import QueryService
+from api.signing import Signatures
 from dataflows.rules import Rules
 from fleetpulse.reload import ActiveConfig, ConfigWatcher, config_hash
 from fleetpulse.settings import Settings
@@ -151,7 +152,9 @@ def create_app(
     owned_producer = producer is None and ingest
     state: dict[str, ReportProducer] = {}
     # Spans of the ingest side's routes are the ingest service's (their templates below).
-    observe = ObservabilityMiddleware(api_tracer, metrics, ingest_tracer)
+    observe = ObservabilityMiddleware(
+        api_tracer, metrics, ingest_tracer, trust=tokens.trusts(settings.trace_trust)
+    )
     fast: SingleReport | None = None
 
     if ingest:
@@ -159,10 +162,12 @@ def create_app(
             producer = ReportProducer(settings)
         state["producer"] = producer
         publish = Publisher(settings, producer, ingest_tracer, metrics)
-        fast = SingleReport(settings, tokens, publish, observe, metrics, live)
+        signatures = Signatures.parse(settings.webhook_secrets, settings.webhook_tolerance_s)
+        limits = limits_from(settings)
+        fast = SingleReport(settings, tokens, publish, observe, metrics, live, signatures, limits)
         # One producer for reports and control records: both are acknowledged the same way.
         guarded: list[tuple[Scope, list[ControllerRouterHandler]]] = [
-            ("ingest", ingest_routes(settings, publish, live)),
+            ("ingest", ingest_routes(settings, publish, live, signatures, limits)),
             ("admin", admin_routes(settings, producer, ingest_tracer)),
         ]
         for scope, routes in guarded:

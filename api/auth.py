@@ -18,7 +18,7 @@ import hmac
 import re
 import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import msgspec
@@ -97,6 +97,32 @@ class TokenStore:
             entries.append((scope, bytes.fromhex(match.group(2))))
         return cls(entries)
 
+    def _scopes(self, token: str) -> set[Scope]:
+        digest = hashlib.sha256(token.encode()).digest()
+        scopes: set[Scope] = set()
+        # Compare against every entry, whatever matched, so timing tells nothing.
+        for entry_scope, entry_digest in self._entries:
+            if hmac.compare_digest(digest, entry_digest):
+                scopes.add(entry_scope)
+        return scopes
+
+    def scopes(self, authorization: str | None) -> set[Scope]:
+        """The scopes ``authorization`` grants (none for a missing or unknown token)."""
+        token = bearer_token(authorization) if authorization else None
+        return self._scopes(token) if token is not None else set()
+
+    def trusts(self, setting: str) -> Callable[[str | None], bool] | None:
+        """Whether a request's ``Authorization`` makes its trace context trusted, from a
+        FLEETPULSE_TRACE_TRUST value; None when every caller is (``all``)."""
+        if setting == "all":
+            return None
+        trusted = {s for s in setting.split(",") if s}
+
+        def trust(authorization: str | None) -> bool:
+            return bool(trusted) and not self.scopes(authorization).isdisjoint(trusted)
+
+        return trust
+
     def check(self, authorization: str | None, scope: Scope) -> AuthFailure | None:
         """None when ``authorization`` carries a token for ``scope``, else why not."""
         if not authorization:
@@ -104,12 +130,7 @@ class TokenStore:
         token = bearer_token(authorization)
         if token is None:
             return AuthFailure(401, "unauthorized", "Authorization must be `Bearer <token>`")
-        digest = hashlib.sha256(token.encode()).digest()
-        scopes: set[Scope] = set()
-        # Compare against every entry, whatever matched, so timing tells nothing.
-        for entry_scope, entry_digest in self._entries:
-            if hmac.compare_digest(digest, entry_digest):
-                scopes.add(entry_scope)
+        scopes = self._scopes(token)
         if not scopes:
             return AuthFailure(401, "unauthorized", "unknown bearer token")
         if scope not in scopes:

@@ -26,9 +26,11 @@ from typing import Any
 
 import msgspec
 
-from api.auth import TokenStore
+from api.auth import TokenStore, bearer_token
 from api.errors import ApiError, domain_error
 from api.ingest import Accepted, Publisher, check_single
+from api.limits import Limits
+from api.signing import Signatures, key_id
 from fleetpulse.errors import FleetpulseError
 from fleetpulse.settings import Settings
 from observability.http import ObservabilityMiddleware
@@ -79,8 +81,13 @@ class SingleReport:
         observe: ObservabilityMiddleware,
         metrics: ApiMetrics,
         live: Callable[[], Settings] | None = None,
+        signatures: Signatures | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.settings = settings
+        # A token that must sign goes the routes' way, where the body's signature is checked.
+        self.signatures = signatures
+        self.limits = limits
         self.live = live or (lambda: settings)  # the time bounds' settings (hot-reloaded)
         self.tokens = tokens
         self.publish = publish
@@ -106,6 +113,7 @@ class SingleReport:
             media_type != _JSON
             or (length is not None and (not length.isdigit() or int(length) > self.max_body))
             or self.tokens.check(authorization, "ingest") is not None
+            or (self.signatures and self.signatures.secrets_for(bearer_token(authorization)))
         ):
             await litestar(scope, receive, send)
             return
@@ -124,6 +132,11 @@ class SingleReport:
         try:
             report = check_single(body, self.live())
         except ApiError:
+            await litestar(scope, _replay(body, False, receive), send)
+            return
+        token = bearer_token(authorization) or ""
+        if self.limits and self.limits.admit(key_id(token), (report.robot_id,)) is not None:
+            # Over a limit: the route answers the 429 (nothing was taken from the buckets).
             await litestar(scope, _replay(body, False, receive), send)
             return
 

@@ -25,8 +25,11 @@ from litestar.types import ControllerRouterHandler
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from api.auth import bearer_token
 from api.errors import AnyRequest, ApiError, ErrorBody, schema_error
+from api.limits import Limits
 from api.producer import ReportProducer
+from api.signing import SIGNATURE_HEADER, Signatures, key_id
 from fleetpulse.schema import (
     RobotReport,
     decode_report,
@@ -42,9 +45,12 @@ __all__ = [
     "Accepted",
     "Headers",
     "Publisher",
+    "check_limits",
+    "check_signature",
     "check_single",
     "error_docs",
     "ingest_routes",
+    "limits_from",
     "record_headers",
 ]
 
@@ -77,11 +83,14 @@ def record_headers(span: trace.Span, *extra: tuple[str, bytes]) -> Headers:
 
 _ERROR_DOCS = {
     400: "Malformed request",
-    401: "Missing or unknown bearer token",
+    401: "Missing or unknown bearer token, or (a token that must sign) a missing, stale or "
+    "wrong X-Fleetpulse-Signature",
     403: "The token's scope does not cover this route",
     413: "Body over FLEETPULSE_MAX_BODY_BYTES, or a batch over FLEETPULSE_MAX_BATCH_REPORTS",
     415: "Content-Type is not application/json",
     422: "Bad JSON or a schema violation; `fields` names the field (`[i].field` in a batch)",
+    429: "Over a rate limit (FLEETPULSE_INGEST_TOKEN_RATE or _ROBOT_RATE); nothing was "
+    "accepted, retry after Retry-After",
     503: "Kafka did not confirm in time, the producer queue is full or the producer is being "
     "rebuilt; nothing was accepted, retry after Retry-After",
 }
@@ -178,12 +187,59 @@ class Publisher:
         await self.producer.send([(r.robot_id.encode(), encode(r), headers) for r in reports])
 
 
+def check_signature(signatures: Signatures, request: AnyRequest, body: bytes) -> None:
+    """401 naming what is wrong when the request's token must sign and the body's
+    signature is missing, stale or wrong (:mod:`api.signing`)."""
+    if not signatures:
+        return
+    token = bearer_token(request.headers.get("authorization"))
+    problem = signatures.problem(token, request.headers.get(SIGNATURE_HEADER), body)
+    if problem is not None:
+        raise ApiError(
+            401, "bad_signature", problem, headers={"WWW-Authenticate": 'Bearer realm="fleetpulse"'}
+        )
+
+
+def limits_from(settings: Settings) -> Limits:
+    """The ingest rate limits of one server process (the rates shared among its workers)."""
+    workers = settings.api_workers
+    return Limits(
+        settings.ingest_token_rate / workers,
+        settings.ingest_token_burst,
+        settings.ingest_robot_rate / workers,
+        settings.ingest_robot_burst,
+    )
+
+
+def check_limits(
+    limits: Limits, metrics: ApiMetrics, authorization: str | None, reports: Sequence[RobotReport]
+) -> None:
+    """Take the reports from the token's and robots' buckets, or 429 naming the limit."""
+    if not limits:
+        return
+    token = bearer_token(authorization) or ""
+    refused = limits.admit(key_id(token), (r.robot_id for r in reports))
+    if refused is not None:
+        metrics.limited.labels(refused.limit).inc(len(reports))
+        raise ApiError(
+            429, "rate_limited", refused.detail, headers={"Retry-After": str(refused.retry_after_s)}
+        )
+
+
 def ingest_routes(
-    settings: Settings, publish: Publisher, live: Callable[[], Settings] | None = None
+    settings: Settings,
+    publish: Publisher,
+    live: Callable[[], Settings] | None = None,
+    signatures: Signatures | None = None,
+    limits: Limits | None = None,
 ) -> list[ControllerRouterHandler]:
     """The POST routes, bound to one publisher. ``live()`` gives the settings of each
-    request's time bounds (hot-reloaded; default: ``settings``)."""
+    request's time bounds (hot-reloaded; default: ``settings``); ``signatures``: the
+    tokens that must sign their posts; ``limits``: the rate limits (none by default)."""
     current = live or (lambda: settings)
+    signed = signatures or Signatures({}, settings.webhook_tolerance_s)
+    limited = limits or Limits(0, 1, 0, 1)
+    metrics = publish.metrics
     bounds = (
         f"A report's `ts` must lie within FLEETPULSE_MAX_AGE_S ({settings.max_age_s:g} s) "
         f"behind and FLEETPULSE_MAX_FUTURE_S ({settings.max_future_s:g} s) ahead of the "
@@ -192,7 +248,7 @@ def ingest_routes(
     )
     responses = {
         202: ResponseSpec(Accepted, description="Durable in Kafka (acks=all)"),
-        **error_docs(401, 403, 413, 415, 422, 503),
+        **error_docs(401, 403, 413, 415, 422, 429, 503),
     }
 
     @post(
@@ -206,7 +262,10 @@ def ingest_routes(
     async def post_report(request: AnyRequest) -> ASGIResponse:
         """Accept one report; 202 once Kafka has acknowledged it."""
         _require_json(request)
-        report = check_single(await request.body(), current())
+        body = await request.body()
+        check_signature(signed, request, body)
+        report = check_single(body, current())
+        check_limits(limited, metrics, request.headers.get("authorization"), [report])
         await publish([report], "/v1/reports")
         return _ACCEPTED_ONE
 
@@ -223,6 +282,7 @@ def ingest_routes(
         """Accept a JSON array of reports, all or nothing; 202 once Kafka has all of them."""
         _require_json(request)
         body = await request.body()
+        check_signature(signed, request, body)
         try:
             reports = decode_reports(body)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -237,6 +297,7 @@ def ingest_routes(
                 f"{settings.max_batch_reports} (FLEETPULSE_MAX_BATCH_REPORTS)",
             )
         _check_times(reports, current(), batch=True)
+        check_limits(limited, metrics, request.headers.get("authorization"), reports)
         await publish(reports, "/v1/reports/batch")
         return Accepted(len(reports))
 

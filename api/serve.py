@@ -23,6 +23,7 @@ from litestar import Litestar
 
 from api.app import create_app
 from api.auth import TokenStore
+from api.signing import Signatures
 from fleetpulse.errors import FleetpulseError
 from fleetpulse.reload import ConfigWatcher
 from fleetpulse.settings import Settings, load_settings
@@ -67,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = ConfigWatcher(settings).current.settings
         # Check here so bad settings stop start-up with one clear message, not one per worker.
         TokenStore.parse(settings.api_tokens)
+        Signatures.parse(settings.webhook_secrets, settings.webhook_tolerance_s)
     except FleetpulseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -698,6 +698,7 @@ def compose_environ(settings: Settings, tokens: Mapping[str, str]) -> dict[str, 
     environ[env_name("dataflow_metrics_port")] = str(settings.dataflow_metrics_port)
     # The second dataflow process's metrics port, for the dashboard (compose cannot add).
     environ["DATAFLOW_METRICS_PORT_1"] = str(settings.dataflow_metrics_port + 1)
+    environ[env_name("trace_trust")] = settings.trace_trust
     environ[env_name("api_tokens")] = dev.setting()
     environ[env_name("sim_token")] = dev.ingest
     for var, default in PEER_PORTS.items():

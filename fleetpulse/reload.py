@@ -37,7 +37,7 @@ import msgspec
 import yaml
 
 from fleetpulse.errors import ConfigError
-from fleetpulse.settings import CONFIG_FILE, Settings, overlay_settings, to_env
+from fleetpulse.settings import CONFIG_FILE, Settings, overlay_settings, shown, to_env
 
 __all__ = ["HOT_KEYS", "ActiveConfig", "ConfigWatcher", "Reload", "config_hash"]
 
@@ -177,7 +177,8 @@ class ConfigWatcher:
                 "is applied now",
                 self.path,
                 ", ".join(
-                    f"{key} ({getattr(self.started, key)!r} -> {getattr(wanted, key)!r})"
+                    f"{key} ({shown(key, getattr(self.started, key))} -> "
+                    f"{shown(key, getattr(wanted, key))})"
                     for key in pending
                 ),
             )
@@ -191,7 +192,10 @@ class ConfigWatcher:
             "config %s applied from %s: %s",
             self.current.hash,
             self.path,
-            ", ".join(f"{k} {getattr(before.settings, k)!r} -> {hot[k]!r}" for k in changed),
+            ", ".join(
+                f"{k} {shown(k, getattr(before.settings, k))} -> {shown(k, hot[k])}"
+                for k in changed
+            ),
         )
         for listener in self._listeners:
             listener(self.current)

@@ -26,11 +26,13 @@ from fleetpulse.errors import ConfigError
 __all__ = [
     "CONFIG_FILE",
     "ENV_PREFIX",
+    "SECRET_FIELDS",
     "Settings",
     "env_name",
     "load_settings",
     "markdown_table",
     "overlay_settings",
+    "shown",
     "to_env",
 ]
 
@@ -195,11 +197,22 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
         float,
         _doc(
             "Share of traces kept (parent-based ratio sampler; a request whose traceparent "
-            "is sampled is always traced).",
+            "is sampled and trusted, FLEETPULSE_TRACE_TRUST, is always traced).",
             ge=0.0,
             le=1.0,
         ),
     ] = 0.01
+    trace_trust: Annotated[
+        str,
+        _doc(
+            "Token scopes (comma-separated: ingest, read, admin) whose requests may bring "
+            "their trace context in: their `traceparent` is continued, its sampled flag "
+            "honoured. Any other request (always one without a valid token) starts a trace "
+            "of its own, sampled at FLEETPULSE_TRACE_SAMPLE_RATIO and linked to the "
+            "caller's context. `all`: every caller's context is continued; empty: none.",
+            pattern=r"^(all|((ingest|read|admin)(,(ingest|read|admin))*))?$",
+        ),
+    ] = "admin"
     log_level: Annotated[
         Literal["DEBUG", "INFO", "WARNING", "ERROR"], _doc("Log level of our own loggers.")
     ] = "INFO"
@@ -251,6 +264,53 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
             "admin); `just token` makes one. Empty: every request is refused.",
         ),
     ] = ""
+    webhook_secrets: Annotated[
+        str,
+        _doc(
+            "Ingest tokens that must sign each post (HMAC-SHA256 over timestamp and body in "
+            "X-Fleetpulse-Signature), as `<key id>=<secret>[|<next secret>]` entries: the key "
+            "id is the first 12 hex digits of the token's SHA-256, or `*` for every ingest "
+            "token; two secrets while rotating. Empty: no token signs."
+        ),
+    ] = ""
+    webhook_tolerance_s: Annotated[
+        float,
+        _doc(
+            "Replay window of signed posts: how far a signature's timestamp may be from the "
+            "server's clock.",
+            gt=0,
+            le=3600,
+        ),
+    ] = 300.0
+    ingest_token_rate: Annotated[
+        float,
+        _doc(
+            "Reports per second one ingest token may post (a token bucket per token, per "
+            "server; divided among FLEETPULSE_API_WORKERS); 429 with Retry-After beyond. "
+            "0: no limit.",
+            ge=0,
+        ),
+    ] = 0.0
+    ingest_token_burst: Annotated[
+        int, _doc("Reports a token may post at once above its rate (its bucket's size).", ge=1)
+    ] = 20_000
+    ingest_robot_rate: Annotated[
+        float,
+        _doc(
+            "Reports per second one robot id may be posted (a token bucket per robot, per "
+            "server; divided among FLEETPULSE_API_WORKERS); 429 with Retry-After beyond. "
+            "0: no limit.",
+            ge=0,
+        ),
+    ] = 0.0
+    ingest_robot_burst: Annotated[
+        int,
+        _doc(
+            "Reports of one robot accepted at once above its rate: room for a backlog "
+            "uploaded after a reconnect (at least the largest batch it sends).",
+            ge=1,
+        ),
+    ] = 1200
     sim_token: Annotated[
         str, _doc("Bearer token (ingest scope) the simulator posts with; `--token` overrides.")
     ] = ""
@@ -409,6 +469,18 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     def jaeger_api(self) -> str:
         """Jaeger query API base URL: explicit, or the local Jaeger."""
         return self.jaeger_query_url or f"http://127.0.0.1:{self.jaeger_query_port}"
+
+
+# Settings whose values are secrets (or, for the token hashes, close to one): never in a
+# log line or an error message; shown as "(set)" or "(empty)".
+SECRET_FIELDS = frozenset({"api_tokens", "webhook_secrets", "sim_token"})
+
+
+def shown(field: str, value: Any) -> str:
+    """``value`` of ``field`` as a log line may show it (secrets masked)."""
+    if field in SECRET_FIELDS:
+        return "(set)" if value else "(empty)"
+    return repr(value)
 
 
 def env_name(field: str) -> str:

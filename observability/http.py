@@ -10,18 +10,24 @@ templates are a fixed set), and metric label children are cached by
 :class:`~observability.metrics.ApiMetrics`. Attributes known only at the end (the status)
 are set only on spans that are recorded; an unsampled request costs one non-recording
 span and no attribute work.
+
+A caller's ``traceparent`` is continued only when ``trust`` says so (its token's scope is
+in FLEETPULSE_TRACE_TRUST): otherwise anyone could force every request to be sampled,
+and load Jaeger, by sending the sampled flag, even with a token that is refused. An
+untrusted context becomes a link of a new root span, which our own ratio sampler keeps
+or drops, so a trace that is kept still points at the caller's.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from observability.metrics import ApiMetrics
 from observability.tracing import context_from_traceparent
@@ -29,6 +35,7 @@ from observability.tracing import context_from_traceparent
 __all__ = ["ObservabilityMiddleware"]
 
 _ERROR = Status(StatusCode.ERROR)
+_UNTRUSTED = {"fleetpulse.trace.untrusted": True}  # on the link to a caller's context
 
 
 class _Route:
@@ -53,7 +60,11 @@ class ObservabilityMiddleware(ASGIMiddleware):
         metrics: ApiMetrics,
         ingest_tracer: trace.Tracer | None = None,
         ingest_routes: Collection[str] = (),
+        trust: Callable[[str | None], bool] | None = None,
     ) -> None:
+        """``trust(authorization)``: whether the request's trace context is continued
+        (None: always)."""
+        self.trust = trust
         self.tracer = tracer
         self.ingest_tracer = ingest_tracer or tracer  # spans of the webhook side's routes
         self.ingest_routes = frozenset(ingest_routes)  # their templates
@@ -74,12 +85,19 @@ class ObservabilityMiddleware(ASGIMiddleware):
         started = time.perf_counter()
         status = 500
         parent = None
+        authorization = None
         for name, value in scope["headers"]:
             if name == b"traceparent":
                 parent = context_from_traceparent(value.decode("latin-1"))
+            elif name == b"authorization":
+                authorization = value.decode("latin-1")
+        links: list[Link] | None = None
+        if parent is not None and self.trust is not None and not self.trust(authorization):
+            links = [Link(trace.get_current_span(parent).get_span_context(), _UNTRUSTED)]
+            parent = None
         r = self._route(route, method)
         span = r.tracer.start_span(
-            r.name, context=parent, kind=SpanKind.SERVER, attributes=r.attributes
+            r.name, context=parent, kind=SpanKind.SERVER, attributes=r.attributes, links=links
         )
         # The handler's spans (and traceparent headers) find the server span here.
         token = otel_context.attach(trace.set_span_in_context(span, parent))

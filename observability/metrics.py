@@ -107,6 +107,12 @@ class ApiMetrics:
             ["reason"],
             registry=r,
         )
+        self.limited = Counter(
+            "fleetpulse_ingest_reports_limited",
+            "Reports refused with 429 by a rate limit, by limit (token, robot).",
+            ["limit"],
+            registry=r,
+        )
         self.config = ConfigMetrics(r)
         # Label children by (route, method, status): labels() validates, stringifies and
         # takes a lock on every call; route templates, methods and statuses are few.

@@ -85,7 +85,8 @@ def test_images_and_compose_topology_round_trip_crash_and_teardown(settings: Set
         "fleetpulse-jaeger",
     }
 
-    s = msgspec.structs.replace(settings, **PORTS)
+    # The test's reports bring a sampled traceparent: its ingest token is trusted with it.
+    s = msgspec.structs.replace(settings, **PORTS, trace_trust="ingest,admin")
     tokens = {scope: new_token() for scope in ("read", "ingest", "admin")}
     compose = Compose(
         s, project=f"fptest{os.getpid()}", environ={**compose_environ(s, tokens), **PEERS}

@@ -88,6 +88,7 @@ def job(
         dashboard_port=free_port(),
         dataflow_metrics_port=free_port(2),
         jaeger_ui_url=JAEGER_UI,
+        trace_trust="ingest,admin",  # the trace test posts with a sampled traceparent
     )
     out = tmp / "main.out"
     with out.open("wb") as sink:

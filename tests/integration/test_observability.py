@@ -67,7 +67,12 @@ def test_one_trace_holds_http_produce_process_and_redis_write(
     # Kept by the ratio (1.0), or at ratio 0 by a caller's sampled traceparent: a user
     # can follow one report whatever FLEETPULSE_TRACE_SAMPLE_RATIO says.
     ratio = 1.0 if sampled_by == "ratio" else 0.0
-    s = _with_token(isolated(settings, tmp_path), trace_sample_ratio=ratio, dataflow_metrics_port=0)
+    s = _with_token(
+        isolated(settings, tmp_path),
+        trace_sample_ratio=ratio,
+        dataflow_metrics_port=0,
+        trace_trust="ingest",  # this caller's context is continued (FLEETPULSE_TRACE_TRUST)
+    )
     robot = f"amr-trace-{uuid.uuid4().hex[:8]}"
     caller = (uuid.uuid4().hex, uuid.uuid4().hex[:16])
     headers = {"traceparent": f"00-{caller[0]}-{caller[1]}-01"} if ratio == 0.0 else {}
@@ -107,6 +112,51 @@ def test_one_trace_holds_http_produce_process_and_redis_write(
     assert services[write["processID"]] == "fleetpulse-dataflow"
     tags = {t["key"]: t["value"] for t in process["tags"]}
     assert tags["robot_id"] == robot and tags["seq"] == 1
+
+
+def _traces_of(s: Settings, robot: str) -> list[dict[str, Any]]:
+    found = httpx.get(
+        f"{s.jaeger_api}/api/traces",
+        params={"service": "fleetpulse-ingest", "tags": json.dumps({"robot_id": robot}),
+                "lookback": "1h"},
+        timeout=5,
+    ).json()  # fmt: skip
+    return list(found.get("data") or [])
+
+
+def test_an_untrusted_caller_cannot_force_sampling_or_join_its_trace(
+    stack: Stack, settings: Settings, tmp_path: Path
+) -> None:
+    # Ingest tokens are not trusted by default (FLEETPULSE_TRACE_TRUST=admin): robots are
+    # outside. At ratio 0 a sampled traceparent from one of them, or from a caller whose
+    # token is refused, makes no trace; at ratio 1 the kept trace is our own, linked to it.
+    caller = (uuid.uuid4().hex, uuid.uuid4().hex[:16])
+    sampled = {"traceparent": f"00-{caller[0]}-{caller[1]}-01"}
+    robots = {name: f"amr-untrusted-{name}-{uuid.uuid4().hex[:6]}" for name in ("r0", "r1")}
+    base = isolated(settings, tmp_path)
+    assert base.trace_trust == "admin"
+    for ratio, robot in ((0.0, robots["r0"]), (1.0, robots["r1"])):
+        s = _with_token(base, trace_sample_ratio=ratio)
+        with _client(s) as client:
+            ok = client.post("/v1/reports", json=report(robot, 1), headers=sampled)
+            refused = client.post(
+                "/v1/reports", json=report(robot, 2),
+                headers={**sampled, "Authorization": "Bearer fp_not-a-token"},
+            )  # fmt: skip
+        assert (ok.status_code, refused.status_code) == (202, 401)
+    provider = trace.get_tracer_provider()
+    assert hasattr(provider, "force_flush")
+    provider.force_flush()
+    kept = wait_until("the ratio-1 report's own trace", lambda: _traces_of(base, robots["r1"]), 30)
+    (own,) = kept
+    assert own["traceID"] != caller[0]
+    server = next(sp for sp in own["spans"] if sp["operationName"] == "POST /v1/reports")
+    links = [r for r in server["references"] if r["traceID"] == caller[0]]
+    assert [(r["spanID"], r["refType"]) for r in links] == [(caller[1], "FOLLOWS_FROM")]
+    time.sleep(1.0)  # past the exporters' batch delay: a span of r0 would be in Jaeger by now
+    assert _traces_of(base, robots["r0"]) == []
+    caller_trace = httpx.get(f"{base.jaeger_api}/api/traces/{caller[0]}", timeout=5)
+    assert caller_trace.status_code == 404 or not caller_trace.json().get("data")
 
 
 def _metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
