@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -154,11 +155,15 @@ SiteQuery = Annotated[
         examples=[Example(value="plant-1")],
     ),
 ]
+# RFC 3339 date-time with an offset (what `since` must be; its schema's pattern too).
+RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+_NAIVE = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?")
 Since = Annotated[
     datetime | None,
     QueryParameter(
         description="RFC 3339 time with a UTC offset (e.g. 2025-06-01T12:00:00Z); "
-        "a time without an offset is refused (422)."
+        "a time without an offset, or a number, is refused (422).",
+        schema_extra={"pattern": f"^{RFC3339.pattern}$"},  # documented; checked in the hook
     ),
 ]
 BatteryLt = Annotated[
@@ -189,11 +194,14 @@ def _query_names(handler: HTTPRouteHandler) -> frozenset[str]:
 
 
 def reject_unknown_parameters(request: AnyRequest) -> None:
-    """422 for a query parameter the route does not take: a typo must not widen a filter."""
+    """422 for a query parameter the route does not take (a typo must not widen a filter),
+    and for a ``since`` that is not an RFC 3339 time with an offset (the schema's format;
+    Litestar alone would also take a number of seconds)."""
     if not request.scope["query_string"]:
         return  # most requests: nothing to parse
+    params = request.query_params
     known = _query_names(request.route_handler)
-    unknown = sorted(set(request.query_params) - known)
+    unknown = sorted(set(params) - known)
     if unknown:
         takes = ", ".join(sorted(known)) or "none"
         raise ApiError(
@@ -201,6 +209,16 @@ def reject_unknown_parameters(request: AnyRequest) -> None:
             "invalid_parameter",
             f"{unknown[0]}: not a parameter of this route (it takes: {takes})",
             unknown,
+        )
+    since = params.get("since")
+    if since is not None and not RFC3339.fullmatch(since):
+        naive = _NAIVE.fullmatch(since) is not None
+        why = "it has no UTC offset" if naive else "expected e.g. 2025-06-01T12:00:00Z"
+        raise ApiError(
+            422,
+            "invalid_parameter",
+            f"since: {since[:40]!r} is not an RFC3339 time: {why}",
+            ["since"],
         )
 
 

@@ -91,6 +91,8 @@ EventId = tuple[int, int]  # (milliseconds, sequence): the order of stream ids
 Entry = tuple[EventId, bytes]  # an entry's id and its whole SSE frame
 
 _ID = re.compile(r"^(\d{1,20})(?:-(\d{1,20}))?$")
+ID_PATTERN = r"^\d{1,20}(-\d{1,20})?$"  # the same, for the OpenAPI document
+_MAX_PART = 2**64 - 1
 KEEPALIVE = b": keep-alive\n\n"
 
 
@@ -118,13 +120,14 @@ RESET_REASON = (
 def parse_event_id(value: str, parameter: str) -> EventId:
     """A stream id as ``(ms, seq)``; raises InvalidQuery naming ``parameter`` if malformed."""
     match = _ID.fullmatch(value.strip())
-    if match is None or any(int(p) >= 2**64 for p in match.groups("0")):
+    if match is None:
         raise InvalidQuery(
             parameter,
             f"{value!r} is not an event id from this stream; expected the `id:` of an "
             "event received before, like 1732650000123-0",
         )
-    return int(match[1]), int(match[2] or 0)
+    # Beyond the largest id Redis can hold: ahead of the stream (client_stream clamps it).
+    return min(int(match[1]), _MAX_PART), min(int(match[2] or 0), _MAX_PART)
 
 
 def _text(event_id: EventId) -> str:
@@ -368,12 +371,18 @@ async def client_stream(
     ``last_event_id`` ``query`` (the header wins; neither: from the newest entry).
     Raises InvalidQuery for a malformed id, before anything is sent."""
     reader = backend.reader
+    latest = parse_event_id(await anyio.to_thread.run_sync(reader.latest_change_id), "id")
     if header is not None:
         after = parse_event_id(header, "Last-Event-ID")
     elif query is not None:
         after = parse_event_id(query, "last_event_id")
     else:
-        after = parse_event_id(await anyio.to_thread.run_sync(reader.latest_change_id), "id")
+        after = latest
+    # An id ahead of the newest entry (from another Redis, or made up) would wait for
+    # entries that may never come: it resumes at the newest entry instead. (An empty
+    # stream keeps the id: its trim state tells whether changes after it were lost.)
+    if latest > (0, 0):
+        after = min(after, latest)
     return event_stream(
         backend.hub,
         reader,
@@ -389,6 +398,7 @@ LastEventIdQuery = Annotated[
         description="Resume after this event id (for clients that cannot set the "
         "Last-Event-ID header); the header wins when both are given.",
         max_length=41,
+        schema_extra={"pattern": ID_PATTERN},  # documented; checked by parse_event_id
     ),
 ]
 LastEventIdHeader = Annotated[
@@ -398,6 +408,7 @@ LastEventIdHeader = Annotated[
         description="Resume after this event id (sent by EventSource on reconnect).",
         required=False,
         max_length=41,
+        schema_extra={"pattern": ID_PATTERN},  # documented; checked by parse_event_id
     ),
 ]
 

@@ -186,6 +186,14 @@ def test_openapi_types_every_query_route(stack: object, settings: Settings) -> N
     stream = paths["/v1/stream"]["get"]
     assert list(stream["responses"]["200"]["content"]) == ["text/event-stream"]
     assert {p["name"] for p in stream["parameters"]} == {"last_event_id", "Last-Event-ID"}
+    # What the server checks is in the document (schemathesis found both missing): the
+    # event id's form, and `since` as an RFC 3339 time with an offset, not a number.
+    # (Litestar puts a nullable parameter's constraints beside its `oneOf`.)
+    for p in stream["parameters"]:
+        assert p["schema"]["pattern"] == r"^\d{1,20}(-\d{1,20})?$", p
+    since = next(p for p in paths["/v1/alerts"]["get"]["parameters"] if p["name"] == "since")
+    assert {"type": "string", "format": "date-time"} in since["schema"]["oneOf"]
+    assert since["schema"]["pattern"].startswith("^\\d{4}-")
     params = {p["name"]: p["schema"] for p in paths["/v1/robots"]["get"]["parameters"]}
     assert params["limit"]["minimum"] == 1 and params["limit"]["maximum"] == 1000
     assert set(params) == {"status", "site", "online", "battery_lt", "cursor", "limit"}

@@ -214,6 +214,14 @@ def test_new_client_query_parameter_and_header_resume_points(fleet: Fleet) -> No
         # EventSource resends the first URL with a newer header: the header wins.
         with sse(base, {"Last-Event-ID": ids[2]}, last_event_id=ids[0]) as stream:
             assert received(events(stream, 2)) == as_sent(entries[3:] + new)
+        # An id past any Redis can hold (schema-valid: 1-20 digits) is past everything:
+        # no reset, no old entries, the next change.
+        with sse(base, last_event_id="99999999999999999999-99999999999999999999") as stream:
+            fleet.write([live("amr-10", 1)])
+            (got,) = events(stream, 1)
+            assert (
+                got.event == "state" and got.id == read_changes(fleet.reader, new[-1][0], 10)[0][0]
+            )
         # Refused before the stream starts, naming the parameter; read scope only.
         r = httpx.get(f"{base}/v1/stream", headers={**AUTH, "Last-Event-ID": "latest"})
         assert (r.status_code, r.json()["fields"]) == (422, ["Last-Event-ID"])
