@@ -36,6 +36,7 @@ from api.query import QueryService
 from api.signing import Signatures
 from dataflows.rules import Rules
 from fleetpulse.reload import ActiveConfig, ConfigWatcher, config_hash
+from fleetpulse.schema import Pose, RobotReport
 from fleetpulse.settings import Settings
 from observability.http import ObservabilityMiddleware
 from observability.logs import set_log_level
@@ -251,4 +252,17 @@ def create_app(
         state=State({"metrics": metrics}),
     )
     app.single_report = fast
+    _exact_bodies(app)
     return app
+
+
+def _exact_bodies(app: Litestar) -> None:
+    """Say in the document that the wire structs refuse unknown fields (msgspec's
+    ``forbid_unknown_fields``; Litestar leaves ``additionalProperties`` open), so a body
+    with an extra field is not schema-valid there either."""
+    components = app.openapi_schema.components
+    schemas = components.schemas or {} if components is not None else {}
+    for name, cls in (("RobotReport", RobotReport), ("Pose", Pose)):
+        schema = schemas.get(name)
+        if schema is not None and cls.__struct_config__.forbid_unknown_fields:
+            schema.additional_properties = False
