@@ -15,15 +15,18 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from litestar import Litestar, Response, get
+from litestar._openapi.schema_generation import SchemaCreator
+from litestar._openapi.schema_generation.plugins.struct import StructSchemaPlugin
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware import ASGIMiddleware
 from litestar.openapi.config import OpenAPIConfig
-from litestar.openapi.spec import Components, SecurityScheme
+from litestar.openapi.spec import Components, Schema, SecurityScheme
 from litestar.router import Router
 from litestar.types import ASGIApp, ControllerRouterHandler, Guard, Receive, Send
 from litestar.types import Scope as ASGIScope
+from litestar.typing import FieldDefinition
 
 from api.admin import admin_routes
 from api.auth import Scope, TokenStore
@@ -36,7 +39,6 @@ from api.query import QueryService
 from api.signing import Signatures
 from dataflows.rules import Rules
 from fleetpulse.reload import ActiveConfig, ConfigWatcher, config_hash
-from fleetpulse.schema import Pose, RobotReport
 from fleetpulse.settings import Settings
 from observability.http import ObservabilityMiddleware
 from observability.logs import set_log_level
@@ -249,20 +251,27 @@ def create_app(
             *([board.lifespan] if board is not None else []),
         ],
         middleware=[observe],
+        plugins=[ClosedStructs()],
         state=State({"metrics": metrics}),
     )
     app.single_report = fast
-    _exact_bodies(app)
     return app
 
 
-def _exact_bodies(app: Litestar) -> None:
-    """Say in the document that the wire structs refuse unknown fields (msgspec's
-    ``forbid_unknown_fields``; Litestar leaves ``additionalProperties`` open), so a body
-    with an extra field is not schema-valid there either."""
-    components = app.openapi_schema.components
-    schemas = components.schemas or {} if components is not None else {}
-    for name, cls in (("RobotReport", RobotReport), ("Pose", Pose)):
-        schema = schemas.get(name)
-        if schema is not None and cls.__struct_config__.forbid_unknown_fields:
-            schema.additional_properties = False
+class ClosedStructs(StructSchemaPlugin):
+    """Litestar's schema of a msgspec Struct, with ``additionalProperties: false`` when the
+    Struct refuses unknown fields (``forbid_unknown_fields``, as the wire structs do), so
+    a body with an extra field is not schema-valid in the document either. Made when the
+    document is, not at start-up."""
+
+    def is_plugin_supported_field(self, field_definition: FieldDefinition) -> bool:
+        return super().is_plugin_supported_field(field_definition) and bool(
+            field_definition.type_.__struct_config__.forbid_unknown_fields
+        )
+
+    def to_openapi_schema(
+        self, field_definition: FieldDefinition, schema_creator: SchemaCreator
+    ) -> Schema:
+        schema = super().to_openapi_schema(field_definition, schema_creator)
+        schema.additional_properties = False
+        return schema
