@@ -122,27 +122,20 @@ class Limits:
             return None
         now = self.clock()
         per_robot = Counter(robot_ids)
-        total = sum(per_robot.values())
+        # (limit, buckets, key, reports): every bucket a post draws on, checked all first.
+        draws: list[tuple[Limit, _Buckets, str, int]] = []
         if self.tokens is not None:
-            wait = self.tokens.wait_s(caller, total, now)
+            draws.append(("token", self.tokens, caller, sum(per_robot.values())))
+        if self.robots is not None:
+            draws += [("robot", self.robots, robot, n) for robot, n in per_robot.items()]
+        for limit, buckets, key, n in draws:
+            wait = buckets.wait_s(key, n, now)
             if wait is not None:
-                return _refusal(
-                    "token", wait, total, f"this token may post {self.tokens.rate:g} reports/s "
-                    f"(bursts of {self.tokens.burst:g})",
-                )  # fmt: skip
-        if self.robots is not None:
-            for robot, n in per_robot.items():
-                wait = self.robots.wait_s(robot, n, now)
-                if wait is not None:
-                    return _refusal(
-                        "robot", wait, n, f"robot {robot!r} may post {self.robots.rate:g} "
-                        f"reports/s (bursts of {self.robots.burst:g})",
-                    )  # fmt: skip
-        if self.tokens is not None:
-            self.tokens.take(caller, total, now)
-        if self.robots is not None:
-            for robot, n in per_robot.items():
-                self.robots.take(robot, n, now)
+                who = "this token" if limit == "token" else f"robot {key!r}"
+                rule = f"{who} may post {buckets.rate:g} reports/s (bursts of {buckets.burst:g})"
+                return _refusal(limit, wait, n, rule)
+        for _, buckets, key, n in draws:
+            buckets.take(key, n, now)
         return None
 
 

@@ -90,12 +90,11 @@ def parse(text: str) -> dict[Series, float]:
     return out
 
 
-def _role(values: Mapping[Series, float], text: str) -> str:
+def _role(text: str) -> str:
+    """Whose /metrics ``text`` is, by the families only that process serves."""
     if "fleetpulse_ingest_reports_accepted" in text:
         return "ingest"
-    if "fleetpulse_flow_" in text or any(name.startswith("fleetpulse_flow_") for name, _ in values):
-        return "dataflow"
-    return "unknown"
+    return "dataflow" if "fleetpulse_flow_" in text else "unknown"
 
 
 def _increase(old: Mapping[Series, float], new: Mapping[Series, float], name: str) -> float:
@@ -257,7 +256,7 @@ class PipelineWatch:
                 targets.append(Target(url=url, role="unknown", up=False, error=f"bad text: {exc}"))
                 continue
             values[url] = parsed
-            targets.append(Target(url=url, role=_role(parsed, text), up=True))
+            targets.append(Target(url=url, role=_role(text), up=True))
         sample = Scrape(time.time(), values, targets)
         self._samples.append(sample)
         while len(self._samples) > 2 and self._samples[0].at < sample.at - self.window_s:
