@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -530,11 +530,20 @@ def test_jaeger_away_is_a_503_naming_where_it_was_looked_for() -> None:
     assert url in str(info.value) and "FLEETPULSE_JAEGER_QUERY_URL" in str(info.value)
 
 
-def kill_dashboard_server(job: Job) -> int:
-    """SIGKILL the dashboard server's process group; the main job starts it again."""
+def kill_dashboard_server(job: Job) -> Callable[[], None]:
+    """SIGKILL the dashboard server's process group; returns a wait for the main job to
+    have started it again."""
     pids = re.findall(r"^dashboard\s+started, pid (\d+)", job.output(), re.M)
     os.killpg(int(pids[-1]), signal.SIGKILL)
-    return len(pids)
+
+    def restarted() -> None:
+        wait_until(
+            "the main job to start the dashboard server again",
+            lambda: len(re.findall(r"^dashboard\s+started", job.output(), re.M)) > len(pids),
+            30,
+        )
+
+    return restarted
 
 
 def only_the_drop(problems: list[str]) -> bool:
@@ -580,14 +589,10 @@ def test_the_feed_resumes_with_last_event_id_after_the_server_restarts(
         log_in(page, job, job.read)
         until(page, "window.fleetpulse.stats().loaded && window.fleetpulse.stats().lastEventId")
         before = watched.stats()
-        starts = kill_dashboard_server(job)
+        restarted = kill_dashboard_server(job)
         until(page, "!window.fleetpulse.stats().connected", 10)
         last_id = watched.stats()["lastEventId"]
-        wait_until(
-            "the main job to start the dashboard server again",
-            lambda: len(re.findall(r"^dashboard\s+started", job.output(), re.M)) > starts,
-            30,
-        )
+        restarted()
         until(page, "window.fleetpulse.stats().connected", 30)
         # The reconnect asked for what came after the last id the page had, ...
         assert requests[0].get("last-event-id") is None
@@ -610,16 +615,12 @@ def test_a_gap_in_the_change_stream_reloads_the_snapshot(browser: Browser, job: 
     try:
         log_in(page, job, job.read)
         until(page, "window.fleetpulse.stats().loaded && window.fleetpulse.stats().lastEventId")
-        starts = kill_dashboard_server(job)
+        restarted = kill_dashboard_server(job)
         until(page, "!window.fleetpulse.stats().connected", 10)
         # While the page is away, the changes after its id are trimmed away (as a long
         # absence would, with FLEETPULSE_CHANGES_LEN); the robots go on reporting.
         client.xtrim(Keys(job.s.redis_prefix).changes, maxlen=0)
-        wait_until(
-            "the main job to start the dashboard server again",
-            lambda: len(re.findall(r"^dashboard\s+started", job.output(), re.M)) > starts,
-            30,
-        )
+        restarted()
         until(page, "window.fleetpulse.stats().resets >= 1", 30)
         until(page, "window.fleetpulse.stats().snapshots >= 2", 10)
         wait_until("the page to catch up with the API", lambda: caught_up(page, job), 20)

@@ -6,6 +6,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -51,6 +52,16 @@ def report(robot_id: str = "amr-7", seq: int = 1, **over: Any) -> dict[str, Any]
 def ingest_settings(settings: Settings, topic: str, **over: Any) -> Settings:
     tokens = f"ingest:{hash_token(INGEST)},read:{hash_token(READ)}"
     return msgspec.structs.replace(settings, topic_reports=topic, api_tokens=tokens, **over)
+
+
+@contextmanager
+def ingest_client(
+    settings: Settings, topic: str, tokens: str, **over: Any
+) -> Iterator[TestClient[Any]]:
+    """The ingest app on real Kafka, posting to ``topic``, with ``tokens`` (and more settings)."""
+    s = msgspec.structs.replace(settings, topic_reports=topic, api_tokens=tokens, **over)
+    with TestClient(create_app(s, query=False), raise_server_exceptions=False) as c:
+        yield c
 
 
 @pytest.fixture

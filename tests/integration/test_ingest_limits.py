@@ -7,16 +7,14 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import msgspec
 import pytest
 from litestar.testing import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.app import create_app
 from api.auth import hash_token, new_token
 from fleetpulse.settings import Settings
 from tests.integration.kafka_util import consume_all
-from tests.integration.test_ingest import report
+from tests.integration.test_ingest import ingest_client, report
 
 FLEET, OTHER = new_token(), new_token()
 
@@ -28,17 +26,16 @@ def topic(make_topic: Callable[..., str]) -> str:
 
 @pytest.fixture
 def client(settings: Settings, topic: str) -> Iterator[TestClient[Any]]:
-    s = msgspec.structs.replace(
+    with ingest_client(
         settings,
-        topic_reports=topic,
-        api_tokens=f"ingest:{hash_token(FLEET)},ingest:{hash_token(OTHER)}",
+        topic,
+        f"ingest:{hash_token(FLEET)},ingest:{hash_token(OTHER)}",
         # Slow refill, so that nothing comes back while the test runs.
         ingest_robot_rate=0.01,
         ingest_robot_burst=3,
         ingest_token_rate=0.01,
         ingest_token_burst=8,
-    )
-    with TestClient(create_app(s, query=False), raise_server_exceptions=False) as c:
+    ) as c:
         yield c
 
 

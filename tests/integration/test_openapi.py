@@ -33,6 +33,18 @@ pytestmark = pytest.mark.integration
 
 INGEST_TOKEN = new_token()
 
+
+def fuzzed(examples: int) -> Any:
+    """Hypothesis settings of these runs: ``examples`` cases, the same ones every run."""
+    return hsettings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+
+
 QUERY_OPERATIONS = {
     "/v1/robots",
     "/v1/robots/{robot_id}",
@@ -92,13 +104,7 @@ def test_query_routes_conform_to_their_openapi(
     statuses: list[int] = []
 
     @given(case=operation.as_strategy(mode, path_parameters=fixed).filter(_on_the_wire))
-    @hsettings(
-        max_examples=25,
-        deadline=None,
-        database=None,
-        derandomize=True,  # the same cases every run
-        suppress_health_check=list(HealthCheck),
-    )
+    @fuzzed(25)
     def check(case: Any) -> None:
         response = case.call_and_validate(headers={"Authorization": f"Bearer {READ}"})
         statuses.append(response.status_code)
@@ -135,13 +141,7 @@ def test_reset_order_conforms_to_its_openapi(ingest_schema: Any, mode: Generatio
     statuses: list[int] = []
 
     @given(case=operation.as_strategy(mode))
-    @hsettings(
-        max_examples=25,
-        deadline=None,
-        database=None,
-        derandomize=True,
-        suppress_health_check=list(HealthCheck),
-    )
+    @fuzzed(25)
     def check(case: Any) -> None:
         response = case.call_and_validate(headers={"Authorization": f"Bearer {ADMIN}"})
         statuses.append(response.status_code)
@@ -168,13 +168,7 @@ def test_report_posts_conform_to_their_openapi(
     statuses: list[int] = []
 
     @given(case=operation.as_strategy(mode))
-    @hsettings(
-        max_examples=30,
-        deadline=None,
-        database=None,
-        derandomize=True,
-        suppress_health_check=list(HealthCheck),
-    )
+    @fuzzed(30)
     def check(case: Any) -> None:
         if mode is GenerationMode.POSITIVE:
             # A schema cannot say "within FLEETPULSE_MAX_AGE_S of the server's clock":

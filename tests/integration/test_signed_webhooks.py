@@ -10,16 +10,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import msgspec
 import pytest
 from litestar.testing import TestClient
 
-from api.app import create_app
 from api.auth import hash_token, new_token
 from api.signing import key_id, sign
 from fleetpulse.settings import Settings
 from tests.integration.kafka_util import consume_all
-from tests.integration.test_ingest import report
+from tests.integration.test_ingest import ingest_client, report
 
 SIGNER, PLAIN = new_token(), new_token()
 OLD, NEW = "old-secret-" + "a" * 30, "new-secret-" + "b" * 30
@@ -32,14 +30,13 @@ def topic(make_topic: Callable[..., str]) -> str:
 
 @pytest.fixture
 def client(settings: Settings, topic: str) -> Iterator[TestClient[Any]]:
-    s = msgspec.structs.replace(
+    with ingest_client(
         settings,
-        topic_reports=topic,
-        api_tokens=f"ingest:{hash_token(SIGNER)},ingest:{hash_token(PLAIN)}",
+        topic,
+        f"ingest:{hash_token(SIGNER)},ingest:{hash_token(PLAIN)}",
         webhook_secrets=f"{key_id(SIGNER)}={OLD}|{NEW}",
         webhook_tolerance_s=120,
-    )
-    with TestClient(create_app(s, query=False), raise_server_exceptions=False) as c:
+    ) as c:
         yield c
 
 
