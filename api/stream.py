@@ -3,7 +3,7 @@
 Each event is one entry of the change stream that the sink writes (``state.keys``)::
 
     id: 1732650000123-0            the Redis stream id: the resume point
-    event: state                   or ``alert``: the ChangeEvent's type
+    event: state                   or ``alert``, ``retired``: the ChangeEvent's type
     data: {"type":"state",...}     the ChangeEvent JSON, as the writer stored it
 
 A client that sends ``Last-Event-ID`` (or ``?last_event_id=``; the header wins, as
@@ -428,12 +428,14 @@ class StreamBackend(Protocol):
 
 
 _DESCRIPTION = """\
-One event per change-stream entry: `id:` is the Redis stream id, `event:` is `state`
-or `alert`, `data:` the change as JSON (`{"type": "state", "state": LiveState}` or
-`{"type": "alert", "alert": Alert}`). Send `Last-Event-ID` (or `last_event_id`) to
-resume after an event with no gap and no repeat; without it the stream starts at
-the newest entry, and its first message is an `id:` line without data that gives
-the client its resume point. `: keep-alive` comments keep idle connections open.
+One event per change-stream entry: `id:` is the Redis stream id, `event:` is `state`,
+`alert` or `retired`, `data:` the change as JSON (`{"type": "state", "state":
+LiveState}`, `{"type": "alert", "alert": Alert}`, or `{"type": "retired", "robot_id":
+"amr-7", "at": RFC 3339}` when a robot was retired: it is gone from the listing and the
+summary). Send `Last-Event-ID` (or `last_event_id`) to resume after an event with no gap
+and no repeat; without it the stream starts at the newest entry, and its first message
+is an `id:` line without data that gives the client its resume point. `: keep-alive`
+comments keep idle connections open.
 
 Redis keeps the newest `changes_len` changes or so. When some change after the
 resume id is no longer kept (the client was away too long, or fell too far behind

@@ -9,7 +9,8 @@ The source emits, keyed by shard (``dataflows.shard.shard_key``):
 * :class:`DeadLetter` — a message that cannot be keyed (under :data:`DLQ_KEY`),
 * :class:`Republish` — "write every robot's live state again" (``dataflows.republish``).
 
-The shard step hands the sink one :class:`Out` per call.
+The shard step hands the sink one :class:`Out` per call; a robot it forgot (an admin's
+``retire``, or silence longer than ``FLEETPULSE_RETIRE_AFTER_S``) is a :class:`Retired`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Literal
 
 import msgspec
 
+from fleetpulse.control import ControlKind
 from fleetpulse.schema import Alert, LiveState, WindowStats
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "Progress",
     "Raw",
     "Republish",
+    "Retired",
 ]
 
 # The key of messages that cannot be keyed by robot; "!" never starts a shard key.
@@ -45,8 +48,8 @@ Progress = tuple[int, int]
 # Why a message went to the DLQ, set where the dead letter is made (never parsed back
 # out of the reason text): a malformed report, a key that is not (or does not match) the
 # robot id, a valid report too late for its window, a ts too far ahead of or behind its
-# arrival, an exception in the per-robot logic.
-DeadKind = Literal["invalid", "key", "late", "future", "past", "error"]
+# arrival, an exception in the per-robot logic, a new robot beyond FLEETPULSE_MAX_ROBOTS.
+DeadKind = Literal["invalid", "key", "late", "future", "past", "error", "limit"]
 
 
 class DeadLetter(msgspec.Struct, frozen=True, gc=False):
@@ -64,7 +67,7 @@ class Control(msgspec.Struct, frozen=True, gc=False):
     """An operator's command for one robot, read from the reports topic (key = robot)."""
 
     robot_id: str
-    action: Literal["reset_order"]
+    action: ControlKind
     by: str  # who asked (a token fingerprint), for the audit trail
     partition: int
     offset: int
@@ -75,6 +78,23 @@ class Republish(msgspec.Struct, frozen=True, gc=False):
     """Every shard writes all its robots' live state again, once per token."""
 
     token: str
+
+
+class Retired(msgspec.Struct, frozen=True, gc=False):
+    """A robot the shard forgot: Redis drops its keys, index entries and summary counts.
+
+    ``states``, ``alerts`` and ``windows`` say how many items of the same :class:`Out`
+    came before the retirement: the robot's among them are not written to Redis (they
+    would bring it back); its items after them belong to its next life.
+    """
+
+    robot_id: str
+    at_ms: int  # arrival clock: the retire record's append time, or the progress mark
+    why: Literal["admin", "retention"]
+    by: str  # the admin's token fingerprint; "" for retention
+    states: int
+    alerts: int
+    windows: int
 
 
 class Out(msgspec.Struct, kw_only=True, gc=False):
@@ -92,9 +112,18 @@ class Out(msgspec.Struct, kw_only=True, gc=False):
     duplicate: int = 0
     errors: int = 0  # exceptions contained (each also a dead letter of kind `error`)
     republished: str = ""  # the Republish token whose states this Out carries
+    retired: list[Retired] = msgspec.field(default_factory=list)  # in the order they happened
 
     def __bool__(self) -> bool:
         return bool(
             self.states or self.alerts or self.windows or self.dead or self.applied
-            or self.stale or self.duplicate or self.republished
+            or self.stale or self.duplicate or self.republished or self.retired
         )  # fmt: skip
+
+    def retire(
+        self, robot_id: str, at_ms: int, why: Literal["admin", "retention"], by: str
+    ) -> None:
+        """Note that ``robot_id`` was forgotten after everything this Out holds so far."""
+        self.retired.append(
+            Retired(robot_id, at_ms, why, by, len(self.states), len(self.alerts), len(self.windows))
+        )

@@ -29,6 +29,10 @@ class Rules(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     max_future_s: float = 300.0  # a ts further ahead of its arrival is a dead letter `future`
     max_age_s: float = 604_800.0  # a ts further behind its arrival is a dead letter `past`
     stuck_after: int = 10  # stale reports in a row that make a robot "stuck"
+    # Arrival time without a report after which a robot is forgotten (0: never).
+    retire_after_s: float = 0.0
+    # New robots a shard takes (0: no limit); FLEETPULSE_MAX_ROBOTS spread over the shards.
+    max_robots_per_shard: int = 0
 
     def __post_init__(self) -> None:
         # Settings bounds each value alone; the pairs below only make sense together.
@@ -49,12 +53,20 @@ class Rules(msgspec.Struct, frozen=True, kw_only=True, gc=False):
             or self.max_future_s < 0
             or self.max_age_s <= 0
             or self.stuck_after < 1
+            or self.max_robots_per_shard < 0
         ):
             raise ConfigError(
                 "offline_after_s, max_age_s must be > 0, window_s 1-86400, stuck_after >= 1, "
                 "allowed_lateness_s (finite), max_future_s >= 0; got "
                 f"{self.offline_after_s:g}, {self.max_age_s:g}, {self.window_s}, "
                 f"{self.stuck_after}, {self.allowed_lateness_s:g}, {self.max_future_s:g}"
+            )
+        if self.retire_after_s and not self.offline_after_s < self.retire_after_s < math.inf:
+            # A robot is offline before it is forgotten, so its last state was seen.
+            raise ConfigError(
+                f"retire_after_s ({self.retire_after_s:g}) must be 0 (never) or above "
+                f"offline_after_s ({self.offline_after_s:g}); set FLEETPULSE_RETIRE_AFTER_S "
+                "higher than FLEETPULSE_OFFLINE_AFTER_S"
             )
 
     @classmethod
@@ -69,6 +81,10 @@ class Rules(msgspec.Struct, frozen=True, kw_only=True, gc=False):
             max_future_s=settings.max_future_s,
             max_age_s=settings.max_age_s,
             stuck_after=settings.stuck_after,
+            retire_after_s=settings.retire_after_s,
+            # Each shard's share, rounded up: the fleet holds at most max_robots rounded
+            # up to a multiple of the shard count.
+            max_robots_per_shard=-(-settings.max_robots // settings.shards),
         )
 
 

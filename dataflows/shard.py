@@ -100,13 +100,16 @@ class Timers:
 
     Offline: per partition, the online robots in the order their last report arrived
     (a dict used as an LRU list; arrivals within a partition only grow), so the due
-    ones are always at the front. Windows: per partition, robots bucketed by the
-    whole second at or after their earliest window close, with a heap of buckets.
+    ones are always at the front. Retirement: the same for every robot, online or not
+    (:meth:`silent`). Windows: per partition, robots bucketed by the whole second at or
+    after their earliest window close, with a heap of buckets.
     """
 
     def __init__(self) -> None:
         self._online: dict[int, dict[str, None]] = {}
         self._online_at: dict[str, tuple[int, float]] = {}  # robot -> (partition, last_seen)
+        self._seen: dict[int, dict[str, float]] = {}  # partition -> robot -> last_seen
+        self._seen_in: dict[str, int] = {}  # robot -> its partition in _seen
         self._buckets: dict[int, dict[int, set[str]]] = {}
         self._heaps: dict[int, list[int]] = {}
         self._bucket_of: dict[str, tuple[int, int]] = {}
@@ -114,7 +117,14 @@ class Timers:
     def track(self, robot: str, state: RobotState, rules: Rules) -> None:
         """Note ``state`` as the robot's current state (after any step that changed it)."""
         partition = state.partition
-        seen = (partition, state.live.last_seen) if state.live.online else None
+        last_seen = state.live.last_seen
+        was = self._seen_in.get(robot)
+        if was is None or self._seen[was][robot] != last_seen or was != partition:
+            if was is not None:
+                del self._seen[was][robot]
+            self._seen.setdefault(partition, {})[robot] = last_seen
+            self._seen_in[robot] = partition
+        seen = (partition, last_seen) if state.live.online else None
         old = self._online_at.get(robot)
         # Only a new arrival moves a robot to the back, which keeps each list sorted.
         if seen != old:
@@ -140,6 +150,28 @@ class Timers:
                 heapq.heappush(self._heaps.setdefault(want[0], []), want[1])
             members.add(robot)
             self._bucket_of[robot] = want
+
+    def forget(self, robot: str) -> None:
+        """Drop ``robot`` from every timer (it was retired)."""
+        was = self._seen_in.pop(robot, None)
+        if was is not None:
+            del self._seen[was][robot]
+        online = self._online_at.pop(robot, None)
+        if online is not None:
+            del self._online[online[0]][robot]
+        bucket = self._bucket_of.pop(robot, None)
+        if bucket is not None:
+            self._buckets[bucket[0]][bucket[1]].discard(robot)
+
+    def silent(self, partition: int, since: float) -> list[str]:
+        """Robots of ``partition`` whose last report arrived at or before ``since``, oldest
+        first; they stay tracked until :meth:`forget`."""
+        out: list[str] = []
+        for robot, last_seen in self._seen.get(partition, {}).items():
+            if last_seen > since:
+                break
+            out.append(robot)
+        return out
 
     def due(
         self, partition: int, progress: float, robots: dict[str, RobotState], rules: Rules
@@ -265,6 +297,14 @@ class ShardLogic(StatefulBatchLogic[Item, Out, bytes]):
             return
         robot, value, traceparent, partition, offset, arrival_ms = raw
         prev = self.robots.get(robot)
+        cap = self.rules.max_robots_per_shard
+        if prev is None and cap and len(self.robots) >= cap:
+            reason = (
+                f"robot limit: robot {robot} is new and its shard holds {len(self.robots)} "
+                f"robots, its share of FLEETPULSE_MAX_ROBOTS"
+            )
+            out.dead.append(DeadLetter(robot.encode(), value, "limit", reason, partition, offset))
+            return
         arrival = arrival_ms / 1000
         parent = sampled_parent(traceparent) if self.spans is not None and traceparent else None
         try:
@@ -314,6 +354,7 @@ class ShardLogic(StatefulBatchLogic[Item, Out, bytes]):
         if progress <= self.progress.get(partition, -math.inf):
             return
         self.progress[partition] = progress
+        self._expire(partition, progress, ms, out)
         for robot in self.timers.due(partition, progress, self.robots, self.rules):
             st = self.robots[robot]
             try:
@@ -343,8 +384,47 @@ class ShardLogic(StatefulBatchLogic[Item, Out, bytes]):
                 self._snapshot = None
             self._keep(robot, state, emits, out)
 
+    def _expire(self, partition: int, progress: float, ms: int, out: Out) -> None:
+        """Retire the robots of ``partition`` silent for FLEETPULSE_RETIRE_AFTER_S."""
+        after = self.rules.retire_after_s
+        if not after:
+            return
+        silent = self.timers.silent(partition, progress - after)
+        for robot in silent:
+            self._forget(robot)
+            out.retire(robot, ms, "retention", "")
+        if silent:
+            log.info(
+                "%d robot(s) retired after %g s without a report (e.g. %s)",
+                len(silent),
+                after,
+                silent[0],
+                extra={"audit": True},
+            )
+
+    def _forget(self, robot: str) -> None:
+        self.robots.pop(robot, None)
+        self._encoded.pop(robot, None)
+        self._dirty.discard(robot)
+        self.timers.forget(robot)
+        self._snapshot = None
+
     def _control(self, control: Control, out: Out) -> None:
         robot = control.robot_id
+        if control.action == "retire":
+            # Even a robot this shard does not hold: Redis may keep what it wrote before.
+            known = robot in self.robots
+            self._forget(robot)
+            out.retire(robot, control.arrival_ms, "admin", control.by)
+            log.info(
+                "robot %s retired (by %s, offset %d)%s",
+                robot,
+                control.by,
+                control.offset,
+                "" if known else "; the dataflow held no state for it",
+                extra={"audit": True},
+            )
+            return
         st = self.robots.get(robot)
         if st is None:
             log.warning(

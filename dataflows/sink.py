@@ -23,6 +23,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Any, TypeVar
 
 import redis
@@ -31,9 +32,9 @@ from opentelemetry.trace import SpanKind
 
 from dataflows.chaos import Chaos
 from dataflows.kafka_out import CheckedProducer, DeliveryFailed, OutMessage
-from dataflows.records import DeadLetter, Out
+from dataflows.records import DeadLetter, Out, Retired
 from dataflows.spans import SpanIds, flow_spans
-from fleetpulse.schema import Alert, WindowStats, encode
+from fleetpulse.schema import Alert, LiveState, WindowStats, encode
 from fleetpulse.settings import Settings
 from observability.metrics import dataflow_metrics
 from state.connect import connect
@@ -88,6 +89,24 @@ class FleetSink(DynamicSink[tuple[str, Out]]):
         return _FleetSinkPartition(self.settings, worker_index, self.chaos)
 
 
+def _after_retirements(out: Out) -> tuple[list[LiveState], list[WindowStats], list[Alert]]:
+    """``out``'s states, windows and alerts less those of a robot from before its
+    retirement in the same Out (each :class:`Retired` says how many items preceded it)."""
+    cut: dict[str, Retired] = {}
+    for r in out.retired:
+        cut[r.robot_id] = r  # the last retirement of a robot covers the earlier ones
+
+    def kept(robot: str, i: int, at: Callable[[Retired], int]) -> bool:
+        r = cut.get(robot)
+        return r is None or i >= at(r)
+
+    before = attrgetter("states"), attrgetter("windows"), attrgetter("alerts")
+    states = [st for i, st in enumerate(out.states) if kept(st.report.robot_id, i, before[0])]
+    windows = [w for i, w in enumerate(out.windows) if kept(w.robot_id, i, before[1])]
+    alerts = [a for i, a in enumerate(out.alerts) if kept(a.robot_id, i, before[2])]
+    return states, windows, alerts
+
+
 def _retry(what: str, call: Callable[[], T], transient: tuple[type[Exception], ...]) -> T:
     """``call()`` until it succeeds; transient failures wait (0.1 s doubling to 5 s)."""
     delay, failures = 0.1, 0
@@ -129,12 +148,28 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
         appended: dict[str, int] = {}  # Kafka append time of each robot's newest report
         republished: dict[str, list[str]] = {}  # re-publish token -> shards that answered
         applied = stale = duplicate = errors = republished_states = 0
+        all_states: list[LiveState] = []
+        to_redis: list[Alert] = []  # alerts go to Kafka all, to Redis unless retired after
+        retired: list[Retired] = []
         for shard, out in items:
             if out.republished:
                 republished.setdefault(out.republished, []).append(shard)
                 republished_states += len(out.states)
             appended.update(out.appended_ms)
-            windows += out.windows
+            out_states, out_windows, out_alerts = out.states, out.windows, out.alerts
+            if out.retired:
+                # What the robot did before its retirement must not bring it back.
+                gone = {r.robot_id for r in out.retired}
+                all_states = [st for st in all_states if st.report.robot_id not in gone]
+                windows = [w for w in windows if w.robot_id not in gone]
+                to_redis = [a for a in to_redis if a.robot_id not in gone]
+                for robot in gone:
+                    appended.pop(robot, None)
+                out_states, out_windows, out_alerts = _after_retirements(out)
+                retired += out.retired
+            all_states += out_states
+            windows += out_windows
+            to_redis += out_alerts
             alerts += out.alerts
             dead += out.dead
             traced += out.traced
@@ -142,15 +177,18 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
             stale += out.stale
             duplicate += out.duplicate
             errors += out.errors
-        states, history = coalesce(st for _shard, out in items for st in out.states)
+        states, history = coalesce(all_states)
         m = self.metrics
-        if states or windows or alerts:
+        if states or windows or to_redis or retired:
             started_ns = time.time_ns()
+            forgot = [(r.robot_id, r.at_ms) for r in retired]
             result: WriteResult = _retry(
                 "writing to Redis",
-                lambda: self.writer.write(states, windows, alerts, history),
+                lambda: self.writer.write(states, windows, to_redis, history, forgot),
                 _TRANSIENT,
             )
+            for r in retired:
+                m.retired.labels(r.why).inc()
             ended_ns = time.time_ns()
             m.writes.inc()
             # Freshness of what became visible: each robot's newest applied report.

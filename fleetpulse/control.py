@@ -5,17 +5,19 @@ dataflow meets it in order with the robot's reports: everything before it was
 applied under the old rules, everything after it under the new. It is told apart
 from a report by its header, never by trying to decode the value:
 
-    header  fleetpulse_control = b"reset_order"      (CONTROL_HEADER, RESET_ORDER)
+    header  fleetpulse_control = b"reset_order"      (CONTROL_HEADER, RESET_ORDER; or RETIRE)
     key     the robot id
     value   {"control": "reset_order", "robot_id": "amr-7",
              "by": "<first 12 hex of the token's SHA-256>",
              "requested_at": "2026-11-30T09:43:55.123Z"}
 
-Written by ingest (``POST /v1/robots/{robot_id}/reset-order``, admin scope), read by
-the dataflow. This module is the one definition of the format; the value is a
-contract kept in Kafka for the topic's retention, so a new field must come with a
-default (old records still decode) and a new kind of control is a new ``control``
-value, which an older reader must send to the DLQ rather than guess at.
+Kinds: ``reset_order`` (forget the robot's newest ``(boot, seq)``) and ``retire``
+(forget the robot: its state in the dataflow, and in Redis its keys, index entries and
+summary counts). Written by ingest (``POST /v1/robots/{robot_id}/reset-order`` and
+``.../retire``, admin scope), read by the dataflow. This module is the one definition of
+the format; the value is a contract kept in Kafka for the topic's retention, so a new
+field must come with a default (old records still decode) and a new kind of control is a
+new ``control`` value, which an older reader must send to the DLQ rather than guess at.
 """
 
 from __future__ import annotations
@@ -32,18 +34,21 @@ from fleetpulse.schema import RobotId
 __all__ = [
     "CONTROL_HEADER",
     "RESET_ORDER",
+    "RETIRE",
     "Control",
     "ControlKind",
     "control_kind",
     "decode_control",
     "encode_control",
     "reset_order",
+    "retire",
 ]
 
 CONTROL_HEADER = "fleetpulse_control"
 RESET_ORDER = b"reset_order"
+RETIRE = b"retire"
 
-ControlKind = Literal["reset_order"]
+ControlKind = Literal["reset_order", "retire"]
 
 
 class Control(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -62,6 +67,13 @@ def reset_order(robot_id: str, by: str, now: datetime | None = None) -> Control:
     next report applies whatever its order (for a robot whose counters went backwards)."""
     at = (now or datetime.now(UTC)).astimezone(UTC)
     return Control(control="reset_order", robot_id=robot_id, by=by, requested_at=at)
+
+
+def retire(robot_id: str, by: str, now: datetime | None = None) -> Control:
+    """A ``retire`` command: forget the robot everywhere (a report of it later makes it
+    a new robot)."""
+    at = (now or datetime.now(UTC)).astimezone(UTC)
+    return Control(control="retire", robot_id=robot_id, by=by, requested_at=at)
 
 
 _encoder = msgspec.json.Encoder()

@@ -52,6 +52,8 @@ HOT_KEYS = (
     "battery_ok_pct",
     "allowed_lateness_s",
     "stuck_after",
+    "retire_after_s",
+    "max_robots",
     "max_future_s",
     "max_age_s",
     "log_level",

@@ -382,6 +382,25 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
             ge=1,
         ),
     ] = 10
+    retire_after_s: Annotated[
+        float,
+        _doc(
+            "Time without a report arriving after which a robot is retired: its state, "
+            "keys, index entries and summary counts removed (0: never; else above "
+            "OFFLINE_AFTER_S). A report later makes it a new robot.",
+            ge=0,
+            le=315_360_000,
+        ),
+    ] = 604_800.0
+    max_robots: Annotated[
+        int,
+        _doc(
+            "Distinct robots the dataflow keeps (0: no limit); each shard takes its share "
+            "(MAX_ROBOTS / SHARDS, rounded up), a report of a new robot beyond it is a "
+            "dead letter `limit`. Set it ~10% above the fleet: shards fill unevenly.",
+            ge=0,
+        ),
+    ] = 2_000_000
     shards: Annotated[
         int,
         _doc(

@@ -160,7 +160,7 @@ class DataflowMetrics:
         )
         self.dead = Counter(
             "fleetpulse_flow_dead_letters",
-            "Messages sent to the DLQ, by kind (invalid, key, late, future, past, error).",
+            "Messages sent to the DLQ, by kind (invalid, key, late, future, past, error, limit).",
             ["kind"],
             registry=r,
         )
@@ -204,6 +204,13 @@ class DataflowMetrics:
             "Re-publishes of the whole live state this process claimed (it found Redis "
             "not to be the projection it last completed), and those it saw complete.",
             ["event"],
+            registry=r,
+        )
+        self.retired = Counter(
+            "fleetpulse_flow_robots_retired",
+            "Robots retired, by why: admin (POST .../retire) or retention "
+            "(FLEETPULSE_RETIRE_AFTER_S without a report).",
+            ["why"],
             registry=r,
         )
         self.consumer_lag = Gauge(

@@ -9,7 +9,10 @@ Per robot (``r`` = robot id, one slot per robot)::
     P:robot:{r}    HASH    gen, boot, seq, t (the state's version, state.writer.version),
                            online (1/0), status, site ('' = none), battery, low (1/0),
                            state (LiveState JSON) — the conditional upsert reads the
-                           version and the old index buckets from here
+                           version and the old index buckets from here. A retired
+                           robot's hash holds only ``gone`` (the retirement's arrival
+                           ms) for RETIRED_TTL_S: a tombstone that replayed writes from
+                           before it are checked against
     P:hist:{r}     LIST    applied RobotReport JSON, newest first, capped at history_len
     P:win:{r}      HASH    window name -> WindowStats JSON; the name is the start (µs
                            since epoch), "<start>:<part>" for a reopened minute
@@ -31,8 +34,9 @@ Global (one key each, or one per status / site / alert kind)::
                                site_status:<s>:<site>; a counter at 0 is deleted
     P:stream:alerts      STREAM new alerts (field data = Alert JSON), MAXLEN ~ alerts_len
     P:stream:alerts:<k>  STREAM the same, one per alert kind (bounded kind queries)
-    P:stream:changes     STREAM state changes and new alerts (field data = ChangeEvent
-                               JSON), MAXLEN ~ changes_len; its ids are the SSE event ids
+    P:stream:changes     STREAM state changes, new alerts and retirements (field data =
+                               ChangeEvent JSON), MAXLEN ~ changes_len; its ids are the
+                               SSE event ids
 
 Scores that hold times are integer microseconds since the Unix epoch (exact in a
 double up to year 2255), see :func:`epoch_us`.
@@ -56,6 +60,7 @@ from datetime import UTC, datetime, timedelta
 
 __all__ = [
     "ALERTS_PER_ROBOT",
+    "RETIRED_TTL_S",
     "WINDOWS_PER_ROBOT",
     "Keys",
     "epoch_us",
@@ -67,6 +72,9 @@ __all__ = [
 # Settings (which this module does not own); a day of 1-minute windows.
 WINDOWS_PER_ROBOT = 1440
 ALERTS_PER_ROBOT = 1000
+# How long a retired robot's tombstone stays: longer than any replay of the dataflow
+# from its last checkpoint (a replay from further back replays the retirement too).
+RETIRED_TTL_S = 86_400
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)

@@ -63,6 +63,7 @@ __all__ = [
     "ChangeEvent",
     "FleetSummary",
     "RedisStateReader",
+    "RobotRetired",
     "StateChanged",
     "StateReader",
     "decode_change",
@@ -87,7 +88,15 @@ class AlertRaised(msgspec.Struct, frozen=True, tag="alert", tag_field="type"):
     alert: Alert
 
 
-ChangeEvent = StateChanged | AlertRaised
+class RobotRetired(msgspec.Struct, frozen=True, tag="retired", tag_field="type"):
+    """Change-stream event: a robot was retired (an admin's command, or its silence);
+    it is gone from the listing, the indexes and the summary."""
+
+    robot_id: str
+    at: datetime  # arrival clock: when the retirement was appended or decided
+
+
+ChangeEvent = StateChanged | AlertRaised | RobotRetired
 
 _change_dec: msgspec.json.Decoder[ChangeEvent] = msgspec.json.Decoder(ChangeEvent)
 

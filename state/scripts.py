@@ -25,7 +25,8 @@ for i = 1, #ARGV, 2 do
 end
 """
 
-# KEYS: per window: windows hash, window-index zset.
+# KEYS: per window: windows hash, window-index zset, robot hash (a retired robot's
+# tombstone there, field `gone`, drops the window: it is from before the retirement).
 # ARGV: 1 windows kept per robot, 2 n, then per window: name, start µs, WindowStats JSON.
 # The name is the start µs, or "<start µs>:<part>" for a window reopened after the
 # robot's clock went back (state.keys); it is the hash field and the zset member, the
@@ -34,9 +35,9 @@ WINDOWS = """
 local cap, n = tonumber(ARGV[1]), tonumber(ARGV[2])
 local applied = 0
 for i = 0, n - 1 do
-  local wkey, zkey = KEYS[1 + i * 2], KEYS[2 + i * 2]
+  local wkey, zkey, rkey = KEYS[1 + i * 3], KEYS[2 + i * 3], KEYS[3 + i * 3]
   local name, start, data = ARGV[3 + i * 3], ARGV[4 + i * 3], ARGV[5 + i * 3]
-  if redis.call('HGET', wkey, name) ~= data then
+  if redis.call('HEXISTS', rkey, 'gone') == 0 and redis.call('HGET', wkey, name) ~= data then
     -- A window older than every kept one of a full set would be trimmed at once;
     -- skipping it keeps a replay after trimming a no-op.
     local keep = true
@@ -61,7 +62,7 @@ return {applied, n - applied}
 """
 
 # KEYS: 1 alerts stream, 2 changes stream, then per alert: robot alert hash,
-#       robot alert zset, alerts-of-kind stream.
+#       robot alert zset, alerts-of-kind stream, robot hash (tombstone: see WINDOWS).
 # ARGV: 1 alerts_len, 2 changes_len, 3 alerts kept per robot, 4 n,
 #       then per alert: id, event time µs, Alert JSON.
 ALERTS = """
@@ -69,9 +70,9 @@ local alerts, changes = KEYS[1], KEYS[2]
 local alerts_len, changes_len, cap, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local added = 0
 for i = 0, n - 1 do
-  local hkey, zkey, kkey = KEYS[3 + i * 3], KEYS[4 + i * 3], KEYS[5 + i * 3]
+  local hkey, zkey, kkey, rkey = KEYS[3 + i * 4], KEYS[4 + i * 4], KEYS[5 + i * 4], KEYS[6 + i * 4]
   local id, at, data = ARGV[5 + i * 3], ARGV[6 + i * 3], ARGV[7 + i * 3]
-  local new = redis.call('HEXISTS', hkey, id) == 0
+  local new = redis.call('HEXISTS', hkey, id) == 0 and redis.call('HEXISTS', rkey, 'gone') == 0
   -- Older than every kept alert of a full set: it was seen and trimmed (or would be
   -- at once), so a replay must not raise it again.
   if new and redis.call('ZCARD', zkey) >= cap then

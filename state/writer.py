@@ -46,14 +46,22 @@ from redis.exceptions import NoScriptError
 from fleetpulse.schema import Alert, LiveState, RobotReport, WindowStats, encode
 from fleetpulse.settings import Settings
 from state import scripts
-from state.keys import ALERTS_PER_ROBOT, WINDOWS_PER_ROBOT, Keys, epoch_us, window_name
+from state.keys import (
+    ALERTS_PER_ROBOT,
+    RETIRED_TTL_S,
+    WINDOWS_PER_ROBOT,
+    Keys,
+    epoch_us,
+    from_epoch_us,
+    window_name,
+)
 
 # A change-stream entry of a state is the StateChanged JSON; made by wrapping the
 # state's JSON instead of encoding it a second time (a unit test holds them equal).
 STATE_CHANGE = b'{"type":"state","state":'
 
 # What the state write reads of a robot's hash before deciding (state.keys).
-_STORED = ("gen", "boot", "seq", "t", "online", "status", "site", "low", "bucket")
+_STORED = ("gen", "boot", "seq", "t", "online", "status", "site", "low", "bucket", "gone")
 
 
 class _Stored(msgspec.Struct, frozen=True, kw_only=True):
@@ -65,14 +73,15 @@ class _Stored(msgspec.Struct, frozen=True, kw_only=True):
     site: str | None = None
     low: str | None = None
     bucket: str | None = None
+    gone: int | None = None  # retired at this arrival time (ms), and not back since
 
     @classmethod
     def parse(cls, row: Sequence[bytes | None]) -> _Stored:
-        gen, boot, seq, t, online, status, site, low, bucket = (
+        gen, boot, seq, t, online, status, site, low, bucket, gone = (
             None if v is None else v.decode() for v in row
         )
         if boot is None:
-            return cls()
+            return cls(gone=None if gone is None else int(gone))
         # A robot stored before versions had gen and t reads as gen 0, t -1.
         version = (int(gen or 0), int(boot), int(seq or -1), int(t or -1))
         return cls(version=version, online=online, status=status, site=site, low=low, bucket=bucket)
@@ -135,6 +144,7 @@ class WriteResult(msgspec.Struct, frozen=True, kw_only=True):
     windows_ignored: int = 0  # identical to the stored window (or older than all kept)
     alerts_added: int = 0
     alerts_duplicate: int = 0  # already stored under the same id
+    retired: int = 0  # robots removed (a retirement of a robot not stored is not counted)
 
     @property
     def applied(self) -> int:
@@ -156,6 +166,7 @@ class StateWriter(Protocol):
         windows: Sequence[WindowStats],
         alerts: Sequence[Alert],
         history: Mapping[str, Sequence[HistoryEntry]] | None = None,
+        retired: Sequence[tuple[str, int]] = (),
     ) -> WriteResult:
         """Apply one batch; replaying the same batch must change nothing."""
         ...
@@ -210,15 +221,21 @@ class RedisStateWriter:
         windows: Sequence[WindowStats],
         alerts: Sequence[Alert],
         history: Mapping[str, Sequence[HistoryEntry]] | None = None,
+        retired: Sequence[tuple[str, int]] = (),
     ) -> WriteResult:
-        """Apply a batch: newer states, new or changed windows, alerts not seen before.
+        """Apply a batch: retirements, newer states, new or changed windows, alerts not
+        seen before.
 
-        States go first, so a state change precedes the alerts it raised in the
-        change stream. ``history`` may give, per robot, every report applied since
-        the last write (oldest first, ending with the state's own report), so a
-        caller can coalesce a robot's many states in one batch into its newest one
-        without losing history; by default a state's history is its own report.
+        ``retired`` holds ``(robot id, arrival ms)`` of robots the dataflow forgot; they
+        go first (the batch's states, windows and alerts are what came after them: the
+        sink leaves out the robot's earlier ones). States go next, so a state change
+        precedes the alerts it raised in the change stream. ``history`` may give, per
+        robot, every report applied since the last write (oldest first, ending with the
+        state's own report), so a caller can coalesce a robot's many states in one batch
+        into its newest one without losing history; by default a state's history is its
+        own report.
         """
+        retired_applied = self._retire(retired) if retired else 0
         states_applied = 0
         if states:
             states_applied = self._write_states(states, history or {})
@@ -244,7 +261,74 @@ class RedisStateWriter:
             windows_ignored=totals["windows"][1],
             alerts_added=totals["alerts"][0],
             alerts_duplicate=totals["alerts"][1],
+            retired=retired_applied,
         )
+
+    def _retire(self, retired: Sequence[tuple[str, int]]) -> int:
+        """Remove each robot's keys, index entries and summary counts, leaving a tombstone
+        (its robot hash holding only ``gone`` = the arrival ms, for RETIRED_TTL_S): a
+        replayed write from before it is ignored, one from after it (a report that
+        arrived later) starts the robot's next life. Returns how many were stored."""
+        k = self._keys
+        robots = [rid for rid, _ in retired]
+        rows = self._round_trip([("HMGET", k.robot(rid), *_STORED) for rid in robots])
+        known = {rid: _Stored.parse(row) for rid, row in zip(robots, rows, strict=True)}
+        cmds: list[tuple[Any, ...]] = []
+        counters: dict[str, int] = {}
+        removed = 0
+        for rid, at_ms in retired:
+            old = known[rid]
+            if old.gone is not None and old.gone >= at_ms:
+                continue  # retired already (a replay)
+            rkey = k.robot(rid)
+            if old.status is not None:
+                removed += 1
+                self._unindex(cmds, rid, old, counters)
+                event = msgspec.json.encode(
+                    {"type": "retired", "robot_id": rid, "at": from_epoch_us(at_ms * 1000)}
+                )
+                cmds.append(
+                    ("XADD", k.changes, "MAXLEN", "~", self._changes_len, "*", "data", event)
+                )
+            cmds.append((
+                "DEL", rkey, k.history(rid), k.windows(rid), k.window_index(rid),
+                k.robot_alerts(rid), k.robot_alert_index(rid),
+            ))  # fmt: skip
+            cmds.append(("HSET", rkey, "gone", at_ms))
+            cmds.append(("EXPIRE", rkey, RETIRED_TTL_S))
+            known[rid] = _Stored(gone=at_ms)
+        flat = [x for pair in counters.items() if pair[1] for x in pair]
+        if flat:
+            cmds.append(("EVAL", scripts.BUMP, 1, k.summary, *flat))
+        if cmds:
+            self._transact(cmds)
+        return removed
+
+    def _unindex(
+        self, cmds: list[tuple[Any, ...]], rid: str, old: _Stored, counters: dict[str, int]
+    ) -> None:
+        """Take a stored robot out of every index and summary count it is in."""
+        k = self._keys
+
+        def bump(field: str) -> None:
+            counters[field] = counters.get(field, 0) - 1
+
+        cmds.append(("ZREM", k.all, rid))
+        cmds.append(("ZREM", k.battery, rid))
+        bump("total")
+        cmds.append(("ZREM", k.status_index(old.status or ""), rid))
+        bump(f"status:{old.status}")
+        if old.site:
+            cmds.append(("ZREM", k.site_index(old.site), rid))
+            bump(f"site:{old.site}")
+            bump(f"site_status:{old.status}:{old.site}")
+        if old.online == "1":
+            cmds.append(("ZREM", k.online, rid))
+            bump("online")
+        elif old.online == "0":
+            cmds.append(("ZREM", k.offline, rid))
+        if old.low == "1":
+            bump("low")
 
     def _send(self, calls: list[_Call]) -> list[Any]:
         # No MULTI: each script is atomic on its own, and a batch cut short by a crash
@@ -319,6 +403,8 @@ class RedisStateWriter:
         v = version(state)
         if v <= old.version:
             return None
+        if old.gone is not None and round(state.updated * 1000) <= old.gone:
+            return None  # from before the robot was retired (a replay)
         k = self._keys
         bucket = math.floor(r.battery)
         now = _Stored(
@@ -331,6 +417,8 @@ class RedisStateWriter:
         )
         state_json = encode(state)
         rkey = k.robot(rid)
+        if old.gone is not None:  # back after its retirement: a new robot
+            cmds.append(("DEL", rkey))
         gen, boot, seq, t = v
         cmds.append((
             "HSET", rkey, "gen", gen, "boot", boot, "seq", seq, "t", t,
@@ -402,7 +490,7 @@ class RedisStateWriter:
         keys: list[str] = []
         argv: list[str | bytes | int] = [WINDOWS_PER_ROBOT, len(windows)]
         for w in windows:
-            keys += (k.windows(w.robot_id), k.window_index(w.robot_id))
+            keys += (k.windows(w.robot_id), k.window_index(w.robot_id), k.robot(w.robot_id))
             start = epoch_us(w.window_start)
             argv += (window_name(start, w.part), start, encode(w))
         return _WINDOWS, [len(keys), *keys, *argv]
@@ -421,6 +509,7 @@ class RedisStateWriter:
                 k.robot_alerts(a.robot_id),
                 k.robot_alert_index(a.robot_id),
                 k.alerts_of_kind(a.kind),
+                k.robot(a.robot_id),
             )
             argv += (a.id, epoch_us(a.at), encode(a))
         return _ALERTS, [len(keys), *keys, *argv]

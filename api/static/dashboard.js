@@ -51,6 +51,7 @@ const app = {
   token: sessionStorage.getItem(TOKEN_KEY),
   config: null,
   robots: new Map(),      // id -> robot (flat view of a LiveState)
+  gone: new Map(),        // id -> when it was retired (s, arrival clock): older states stay out
   sites: new Map(),       // site ("" for none) -> bounds {minX, maxX, minY, maxY}
   site: "",               // the site shown; "" all
   search: "",
@@ -154,6 +155,7 @@ function applyState(s) {
   const next = robotOf(s);
   const cur = app.robots.get(next.id);
   if (cur && !newer(next, cur)) return;
+  if (app.gone.has(next.id) && next.updated <= app.gone.get(next.id)) return;
   app.robots.set(next.id, next);
   grow(next);
   if (!cur) addSite(next.site);
@@ -165,6 +167,14 @@ function applyState(s) {
     if (app.trail.length > 200) app.trail.shift();
     scheduleDetail();
   }
+  app.dirty = true;
+}
+
+// A retired robot leaves the map and the counts; a state of it from before stays out.
+function retire(id, at) {
+  app.gone.set(id, at);
+  if (!app.robots.delete(id)) return;
+  if (id === app.selected) closeDetail();
   app.dirty = true;
 }
 
@@ -305,6 +315,7 @@ function onEvent(event, data) {
   app.events += 1;
   if (event === "state") applyState(body.state);
   else if (event === "alert") addAlert(body.alert);
+  else if (event === "retired") retire(body.robot_id, Date.parse(body.at) / 1000);
   else if (event === "summary") { app.summary = body; scheduleBar(); }
   else if (event === "pipeline") renderPipeline(body);
   else if (event === "reset") {

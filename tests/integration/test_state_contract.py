@@ -57,6 +57,7 @@ from state import (
     Keys,
     RedisStateReader,
     RedisStateWriter,
+    RobotRetired,
     StateChanged,
     StateReader,
     StateWriter,
@@ -66,6 +67,7 @@ from state import (
     connect_reader_async,
     decode_change,
 )
+from state.keys import from_epoch_us
 from state.writer import version
 
 pytestmark = pytest.mark.integration
@@ -700,6 +702,42 @@ class TestStateContract:
         assert [decode_change(p) for _, p in got] == [StateChanged(state=live("late", 1))]
         with pytest.raises(ValueError, match="stream id"):
             store.reader.changes("yesterday", 10)
+
+    def test_a_retirement_removes_a_robot_and_replays_from_before_cannot_bring_it_back(
+        self, store: Store
+    ) -> None:
+        w, r = store.writer, store.reader
+        low = store.settings.low_battery_pct
+        keep = live("keep", 3, site="south", status="moving")
+        old = [live("gone", 1, battery=5.0), live("gone", 2, battery=5.0, status="error")]
+        w.write([keep, old[0]], [window("gone", 1)], [alert("gone", "low_battery", 1)])
+        w.write([old[1]], [window("gone", 2)], [alert("gone", "error", 2)])
+        assert r.summary() == summary_of([keep, old[1]], low)
+        at_ms = round(old[1].updated * 1000) + 500
+
+        res = w.write([], [], [], retired=[("gone", at_ms)])
+        assert res.retired == 1
+        assert r.get("gone") is None and r.history("gone") == [] and r.stats("gone") == []
+        assert r.alerts(robot_id="gone") == [] and r.list_robots() == ([keep], None)
+        assert r.summary() == summary_of([keep], low)
+        last = r.changes(None, 100)[-1][1]
+        assert decode_change(last) == RobotRetired(robot_id="gone", at=from_epoch_us(at_ms * 1000))
+        dump = store.dump()
+        tombstone = ("hash", {b"gone": str(at_ms).encode()})
+        assert dump[Keys(store.settings.redis_prefix).robot("gone")] == tombstone
+        assert not [k for k in dump if "{gone}" in k and not k.endswith(":robot:{gone}")]
+
+        # A replay of everything before it, and of the retirement: nothing changes.
+        w.write(old, [window("gone", 1), window("gone", 2)], [alert("gone", "error", 2)])
+        res = w.write([], [], [], retired=[("gone", at_ms)])
+        assert res.retired == 0 and store.dump() == dump
+
+        # A state from after it starts the robot's next life, clean.
+        back = live("gone", 1, updated=at_ms / 1000 + 0.001)
+        res = w.write([back], [window("gone", 3)], [alert("gone", "error", 3)])
+        assert (res.states_applied, res.windows_applied, res.alerts_added) == (1, 1, 1)
+        assert r.get("gone") == back and [h.seq for h in r.history("gone")] == [1]
+        assert r.summary() == summary_of([keep, back], low)
 
 
 # --- backend-specific -----------------------------------------------------------------------

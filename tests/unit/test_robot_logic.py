@@ -104,6 +104,9 @@ def test_rules_from_settings() -> None:
         max_future_s=60.0,
         max_age_s=3600.0,
         stuck_after=4,
+        retire_after_s=86_400.0,
+        max_robots=1000,
+        shards=64,
     )
     assert Rules.from_settings(s) == Rules(
         offline_after_s=12.5,
@@ -114,8 +117,13 @@ def test_rules_from_settings() -> None:
         max_future_s=60.0,
         max_age_s=3600.0,
         stuck_after=4,
+        retire_after_s=86_400.0,
+        max_robots_per_shard=16,  # 1000 / 64 rounded up: the fleet holds at most 1024
     )
-    assert Rules.from_settings(Settings()).offline_after_s == 30.0
+    defaults = Rules.from_settings(Settings())
+    assert (defaults.offline_after_s, defaults.retire_after_s) == (30.0, 604_800.0)
+    assert defaults.max_robots_per_shard == 2_000_000 // 64
+    assert Rules.from_settings(Settings(max_robots=0)).max_robots_per_shard == 0
 
 
 def test_rules_refuse_a_hysteresis_that_would_flap() -> None:
@@ -134,11 +142,19 @@ def test_rules_refuse_a_hysteresis_that_would_flap() -> None:
         {"max_future_s": -1.0},
         {"max_age_s": 0.0},
         {"stuck_after": 0},
+        {"max_robots_per_shard": -1},
     ],
 )
 def test_rules_refuse_values_that_make_no_sense(change: dict[str, float]) -> None:
     with pytest.raises(ConfigError, match="must be"):
         Rules(**{**msgspec.structs.asdict(RULES), **change})
+
+
+@pytest.mark.parametrize("retire", [1.0, 30.0, math.inf, math.nan])
+def test_rules_refuse_retiring_before_offline(retire: float) -> None:
+    # Offline after 30 s: a robot must be offline (its last state seen) before it goes.
+    with pytest.raises(ConfigError, match="FLEETPULSE_RETIRE_AFTER_S"):
+        Rules(**{**msgspec.structs.asdict(RULES), "retire_after_s": retire})
 
 
 # --- ordering and live state ------------------------------------------------------------

@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import dataflows.shard
-from dataflows.records import Control, DeadLetter, Out, Raw, Republish
+from dataflows.records import Control, DeadLetter, Out, Raw, Republish, Retired
 from dataflows.robot import RobotState, on_control, on_progress, on_report
 from dataflows.rules import LiveRules, Rules
 from dataflows.shard import (
@@ -329,6 +329,92 @@ def test_a_reset_order_control_applies_the_next_report(caplog: pytest.LogCapture
     assert "ordering of robot amr-1 reset (by op-7, offset 3)" in caplog.text
     out = step(logic, raw("amr-1", 2, T0_MS + 2000))
     assert (out.applied, out.states[0].report.seq, out.states[0].resets) == (1, 2, 1)
+
+
+# --- retirement and the robot limit --------------------------------------------------------
+
+RETIRING = msgspec.structs.replace(RULES, retire_after_s=120.0)
+
+
+def test_a_retire_control_forgets_the_robot_and_says_what_came_before() -> None:
+    logic = shard()
+    step(logic, raw("amr-2", 1, T0_MS))
+    out = step(
+        logic,
+        raw("amr-1", 1, T0_MS + 1, battery=10.0),  # a state and a low_battery alert
+        Control("amr-1", "retire", "op-7", 0, 5, T0_MS + 2),
+        raw("amr-1", 2, T0_MS + 3),  # its next life: a new robot
+    )
+    [retired] = out.retired
+    assert retired == Retired("amr-1", T0_MS + 2, "admin", "op-7", 1, 1, 0)
+    assert [(st.report.robot_id, st.report.seq) for st in out.states] == [
+        ("amr-1", 1),
+        ("amr-1", 2),
+    ]
+    # Its second life starts over: a first report, online, no resets carried over.
+    assert logic.robots["amr-1"].live.report.seq == 2 and logic.robots["amr-1"].applied == 1
+    step(logic, Control("amr-1", "retire", "op-7", 0, 6, T0_MS + 4))
+    assert sorted(logic.robots) == ["amr-2"]
+    # Gone from the snapshot and from the timers: no offline alert for it later.
+    assert sorted(msgspec.msgpack.decode(logic.snapshot(), type=ShardState).robots) == ["amr-2"]
+    later = step(logic, (0, T0_MS + 60_000))
+    assert [a.robot_id for a in later.alerts] == ["amr-2"]
+
+
+def test_a_retire_control_for_an_unknown_robot_still_clears_redis() -> None:
+    out = step(shard(), Control("ghost", "retire", "op", 0, 1, T0_MS))
+    assert [(r.robot_id, r.why) for r in out.retired] == [("ghost", "admin")]
+
+
+def test_robots_silent_longer_than_retire_after_are_retired_at_the_progress_mark() -> None:
+    logic = shard(rules=RETIRING)
+    step(logic, raw("amr-1", 1, T0_MS), raw("amr-2", 1, T0_MS + 10_000))
+    step(logic, raw("amr-3", 1, T0_MS + 5_000, partition=1))
+    out = step(logic, (0, T0_MS + 119_999))
+    assert out.retired == [] and sorted(logic.robots) == ["amr-1", "amr-2", "amr-3"]
+    # A stale report shows the robot is alive: amr-2's silence starts again.
+    step(logic, raw("amr-2", 0, T0_MS + 100_000))
+    out = step(logic, (0, T0_MS + 130_000))
+    assert [(r.robot_id, r.at_ms, r.why, r.by) for r in out.retired] == [
+        ("amr-1", T0_MS + 130_000, "retention", "")
+    ]
+    # Only the partition whose clock moved: amr-3 (partition 1) waits for its own.
+    assert sorted(logic.robots) == ["amr-2", "amr-3"]
+    out = step(logic, (1, T0_MS + 200_000))
+    assert [r.robot_id for r in out.retired] == ["amr-3"]
+    out = step(logic, (0, T0_MS + 220_000))
+    assert [r.robot_id for r in out.retired] == ["amr-2"] and logic.robots == {}
+
+
+def test_retirement_after_a_restore_follows_the_arrival_order() -> None:
+    logic = shard(rules=RETIRING)
+    step(logic, raw("amr-2", 1, T0_MS + 50_000), raw("amr-1", 1, T0_MS))
+    restored = shard(logic.snapshot(), rules=RETIRING)
+    out = step(restored, (0, T0_MS + 125_000))
+    assert [r.robot_id for r in out.retired] == ["amr-1"]
+
+
+def test_no_retirement_when_retire_after_is_zero() -> None:
+    logic = shard()
+    step(logic, raw("amr-1", 1, T0_MS))
+    assert step(logic, (0, T0_MS + 10**10)).retired == []
+    assert list(logic.robots) == ["amr-1"]
+
+
+def test_a_new_robot_beyond_the_shards_share_is_a_dead_letter() -> None:
+    logic = shard(rules=msgspec.structs.replace(RULES, max_robots_per_shard=2))
+    out = step(logic, raw("amr-1", 1, T0_MS), raw("amr-2", 1, T0_MS + 1))
+    assert out.applied == 2
+    out = step(logic, raw("amr-3", 1, T0_MS + 2, offset=9), raw("amr-1", 2, T0_MS + 3))
+    [dead] = out.dead
+    assert (dead.kind, dead.key, dead.offset) == ("limit", b"amr-3", 9)
+    assert "FLEETPULSE_MAX_ROBOTS" in dead.reason and out.applied == 1
+    assert sorted(logic.robots) == ["amr-1", "amr-2"]
+    # A retirement makes room.
+    out = step(
+        logic, Control("amr-2", "retire", "op", 0, 10, T0_MS + 4), raw("amr-3", 1, T0_MS + 5)
+    )
+    assert out.dead == [] and sorted(logic.robots) == ["amr-1", "amr-3"]
 
 
 def test_a_late_report_is_a_dead_letter_and_still_applied() -> None:
@@ -751,6 +837,12 @@ DOMAIN_RULES = st.builds(
     max_future_s=st.sampled_from([0.0, 300.0, 31_536_000.0]),  # Settings' bounds
     max_age_s=st.sampled_from([0.001, 604_800.0, 315_360_000.0]),
     stuck_after=st.sampled_from([1, 3, 10]),
+    max_robots_per_shard=st.sampled_from([0, 0, 1, 3]),
+).flatmap(
+    # Retirement after some multiple of offline_after_s (it must be later), or never.
+    lambda r: st.sampled_from(
+        [0.0] if math.isinf(r.offline_after_s) else [0.0, r.offline_after_s * 2, 3e9]
+    ).map(lambda after: msgspec.structs.replace(r, retire_after_s=after))
 )
 
 
@@ -776,7 +868,8 @@ def domain_items(draw: st.DrawFn, rules: Rules) -> list[Item]:
         elif what == "progress":
             items.append((partition, draw(st.one_of(st.just(now), ARRIVALS))))
         else:
-            items.append(Control(robot, "reset_order", "op", partition, offset, now))
+            action = draw(st.sampled_from(["reset_order", "reset_order", "retire"]))
+            items.append(Control(robot, action, "op", partition, offset, now))
     return items
 
 
@@ -806,13 +899,22 @@ def test_reports_from_the_whole_schema_domain_never_make_the_logic_fail(
     # No report silently lost: each is applied, stale, duplicate or refused (a late one
     # is also counted among the first three).
     reports = sum(1 for it in items if isinstance(it, tuple) and len(it) == 6)
-    refused = sum(1 for d in dead if d.kind in ("invalid", "key", "future", "past"))
+    refused = sum(1 for d in dead if d.kind in ("invalid", "key", "future", "past", "limit"))
     counted = sum(out.applied + out.stale + out.duplicate for out in outs)
     assert counted + refused == reports
-    # Every change of a robot's live state is stamped strictly after the previous one.
+    # Every change of a robot's live state is stamped strictly after the previous one
+    # of the same life (a retirement ends one).
+    lives: list[list[float]] = []
     stamps: dict[str, list[float]] = {}
     for out in outs:
-        for s in out.states:
-            stamps.setdefault(s.report.robot_id, []).append(s.updated)
-    for robot, updated in stamps.items():
-        assert all(a < b for a, b in pairwise(updated)), robot
+        ends = sorted(out.retired, key=lambda r: r.states)
+        for i, s in enumerate([*out.states, None]):
+            while ends and ends[0].states == i:
+                lives.append(stamps.pop(ends.pop(0).robot_id, []))
+            if s is not None:
+                stamps.setdefault(s.report.robot_id, []).append(s.updated)
+    for updated in [*lives, *stamps.values()]:
+        assert all(a < b for a, b in pairwise(updated))
+    # A robot is held only while it is within the limit, and a retired one is gone.
+    if rules.max_robots_per_shard:
+        assert len(restored.robots) <= rules.max_robots_per_shard
