@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -36,7 +37,7 @@ import redis
 from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, sync_playwright
 
 from deploy.local.browser import LAUNCH_ARGS, chromium
-from deploy.local.harness import isolated, wait_until
+from deploy.local.harness import isolated, report, wait_until
 from deploy.local.procs import free_port
 from deploy.local.stack import REPO_ROOT, Stack
 from fleetpulse.schema import LiveState, Pose, RobotReport
@@ -56,7 +57,7 @@ class Job:
 
     def __init__(self, s: Settings, proc: subprocess.Popen[bytes], out: Path) -> None:
         self.s, self.proc, self.out = s, proc, out
-        self.read = self.ingest = ""
+        self.read = self.ingest = self.admin = ""
 
     def output(self) -> str:
         return self.out.read_text(errors="replace")
@@ -115,6 +116,7 @@ def job(
         assert first is not None and first.groups() == ("dashboard", j.url), where
         j.read = re.search(r"read: (fp_\S+)", where).group(1)  # type: ignore[union-attr]
         j.ingest = re.search(r"ingest: (fp_\S+)", where).group(1)  # type: ignore[union-attr]
+        j.admin = re.search(r"admin: (fp_\S+)", where).group(1)  # type: ignore[union-attr]
         with j.api() as api:
             wait_until(
                 f"{ROBOTS} robots with live state",
@@ -418,6 +420,41 @@ def test_clicking_a_robot_opens_its_detail(board: Watched, job: Job) -> None:
     assert shown[: len(alerts) - 2] == [a["kind"] for a in alerts][: len(alerts) - 2]
     page.screenshot(path=str(SHOTS / "dashboard-detail.png"))
     board.clean()
+
+
+def test_a_retired_robot_leaves_the_map_the_counts_and_its_detail(
+    board: Watched, browser: Browser, job: Job
+) -> None:
+    page = board.page
+    robot = f"ret-{uuid.uuid4().hex[:6]}"
+    ingest = f"http://127.0.0.1:{job.s.ingest_port}"
+    body = report(robot, 1, ts=datetime.now(UTC).isoformat(), site="north", status="idle")
+    r = httpx.post(
+        f"{ingest}/v1/reports", json=body, headers={"Authorization": f"Bearer {job.ingest}"}
+    )
+    assert r.status_code == 202, r.text
+    until(page, f"window.fleetpulse.ids().includes({robot!r})")
+    page.evaluate("(id) => window.fleetpulse.select(id)", robot)
+    page.wait_for_selector("#detail:not([hidden])")
+    before = page.evaluate("window.fleetpulse.stats().robots")
+
+    r = httpx.post(
+        f"{ingest}/v1/robots/{robot}/retire", headers={"Authorization": f"Bearer {job.admin}"}
+    )
+    assert r.status_code == 202, r.text
+    until(page, f"!window.fleetpulse.ids().includes({robot!r})")
+    assert page.evaluate("window.fleetpulse.stats().robots") == before - 1
+    assert page.is_hidden("#detail")  # its detail closed with it
+    board.clean()
+    # A fresh page's snapshot does not have it either.
+    fresh = browser.new_page(viewport=VIEWPORT)
+    try:
+        log_in(fresh, job, job.read)
+        until(fresh, "window.fleetpulse.stats().loaded")
+        ids = fresh.evaluate("window.fleetpulse.ids()")
+        assert robot not in ids and len(ids) == before - 1
+    finally:
+        fresh.close()
 
 
 def test_the_trace_view_draws_the_four_span_chain_of_a_posted_report(
