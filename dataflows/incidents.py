@@ -1,0 +1,132 @@
+"""Incidents from alert rules: per robot and rule, a condition held for ``for_s`` opens
+one, its clear condition closes it (the rules themselves: ``fleetpulse.alert_rules``).
+
+Pure functions over small Structs, in the shape of ``dataflows.robot``. Reports reach
+:func:`on_sample` in **event-time order** (``ts``, then ``(boot, seq)``), each
+``(boot, seq)`` once: :class:`Reorder` holds a robot's reports until its watermark
+(the one its windows close by) has passed them, so the incidents depend on the
+reports only, never on the order or the number of times Kafka delivered them. A
+report behind the watermark when it arrives is late for rules as it is for windows.
+
+``for_s`` is event time: the condition must hold on every report from the first one
+where it held (``since``) to one at least ``for_s`` later, which opens the incident.
+While open, a report on which the clear condition holds closes it (default: the one
+where ``when`` no longer holds); the next run starts from scratch. An incident's id
+names its robot, rule and the report that opened it, so a replay opens the same one.
+"""
+
+from __future__ import annotations
+
+import bisect
+from datetime import datetime
+from typing import Literal
+
+import msgspec
+
+from fleetpulse.alert_rules import Rule, Severity
+from fleetpulse.schema import RobotReport
+
+__all__ = ["Incident", "Reorder", "Track", "on_sample", "rule_removed"]
+
+IncidentState = Literal["open", "closed"]
+
+
+class Incident(msgspec.Struct, frozen=True, kw_only=True):
+    """One incident of one robot under one rule; a new version at each transition."""
+
+    id: str  # "<robot>:<rule>:<boot>:<seq>" of the report that opened it
+    robot_id: str
+    rule: str
+    severity: Severity
+    state: IncidentState = "open"
+    since: datetime  # event time the condition started holding
+    opened_at: datetime  # event time of the report that opened it (>= since + for_s)
+    opened_by: tuple[int, int]  # its (boot, seq)
+    closed_at: datetime | None = None
+    closed_by: tuple[int, int] | None = None  # None while open, or closed by a rule change
+    reason: str = ""  # why it closed: "cleared", "rule removed"
+
+
+class Track(msgspec.Struct, frozen=True, gc=False):
+    """What one rule knows of one robot: the current run's start and the open incident."""
+
+    since: datetime | None = None  # event time the condition started holding (None: not)
+    open: Incident | None = None
+
+
+def on_sample(
+    track: Track | None, rule: Rule, report: RobotReport
+) -> tuple[Track, Incident | None]:
+    """Take the robot's next report in event-time order under ``rule``: the new track,
+    and the incident it opened or closed (None when nothing changed)."""
+    track = track or Track()
+    if track.open is not None:
+        if not rule.clears(report):
+            return track, None
+        closed = msgspec.structs.replace(
+            track.open,
+            state="closed",
+            closed_at=report.ts,
+            closed_by=report.order,
+            reason="cleared",
+        )
+        return Track(), closed
+    if not rule.opens(report):
+        return (Track(), None) if track.since is not None else (track, None)
+    since = track.since if track.since is not None else report.ts
+    if (report.ts - since).total_seconds() < rule.for_s:
+        return (track if track.since is not None else Track(since=since)), None
+    boot, seq = report.order
+    incident = Incident(
+        id=f"{report.robot_id}:{rule.name}:{boot}:{seq}",
+        robot_id=report.robot_id,
+        rule=rule.name,
+        severity=rule.severity,
+        since=since,
+        opened_at=report.ts,
+        opened_by=report.order,
+    )
+    return Track(since=since, open=incident), incident
+
+
+def rule_removed(track: Track, at: datetime) -> Incident | None:
+    """The open incident of a rule that is no longer in the rules, closed (or None)."""
+    if track.open is None:
+        return None
+    return msgspec.structs.replace(track.open, state="closed", closed_at=at, reason="rule removed")
+
+
+class Reorder(msgspec.Struct, gc=False):
+    """A robot's reports not yet evaluated, in event-time order, each ``(boot, seq)`` once.
+
+    ``pending`` is sorted by ``(ts µs, boot, seq)``; :meth:`release` hands out those at
+    or before the watermark. ``done`` is the newest key released: anything at or before
+    it arriving later is late (or a duplicate) and is not evaluated.
+    """
+
+    pending: list[tuple[int, int, int, RobotReport]] = msgspec.field(default_factory=list)
+    done: tuple[int, int, int] = (-(2**62), -1, -1)
+
+    def add(self, report: RobotReport, ts_us: int) -> bool:
+        """Hold ``report`` for evaluation; False if it is late or held already."""
+        key = (ts_us, report.boot, report.seq)
+        if key <= self.done:
+            return False
+        i = bisect.bisect_left(self.pending, key, key=lambda p: p[:3])
+        if i < len(self.pending) and self.pending[i][:3] == key:
+            return False
+        self.pending.insert(i, (*key, report))
+        return True
+
+    def release(self, watermark_us: float) -> list[RobotReport]:
+        """The held reports at or before the watermark, oldest first."""
+        n = bisect.bisect_right(self.pending, watermark_us, key=lambda p: p[0])
+        if not n:
+            return []
+        out, self.pending = self.pending[:n], self.pending[n:]
+        self.done = out[-1][:3]
+        return [p[3] for p in out]
+
+    def next_due_us(self) -> int | None:
+        """Event time (µs) of the oldest held report: when the watermark releases it."""
+        return self.pending[0][0] if self.pending else None

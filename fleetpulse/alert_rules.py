@@ -1,0 +1,326 @@
+"""Alert rules as data: the rules file's schema, its loading, and what a condition means.
+
+A rules file (YAML or JSON) holds a list of rules; each names a condition on a robot's
+reports that, held for ``for_s`` seconds of event time, opens an incident for that
+robot, and a clear condition that closes it::
+
+    rules:
+      - name: battery-critical
+        scope: {sites: [north]}          # or robots: [...], pattern: "amr-.*"; none: all
+        when: {battery: {below: 10}, status: {not_in: [charging]}}
+        for_s: 30                        # held this long (event time); 0: at once
+        severity: critical               # info | warning | critical
+        clear: {battery: {above: 20}}    # default: `when` no longer holds
+      - name: left-the-yard
+        when: {pose: {outside: [[0, 0], [120, 0], [120, 80], [0, 80]]}}
+        severity: warning
+
+A condition holds when every clause in it holds. Clauses: ``battery``, ``speed`` (a
+number: ``below``, ``above`` or ``equals``), ``status`` (``in`` or ``not_in`` a set),
+``errors`` (``present: true/false``, or ``codes``: any of them reported), ``pose``
+(``inside`` or ``outside`` a polygon of [x, y] points on the site plane: a geofence).
+
+:func:`load_rules` reads and checks a document; every problem is a
+:class:`RulesError` naming the rule (by name and index) and the field, e.g.
+``rule 'battery-critical' (rules[0]): when.battery.below: Expected `float | null`, got
+`str```.
+This module is the one definition: the dataflow evaluates it, the API serves and
+checks it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+from msgspec import Meta
+
+from fleetpulse.errors import ConfigError
+from fleetpulse.schema import ROBOT_ID_PATTERN, Pose, RobotId, RobotReport, Status
+
+__all__ = [
+    "MAX_RULES",
+    "Condition",
+    "Errors",
+    "Geofence",
+    "Number",
+    "Rule",
+    "RuleBook",
+    "RulesError",
+    "Scope",
+    "Severity",
+    "StatusSet",
+    "encode_rules",
+    "load_rules",
+    "parse_rules",
+]
+
+MAX_RULES = 1000
+MAX_POINTS = 1000
+
+Severity = Literal["info", "warning", "critical"]
+RuleName = Annotated[
+    str,
+    Meta(
+        pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$(?!\n)",
+        description="1-64 characters: lower-case letters, digits and _ . - (not first)",
+    ),
+]
+Finite = Annotated[float, Meta(ge=-1e12, le=1e12)]
+
+
+class RulesError(ConfigError):
+    """A rules document that cannot be used; the message names the rule and field."""
+
+
+class Number(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A number compared to one bound: exactly one of ``below``, ``above``, ``equals``."""
+
+    below: Finite | None = None
+    above: Finite | None = None
+    equals: Finite | None = None
+
+    def check(self) -> str | None:
+        given = [v for v in (self.below, self.above, self.equals) if v is not None]
+        return None if len(given) == 1 else "give exactly one of below, above, equals"
+
+    def holds(self, value: float) -> bool:
+        if self.below is not None:
+            return value < self.below
+        if self.above is not None:
+            return value > self.above
+        return value == self.equals
+
+
+class StatusSet(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The status is ``in`` the set, or ``not_in`` it (exactly one)."""
+
+    in_: list[Status] | None = msgspec.field(default=None, name="in")
+    not_in: list[Status] | None = None
+
+    def check(self) -> str | None:
+        if (self.in_ is None) == (self.not_in is None):
+            return "give exactly one of in, not_in"
+        return None
+
+    def holds(self, status: str) -> bool:
+        return status in self.in_ if self.in_ is not None else status not in (self.not_in or ())
+
+
+class Errors(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The report has errors (``present``), or one of ``codes``."""
+
+    present: bool | None = None
+    codes: list[Annotated[str, Meta(min_length=1, max_length=64)]] | None = None
+
+    def check(self) -> str | None:
+        if (self.present is None) == (self.codes is None):
+            return "give exactly one of present, codes"
+        return None
+
+    def holds(self, errors: Sequence[str]) -> bool:
+        if self.codes is not None:
+            return any(code in self.codes for code in errors)
+        return bool(errors) == self.present
+
+
+Point = tuple[Finite, Finite]
+
+
+class Geofence(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The pose is ``inside`` or ``outside`` a polygon (exactly one; 3+ points)."""
+
+    inside: list[Point] | None = None
+    outside: list[Point] | None = None
+
+    def check(self) -> str | None:
+        if (self.inside is None) == (self.outside is None):
+            return "give exactly one of inside, outside"
+        points = self.inside if self.inside is not None else self.outside
+        if not 3 <= len(points or ()) <= MAX_POINTS:
+            return f"a polygon has 3 to {MAX_POINTS} points"
+        return None
+
+    def holds(self, pose: Pose) -> bool:
+        if self.inside is not None:
+            return _inside(self.inside, pose.x, pose.y)
+        return not _inside(self.outside or [], pose.x, pose.y)
+
+
+def _inside(polygon: Sequence[Point], x: float, y: float) -> bool:
+    """Even-odd rule (a point on the boundary may fall either way)."""
+    inside = False
+    n = len(polygon)
+    for i in range(n):
+        (x1, y1), (x2, y2) = polygon[i], polygon[(i + 1) % n]
+        if (y1 > y) != (y2 > y) and x < x1 + (y - y1) * (x2 - x1) / (y2 - y1):
+            inside = not inside
+    return inside
+
+
+class Condition(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Clauses on one report; the condition holds when every clause given holds."""
+
+    battery: Number | None = None
+    speed: Number | None = None
+    status: StatusSet | None = None
+    errors: Errors | None = None
+    pose: Geofence | None = None
+
+    def clauses(self) -> list[tuple[str, Number | StatusSet | Errors | Geofence]]:
+        fields = ("battery", "speed", "status", "errors", "pose")
+        return [(f, c) for f in fields if (c := getattr(self, f)) is not None]
+
+    def holds(self, report: RobotReport) -> bool:
+        """Whether every clause holds for ``report``."""
+        b, sp, st, er, po = self.battery, self.speed, self.status, self.errors, self.pose
+        return (
+            (b is None or b.holds(report.battery))
+            and (sp is None or sp.holds(report.speed))
+            and (st is None or st.holds(report.status))
+            and (er is None or er.holds(report.errors))
+            and (po is None or po.holds(report.pose))
+        )
+
+
+class Scope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Which robots a rule watches: any of the sites, ids, or ids matching the pattern
+    (a full match); nothing given: every robot."""
+
+    sites: list[Annotated[str, Meta(pattern=ROBOT_ID_PATTERN)]] | None = None
+    robots: list[RobotId] | None = None
+    pattern: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+
+    def check(self) -> str | None:
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                return f"pattern: not a regular expression ({exc})"
+        return None
+
+    def matcher(self) -> _Match:
+        return _Match(self)
+
+
+class _Match:
+    """A scope compiled for the hot path."""
+
+    __slots__ = ("all", "pattern", "robots", "sites")
+
+    def __init__(self, scope: Scope) -> None:
+        self.sites = frozenset(scope.sites or ())
+        self.robots = frozenset(scope.robots or ())
+        self.pattern = re.compile(scope.pattern) if scope.pattern is not None else None
+        self.all = scope.sites is None and scope.robots is None and scope.pattern is None
+
+    def __call__(self, robot_id: str, site: str | None) -> bool:
+        if self.all or robot_id in self.robots or (site is not None and site in self.sites):
+            return True
+        return self.pattern is not None and self.pattern.fullmatch(robot_id) is not None
+
+
+class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One alert rule: a condition held for ``for_s`` opens an incident per robot."""
+
+    name: RuleName
+    when: Condition
+    scope: Scope = Scope()
+    for_s: Annotated[float, Meta(ge=0, le=86_400)] = 0.0
+    severity: Severity = "warning"
+    clear: Condition | None = None  # None: the incident closes when `when` stops holding
+    description: Annotated[str, Meta(max_length=1000)] = ""
+
+    def opens(self, report: RobotReport) -> bool:
+        return self.when.holds(report)
+
+    def clears(self, report: RobotReport) -> bool:
+        return self.clear.holds(report) if self.clear is not None else not self.when.holds(report)
+
+
+class RuleBook(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A whole rules document."""
+
+    rules: Annotated[list[Rule], Meta(max_length=MAX_RULES)] = msgspec.field(default_factory=list)
+
+    @property
+    def digest(self) -> str:
+        """A short sha256 of the rules (which version is in force)."""
+        return hashlib.sha256(encode_rules(self)).hexdigest()[:12]
+
+
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_RULE_AT = re.compile(r"^\.rules\[(?P<i>\d+)\](?P<rest>.*)$")
+
+
+def parse_rules(data: Any, source: str = "rules") -> RuleBook:
+    """A checked :class:`RuleBook` from decoded YAML/JSON ``data``; raises RulesError."""
+    if data is None:
+        data = {}
+    try:
+        book = msgspec.convert(data, RuleBook)
+    except msgspec.ValidationError as exc:
+        m = _AT.match(str(exc))
+        msg, path = (m.group("msg"), m.group("path") or "") if m else (str(exc), "")
+        raise RulesError(f"{source}: {_where(data, path)}{msg}") from None
+    seen: dict[str, int] = {}
+    for i, rule in enumerate(book.rules):
+        who = f"rule {rule.name!r} (rules[{i}])"
+        if rule.name in seen:
+            raise RulesError(f"{source}: {who}: name: also the name of rules[{seen[rule.name]}]")
+        seen[rule.name] = i
+        for part, cond in (("when", rule.when), ("clear", rule.clear)):
+            if cond is None:
+                continue
+            if not cond.clauses():
+                raise RulesError(f"{source}: {who}: {part}: give at least one clause")
+            for field, clause in cond.clauses():
+                problem = clause.check()
+                if problem is not None:
+                    raise RulesError(f"{source}: {who}: {part}.{field}: {problem}")
+                if isinstance(clause, Number) and not math.isfinite(
+                    next(v for v in (clause.below, clause.above, clause.equals) if v is not None)
+                ):
+                    raise RulesError(f"{source}: {who}: {part}.{field}: must be finite")
+        problem = rule.scope.check()
+        if problem is not None:
+            raise RulesError(f"{source}: {who}: scope.{problem}")
+    return book
+
+
+def _where(data: Any, path: str) -> str:
+    """``rule 'name' (rules[i]): field: `` for a path inside a rule, else the path."""
+    m = _RULE_AT.match(path)
+    if m is None:
+        return f"{path.lstrip('.')}: " if path else ""
+    i, rest = int(m.group("i")), m.group("rest").lstrip(".")
+    name = None
+    rules = data.get("rules") if isinstance(data, dict) else None
+    if isinstance(rules, list) and i < len(rules) and isinstance(rules[i], dict):
+        name = rules[i].get("name")
+    who = f"rule {name!r} (rules[{i}])" if isinstance(name, str) else f"rules[{i}]"
+    return f"{who}: {rest}: " if rest else f"{who}: "
+
+
+def load_rules(text: str | bytes, source: str = "rules") -> RuleBook:
+    """Parse a YAML (or JSON) rules document; raises RulesError naming what is wrong."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RulesError(f"{source}: not YAML or JSON ({exc})") from None
+    if data is not None and not isinstance(data, dict):
+        raise RulesError(f"{source}: expected a mapping with `rules:`, got {type(data).__name__}")
+    return parse_rules(data, source)
+
+
+_encoder = msgspec.json.Encoder(order="deterministic")
+
+
+def encode_rules(book: RuleBook) -> bytes:
+    """The document as compact JSON (fields in a fixed order)."""
+    return _encoder.encode(book)

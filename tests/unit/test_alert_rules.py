@@ -1,0 +1,150 @@
+"""The rules file: its schema, errors that name the rule and field, what conditions mean."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from fleetpulse.alert_rules import (
+    Geofence,
+    RuleBook,
+    RulesError,
+    encode_rules,
+    load_rules,
+    parse_rules,
+)
+from fleetpulse.schema import Pose, RobotReport
+
+EXAMPLE = """
+rules:
+  - name: battery-critical
+    scope: {sites: [north]}
+    when: {battery: {below: 10}, status: {not_in: [charging]}}
+    for_s: 30
+    severity: critical
+    clear: {battery: {above: 20}}
+  - name: left-the-yard
+    when: {pose: {outside: [[0, 0], [120, 0], [120, 80], [0, 80]]}}
+  - name: e42
+    scope: {pattern: "amr-[0-9]+"}
+    when: {errors: {codes: [E42]}}
+"""
+
+
+def report(**over: Any) -> RobotReport:
+    body: dict[str, Any] = {
+        "robot_id": "amr-1",
+        "seq": 1,
+        "ts": datetime(2026, 1, 1, tzinfo=UTC),
+        "status": "moving",
+        "battery": 50.0,
+        "pose": Pose(10.0, 10.0, 0.0),
+        "site": "north",
+        **over,
+    }
+    return RobotReport(**body)
+
+
+def test_the_example_loads_with_its_defaults() -> None:
+    book = load_rules(EXAMPLE)
+    crit, fence, e42 = book.rules
+    assert (crit.name, crit.for_s, crit.severity) == ("battery-critical", 30.0, "critical")
+    assert (fence.for_s, fence.severity, fence.clear) == (0.0, "warning", None)
+    assert fence.scope.matcher()("anything", None)  # no scope: every robot
+    assert e42.scope.matcher()("amr-17", None) and not e42.scope.matcher()("amr-17x", None)
+    assert crit.scope.matcher()("x", "north") and not crit.scope.matcher()("x", "south")
+    # JSON is YAML too, and the encoding is stable: the digest names the version.
+    again = load_rules(encode_rules(book))
+    assert again == book and again.digest == book.digest
+    assert load_rules("") == RuleBook() == load_rules("rules: []")
+
+
+def test_conditions_hold_when_every_clause_holds() -> None:
+    crit, fence, e42 = load_rules(EXAMPLE).rules
+    assert crit.opens(report(battery=9.5))
+    assert not crit.opens(report(battery=9.5, status="charging"))
+    assert not crit.opens(report(battery=10.0))  # below is strict
+    # Hysteresis: between 10 and 20 neither opens nor clears.
+    assert not crit.clears(report(battery=15.0)) and crit.clears(report(battery=20.5))
+    assert not fence.opens(report()) and fence.opens(report(pose=Pose(130.0, 10.0, 0.0)))
+    assert fence.clears(report())  # default clear: `when` no longer holds
+    assert e42.opens(report(errors=["E1", "E42"])) and not e42.opens(report(errors=["E1"]))
+
+
+def test_a_geofence_follows_a_concave_polygon() -> None:
+    u = Geofence(
+        inside=[(0, 0), (30, 0), (30, 30), (20, 30), (20, 10), (10, 10), (10, 30), (0, 30)]
+    )
+    assert u.holds(Pose(5.0, 20.0, 0.0)) and u.holds(Pose(25.0, 20.0, 0.0))
+    assert not u.holds(Pose(15.0, 20.0, 0.0))  # in the notch of the U
+    assert not u.holds(Pose(-1.0, 5.0, 0.0)) and u.holds(Pose(15.0, 5.0, 0.0))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("rules: 3", "rules: Expected `array`, got `int`"),
+        ("- a\n- b", "expected a mapping with `rules:`, got list"),
+        ("rules: [{name: a}]", "rule 'a' (rules[0]): Object missing required field `when`"),
+        (
+            "rules: [{name: ok, when: {battery: {below: 5}}}, "
+            "{name: bad, when: {battery: {below: low}}}]",
+            "rule 'bad' (rules[1]): when.battery.below: Expected `float | null`, got `str`",
+        ),
+        (
+            "rules: [{name: b, when: {battery: {below: 5, above: 1}}}]",
+            "rule 'b' (rules[0]): when.battery: give exactly one of below, above, equals",
+        ),
+        ("rules: [{name: c, when: {}}]", "rule 'c' (rules[0]): when: give at least one clause"),
+        (
+            "rules: [{name: d, when: {pose: {inside: [[0, 0], [1, 1]]}}}]",
+            "rule 'd' (rules[0]): when.pose: a polygon has 3 to 1000 points",
+        ),
+        (
+            "rules: [{name: e, when: {status: {in: [flying]}}}]",
+            "rule 'e' (rules[0]): when.status.in[0]: Invalid enum value 'flying'",
+        ),
+        (
+            "rules: [{name: f, when: {speed: {above: 1}}, severity: loud}]",
+            "rule 'f' (rules[0]): severity: Invalid enum value 'loud'",
+        ),
+        (
+            "rules: [{name: g, when: {speed: {above: 1}}, for_s: -1}]",
+            "rule 'g' (rules[0]): for_s: Expected `float` >= 0",
+        ),
+        (
+            "rules: [{name: h, when: {speed: {above: 1}}, scope: {pattern: '('}}]",
+            "rule 'h' (rules[0]): scope.pattern: not a regular expression",
+        ),
+        (
+            "rules: [{name: i, when: {speed: {above: 1}}}, {name: i, when: {speed: {below: 1}}}]",
+            "rule 'i' (rules[1]): name: also the name of rules[0]",
+        ),
+        (
+            "rules: [{name: Bad Name, when: {speed: {above: 1}}}]",
+            "rule 'Bad Name' (rules[0]): name: Expected `str` matching",
+        ),
+        (
+            "rules: [{name: j, when: {speed: {above: 1}}, colour: red}]",
+            "rule 'j' (rules[0]): Object contains unknown field `colour`",
+        ),
+        (
+            "rules: [{name: k, when: {speed: {above: .inf}}}]",
+            "rule 'k' (rules[0]): when.speed.above: Expected `float` <= 1000000000000.0",
+        ),
+        ("rules: [[", "not YAML or JSON"),
+    ],
+)
+def test_every_problem_names_the_rule_and_the_field(text: str, message: str) -> None:
+    with pytest.raises(RulesError) as caught:
+        load_rules(text, source="rules.yaml")
+    assert str(caught.value).startswith("rules.yaml: ")
+    assert message in str(caught.value), str(caught.value)
+
+
+def test_at_most_a_thousand_rules() -> None:
+    many = {"rules": [{"name": f"r{i}", "when": {"speed": {"above": 1}}} for i in range(1001)]}
+    with pytest.raises(RulesError, match="rules: Expected `array` of length <= 1000"):
+        parse_rules(many)
