@@ -18,15 +18,26 @@ names its robot, rule and the report that opened it, so a replay opens the same 
 from __future__ import annotations
 
 import bisect
+import threading
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Literal
 
 import msgspec
 
-from fleetpulse.alert_rules import Rule, Severity
+from fleetpulse.alert_rules import Rule, RuleBook, Severity
 from fleetpulse.schema import RobotReport
 
-__all__ = ["Incident", "Reorder", "Track", "on_sample", "rule_removed"]
+__all__ = [
+    "Compiled",
+    "Incident",
+    "Reorder",
+    "Track",
+    "compiled",
+    "evaluate",
+    "on_sample",
+    "rule_removed",
+]
 
 IncidentState = Literal["open", "closed"]
 
@@ -130,3 +141,69 @@ class Reorder(msgspec.Struct, gc=False):
     def next_due_us(self) -> int | None:
         """Event time (µs) of the oldest held report: when the watermark releases it."""
         return self.pending[0][0] if self.pending else None
+
+
+def evaluate(
+    tracks: dict[str, Track],
+    rules: Sequence[Rule],
+    reports: Sequence[RobotReport],
+    now: datetime,
+) -> list[Incident]:
+    """Run ``reports`` (event-time order) through ``rules``, updating ``tracks`` in place
+    (a track only while its condition holds or its incident is open). A track of a rule
+    no longer among ``rules`` (removed, or the robot left its scope) closes its incident
+    at ``now`` (the arrival clock)."""
+    out: list[Incident] = []
+    if tracks:
+        names = {rule.name for rule in rules}
+        for name in [n for n in tracks if n not in names]:
+            closed = rule_removed(tracks.pop(name), now)
+            if closed is not None:
+                out.append(closed)
+    for report in reports:
+        for rule in rules:
+            track, changed = on_sample(tracks.get(rule.name), rule, report)
+            if track.since is None and track.open is None:
+                tracks.pop(rule.name, None)
+            else:
+                tracks[rule.name] = track
+            if changed is not None:
+                out.append(changed)
+    return out
+
+
+class Compiled:
+    """A rule book ready for the hot path: each robot's rules in scope, cached."""
+
+    MAX_CACHED = 1 << 20
+
+    def __init__(self, book: RuleBook) -> None:
+        self.book = book
+        self._rules = [(rule, rule.scope.matcher()) for rule in book.rules]
+        self._scoped: dict[tuple[str, str | None], tuple[Rule, ...]] = {}
+
+    def scoped(self, robot_id: str, site: str | None) -> tuple[Rule, ...]:
+        """The rules whose scope holds ``robot_id`` at ``site``, in the book's order."""
+        key = (robot_id, site)
+        got = self._scoped.get(key)
+        if got is None:
+            if len(self._scoped) >= self.MAX_CACHED:
+                self._scoped.clear()
+            got = self._scoped[key] = tuple(r for r, match in self._rules if match(robot_id, site))
+        return got
+
+
+_lock = threading.Lock()
+_current: Compiled = Compiled(RuleBook())
+
+
+def compiled(book: RuleBook) -> Compiled:
+    """``book`` compiled, once per book (every shard of a process shares it)."""
+    global _current
+    current = _current
+    if current.book is book:
+        return current
+    with _lock:
+        if _current.book is not book:
+            _current = Compiled(book)
+        return _current

@@ -19,6 +19,7 @@ from typing import Literal
 
 import msgspec
 
+from dataflows.incidents import Incident
 from fleetpulse.control import ControlKind
 from fleetpulse.schema import Alert, LiveState, WindowStats
 
@@ -83,7 +84,8 @@ class Republish(msgspec.Struct, frozen=True, gc=False):
 class Retired(msgspec.Struct, frozen=True, gc=False):
     """A robot the shard forgot: Redis drops its keys, index entries and summary counts.
 
-    ``states``, ``alerts`` and ``windows`` say how many items of the same :class:`Out`
+    ``states``, ``alerts``, ``windows`` and ``incidents`` say how many items of the same
+    :class:`Out`
     came before the retirement: the robot's among them are not written to Redis (they
     would bring it back); its items after them belong to its next life.
     """
@@ -95,6 +97,7 @@ class Retired(msgspec.Struct, frozen=True, gc=False):
     states: int
     alerts: int
     windows: int
+    incidents: int
 
 
 class Out(msgspec.Struct, kw_only=True, gc=False):
@@ -103,6 +106,7 @@ class Out(msgspec.Struct, kw_only=True, gc=False):
     states: list[LiveState] = msgspec.field(default_factory=list)  # in each robot's order
     alerts: list[Alert] = msgspec.field(default_factory=list)
     windows: list[WindowStats] = msgspec.field(default_factory=list)
+    incidents: list[Incident] = msgspec.field(default_factory=list)  # opened or closed
     dead: list[DeadLetter] = msgspec.field(default_factory=list)
     # (trace id, span id) of the `process report` span of each traced report with a state.
     traced: list[tuple[int, int]] = msgspec.field(default_factory=list)
@@ -117,6 +121,7 @@ class Out(msgspec.Struct, kw_only=True, gc=False):
     def __bool__(self) -> bool:
         return bool(
             self.states or self.alerts or self.windows or self.dead or self.applied
+            or self.incidents
             or self.stale or self.duplicate or self.republished or self.retired
         )  # fmt: skip
 
@@ -125,5 +130,14 @@ class Out(msgspec.Struct, kw_only=True, gc=False):
     ) -> None:
         """Note that ``robot_id`` was forgotten after everything this Out holds so far."""
         self.retired.append(
-            Retired(robot_id, at_ms, why, by, len(self.states), len(self.alerts), len(self.windows))
+            Retired(
+                robot_id,
+                at_ms,
+                why,
+                by,
+                len(self.states),
+                len(self.alerts),
+                len(self.windows),
+                len(self.incidents),
+            )
         )

@@ -8,6 +8,10 @@ shard step (``dataflows.shard``) can wrap them (DESIGN.md, "Dataflow semantics")
   (every report appended until then has been read): offline, closing windows,
 * :func:`on_control` — an operator reset the robot's ordering.
 
+Alert rules (``fleetpulse.alert_rules``, in ``Rules.book``) run on the same steps: a
+report in a rule's scope waits in ``held`` until the robot's watermark passes it, and
+reports are evaluated in event-time order (``dataflows.incidents``), each once.
+
 Each returns a *new* state and leaves the one it was given untouched (a shallow copy
 is taken first; reports, live states and window lists are never changed in place),
 so the caller keeps the old state when a step raises: one robot's bad step never
@@ -32,10 +36,12 @@ report's order, or the arrival time), so a replay rewrites the same alert.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import math
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 
+from dataflows.incidents import Incident, Reorder, Track, compiled, evaluate
 from dataflows.records import Control
 from dataflows.rules import Rules
 from dataflows.windows import Windows
@@ -48,6 +54,7 @@ __all__ = [
     "on_control",
     "on_progress",
     "on_report",
+    "rules_due",
 ]
 
 
@@ -58,6 +65,7 @@ class Emits(msgspec.Struct, kw_only=True):
     alerts: list[Alert] = msgspec.field(default_factory=list)
     windows: list[WindowStats] = msgspec.field(default_factory=list)  # closed, oldest first
     late: list[RobotReport] = msgspec.field(default_factory=list)  # too late for their window
+    incidents: list[Incident] = msgspec.field(default_factory=list)  # opened or closed
     applied: int = 0
     stale: int = 0
     duplicate: int = 0
@@ -76,6 +84,10 @@ class RobotState(msgspec.Struct, kw_only=True, gc=False):
     battery_low: bool = False  # low_battery raised and not yet cleared
     stuck: bool = False  # the stuck alert of the current stale run was raised
     windows: Windows = msgspec.field(default_factory=Windows)
+    # Alert rules: each rule's track (only while its condition holds or its incident is
+    # open), and the reports in some rule's scope waiting for the watermark.
+    tracks: dict[str, Track] = msgspec.field(default_factory=dict)
+    held: Reorder | None = None
     # Totals over the state's life (Emits carries the per-step numbers).
     applied: int = 0
     stale: int = 0
@@ -123,15 +135,53 @@ def on_report(
     w = st.windows
     robot = st.robot_id
     # Windows are about event time, so even a stale report counts if it is not late.
+    rebased = False
     if not w.add(report, arrival, rules):
         if w.clock_went_back(arrival, rules):
             emits.windows += w.rebase(robot, report, arrival, rules)
             w.add(report, arrival, rules)
+            rebased = True
         else:
             st.late += 1
             emits.late.append(report)
     emits.windows += w.close_due(robot, arrival, rules)
+    if rules.book.rules or st.tracks:
+        _rules(st, report, arrival, rebased, rules, emits)
     return st, emits
+
+
+def _rules(
+    st: RobotState,
+    report: RobotReport | None,
+    arrival: float,
+    rebased: bool,
+    rules: Rules,
+    emits: Emits,
+) -> None:
+    """Hold ``report`` for the robot's rules, then evaluate what the watermark passed."""
+    book = compiled(rules.book)
+    scoped = book.scoped(st.robot_id, st.live.report.site)
+    held = st.held
+    if rebased and held is not None:
+        # The robot's clock went back: what waits goes first, then time starts again.
+        emits.incidents += evaluate(st.tracks, scoped, held.release(math.inf), _utc(arrival))
+        held = st.held = Reorder()
+    if report is not None and scoped:
+        if held is None:
+            held = st.held = Reorder()
+        held.add(report, _us(report.ts))
+    if held is not None and held.pending:
+        watermark = st.windows.offset + arrival
+        emits.incidents += evaluate(st.tracks, scoped, held.release(watermark * 1e6), _utc(arrival))
+    elif st.tracks and len(st.tracks) > len(scoped):  # a rule it is tracked by is gone
+        emits.incidents += evaluate(st.tracks, scoped, [], _utc(arrival))
+
+
+def rules_due(state: RobotState) -> float | None:
+    """Arrival time at which the watermark passes the oldest held report (None: none)."""
+    held = state.held
+    due = held.next_due_us() if held is not None else None
+    return None if due is None else due / 1e6 - state.windows.offset
 
 
 def on_progress(state: RobotState, progress: float, rules: Rules) -> tuple[RobotState, Emits]:
@@ -140,6 +190,8 @@ def on_progress(state: RobotState, progress: float, rules: Rules) -> tuple[Robot
     st = _copy(state)
     _check_offline(st, progress, rules, emits)
     emits.windows += st.windows.close_due(st.robot_id, progress, rules)
+    if st.held is not None and st.held.pending:
+        _rules(st, None, progress, False, rules, emits)
     return st, emits
 
 
@@ -176,7 +228,22 @@ def on_control(state: RobotState, control: Control, rules: Rules) -> tuple[Robot
 
 def _copy(state: RobotState) -> RobotState:
     # Everything else in the state is immutable or replaced, never changed in place.
-    return msgspec.structs.replace(state, windows=state.windows.copy())
+    held = state.held
+    return msgspec.structs.replace(
+        state,
+        windows=state.windows.copy(),
+        tracks=dict(state.tracks),
+        held=None if held is None else Reorder(list(held.pending), held.done),
+    )
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US = timedelta(microseconds=1)
+
+
+def _us(ts: datetime) -> int:
+    """Microseconds since the epoch, exact."""
+    return (ts - _EPOCH) // _ONE_US
 
 
 def _utc(unix_s: float) -> datetime:

@@ -12,6 +12,7 @@ import math
 
 import msgspec
 
+from fleetpulse.alert_rules import RuleBook
 from fleetpulse.errors import ConfigError
 from fleetpulse.settings import Settings
 
@@ -33,6 +34,7 @@ class Rules(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     retire_after_s: float = 0.0
     # New robots a shard takes (0: no limit); FLEETPULSE_MAX_ROBOTS spread over the shards.
     max_robots_per_shard: int = 0
+    book: RuleBook = RuleBook()  # the alert rules (FLEETPULSE_RULES_FILE)
 
     def __post_init__(self) -> None:
         # Settings bounds each value alone; the pairs below only make sense together.

@@ -33,7 +33,15 @@ from bytewax.operators import StatefulBatchLogic
 
 from dataflows.classify import classify
 from dataflows.records import Control, DeadLetter, Out, Progress, Raw, Republish
-from dataflows.robot import Emits, RobotState, offline_at, on_control, on_progress, on_report
+from dataflows.robot import (
+    Emits,
+    RobotState,
+    offline_at,
+    on_control,
+    on_progress,
+    on_report,
+    rules_due,
+)
 from dataflows.rules import LiveRules, Rules
 from dataflows.spans import FlowSpans, sampled_parent
 from dataflows.windows import Windows
@@ -135,6 +143,9 @@ class Timers:
                 self._online.setdefault(partition, {})[robot] = None
                 self._online_at[robot] = seen
         close = state.windows.close_at(rules)
+        held = rules_due(state)
+        if held is not None and (close is None or held < close):
+            close = held
         want = None if close is None else (partition, math.ceil(close))
         have = self._bucket_of.get(robot)
         if want == have:
@@ -459,7 +470,10 @@ class ShardLogic(StatefulBatchLogic[Item, Out, bytes]):
 
     def _keep(self, robot: str, state: RobotState, emits: Emits, out: Out) -> None:
         self.robots[robot] = state
-        if emits.states or emits.windows or emits.late or emits.stale or emits.duplicate:
+        if (
+            emits.states or emits.windows or emits.late or emits.stale or emits.duplicate
+            or state.held is not None or emits.incidents
+        ):  # fmt: skip
             self._dirty.add(robot)  # changed: encode again at the next snapshot
             self._snapshot = None
         self.timers.track(robot, state, self.rules)
@@ -469,6 +483,7 @@ class ShardLogic(StatefulBatchLogic[Item, Out, bytes]):
         out.applied += emits.applied
         out.stale += emits.stale
         out.duplicate += emits.duplicate
+        out.incidents += emits.incidents
 
 
 def _error(

@@ -34,6 +34,7 @@ from dataflows.shard import (
     shard_keys,
 )
 from dataflows.spans import FlowSpans
+from fleetpulse.alert_rules import RuleBook, load_rules
 from fleetpulse.schema import ROBOT_ID_PATTERN, STATUSES, RobotReport
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -346,7 +347,7 @@ def test_a_retire_control_forgets_the_robot_and_says_what_came_before() -> None:
         raw("amr-1", 2, T0_MS + 3),  # its next life: a new robot
     )
     [retired] = out.retired
-    assert retired == Retired("amr-1", T0_MS + 2, "admin", "op-7", 1, 1, 0)
+    assert retired == Retired("amr-1", T0_MS + 2, "admin", "op-7", 1, 1, 0, 0)
     assert [(st.report.robot_id, st.report.seq) for st in out.states] == [
         ("amr-1", 1),
         ("amr-1", 2),
@@ -415,6 +416,89 @@ def test_a_new_robot_beyond_the_shards_share_is_a_dead_letter() -> None:
         logic, Control("amr-2", "retire", "op", 0, 10, T0_MS + 4), raw("amr-3", 1, T0_MS + 5)
     )
     assert out.dead == [] and sorted(logic.robots) == ["amr-1", "amr-3"]
+
+
+# --- alert rules ----------------------------------------------------------------------------
+
+BOOK = load_rules(
+    """
+rules:
+  - name: low
+    when: {battery: {below: 20}}
+    for_s: 10
+    severity: critical
+    clear: {battery: {above: 30}}
+  - name: north-estop
+    scope: {sites: [north]}
+    when: {status: {in: [estop]}}
+"""
+)
+WITH_RULES = msgspec.structs.replace(RULES, book=BOOK)
+
+
+def incidents_of(outs: Iterable[Out]) -> list[tuple[str, str, str]]:
+    return [(i.id, i.state, i.reason) for out in outs for i in out.incidents]
+
+
+def test_a_rule_held_for_its_duration_opens_an_incident_once_the_watermark_passes() -> None:
+    logic = shard(rules=WITH_RULES)  # lateness 10 s: a report is judged 10 s after its ts
+    outs = [step(logic, raw("amr-1", s, T0_MS + s * 1000, battery=15.0)) for s in range(11)]
+    assert incidents_of(outs) == []  # the report at 10 s waits for the watermark
+    out = step(logic, raw("amr-1", 11, T0_MS + 20_000, battery=15.0))
+    [opened] = out.incidents
+    assert (opened.id, opened.rule, opened.severity, opened.state) == (
+        "amr-1:low:0:10",
+        "low",
+        "critical",
+        "open",
+    )
+    assert (opened.since, opened.opened_at) == (T0, T0 + timedelta(seconds=10))
+    # The arrival clock alone (a progress mark) releases held reports too.
+    step(logic, raw("amr-1", 12, T0_MS + 21_000, battery=35.0))
+    out = step(logic, (0, T0_MS + 31_000))
+    assert incidents_of([out]) == [("amr-1:low:0:10", "closed", "cleared")]
+    assert logic.robots["amr-1"].tracks == {}
+
+
+def test_incidents_do_not_depend_on_delivery_order_duplicates_or_a_restore() -> None:
+    levels = [25.0, 15.0, 15.0, 15.0, 15.0, 35.0, 10.0, 10.0, 10.0, 10.0, 40.0]
+    reports = [
+        raw("amr-1", s, T0_MS + s * 4000, at=s * 4.0, battery=b) for s, b in enumerate(levels)
+    ]
+    in_order = shard(rules=WITH_RULES)
+    expected = incidents_of([step(in_order, *reports), step(in_order, (0, MAX_MS))])
+    assert [state for _, state, _ in expected] == ["open", "closed", "open", "closed"]
+    # Shuffled within the lateness (arrival order differs from event order), some twice,
+    # and restored from a snapshot half way.
+    shuffled = [reports[i] for i in (1, 0, 3, 2, 2, 5, 4, 6, 8, 7, 7, 10, 9)]
+    arrivals = [T0_MS + i * 3000 for i in range(len(shuffled))]
+    delivered = [(*r[:5], ms) for r, ms in zip(shuffled, arrivals, strict=True)]
+    first = shard(rules=WITH_RULES)
+    outs = [step(first, *delivered[:6])]
+    second = shard(first.snapshot(), rules=WITH_RULES)
+    outs += [step(second, *delivered[6:]), step(second, (0, MAX_MS))]
+    assert incidents_of(outs) == expected
+
+
+def test_an_edited_or_removed_rule_applies_from_the_next_batch() -> None:
+    live = LiveRules(WITH_RULES)
+    logic = shard(rules=msgspec.structs.replace(WITH_RULES, allowed_lateness_s=0.0))
+    logic = ShardLogic(live, None, BINDING, None)
+    live.current = msgspec.structs.replace(WITH_RULES, allowed_lateness_s=0.0)
+    out = step(logic, raw("amr-1", 1, T0_MS, site="north", status="estop"))
+    assert incidents_of([out]) == [("amr-1:north-estop:0:1", "open", "")]
+    # The rule is removed from the book: its open incident closes at the next evaluation.
+    book = load_rules("rules: [{name: low, when: {battery: {below: 20}}, for_s: 10}]")
+    live.current = msgspec.structs.replace(live.current, book=book)
+    out = step(logic, raw("amr-1", 2, T0_MS + 1000, site="north", status="estop"))
+    assert incidents_of([out]) == [("amr-1:north-estop:0:1", "closed", "rule removed")]
+    # Edited (a shorter for_s): from the next report on, with no second incident.
+    book = load_rules("rules: [{name: low, when: {battery: {below: 20}}, for_s: 1}]")
+    step(logic, raw("amr-1", 3, T0_MS + 2000, battery=10.0))
+    live.current = msgspec.structs.replace(live.current, book=book)
+    out = step(logic, raw("amr-1", 4, T0_MS + 3000, battery=10.0))
+    out2 = step(logic, raw("amr-1", 5, T0_MS + 4000, battery=10.0))
+    assert incidents_of([out, out2]) == [("amr-1:low:0:4", "open", "")]
 
 
 def test_a_late_report_is_a_dead_letter_and_still_applied() -> None:
@@ -838,6 +922,7 @@ DOMAIN_RULES = st.builds(
     max_age_s=st.sampled_from([0.001, 604_800.0, 315_360_000.0]),
     stuck_after=st.sampled_from([1, 3, 10]),
     max_robots_per_shard=st.sampled_from([0, 0, 1, 3]),
+    book=st.sampled_from([RuleBook(), BOOK]),
 ).flatmap(
     # Retirement after some multiple of offline_after_s (it must be later), or never.
     lambda r: st.sampled_from(
