@@ -40,6 +40,7 @@ import sys
 import threading
 from pathlib import Path
 
+import msgspec
 from bytewax import operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.recovery import init_db_dir
@@ -50,6 +51,7 @@ from dataflows.shard import ShardLogic
 from dataflows.sink import FleetSink, metrics_offset, process_id
 from dataflows.source import Binding, ReportSource
 from dataflows.spans import flow_spans
+from fleetpulse.alert_rules import RuleBook, RulesFile
 from fleetpulse.reload import ActiveConfig, ConfigWatcher, config_hash
 from fleetpulse.settings import Settings, load_settings
 from observability.logs import set_log_level, setup_logging
@@ -74,10 +76,11 @@ def build_flow(settings: Settings | None = None, *, tail: bool = True) -> Datafl
     if watcher is not None:  # the file's values go over the environment's
         settings = watcher.current.settings
         set_log_level(settings.log_level)
-    rules = LiveRules(Rules.from_settings(settings))
     metrics = dataflow_metrics(
         settings.metrics_host, settings.dataflow_metrics_port, metrics_offset(settings)
     )
+    rules = LiveRules(Rules.from_settings(settings))
+    _follow_rules(settings, rules, metrics)
     _follow_config(watcher, settings, rules, metrics)
     # What the recovery snapshots belong to; a snapshot of another topic is not resumed.
     binding = Binding.read(settings)
@@ -126,12 +129,40 @@ def _follow_config(
     metrics.config.observe(None, watcher.current)
 
     def apply(active: ActiveConfig) -> None:
-        rules.current = Rules.from_settings(active.settings)  # checked by the watcher
+        # Checked by the watcher; the alert rules come from their own file.
+        new = Rules.from_settings(active.settings)
+        rules.current = msgspec.structs.replace(new, book=rules.current.book)
         set_log_level(active.settings.log_level)
 
     watcher.subscribe(apply)
     if watcher.current.settings != settings:  # reloaded between the start and subscribe
         apply(watcher.current)
+
+
+_rules_files: dict[str, RulesFile] = {}
+
+
+def _follow_rules(settings: Settings, rules: LiveRules, metrics: DataflowMetrics) -> None:
+    """Load ``FLEETPULSE_RULES_FILE`` into ``rules`` and follow its changes (one watcher
+    per file and process; raises ConfigError naming the problem for a bad file)."""
+    if not settings.rules_file:
+        metrics.rules.set(0)
+        return
+
+    def apply(book: RuleBook) -> None:
+        rules.current = msgspec.structs.replace(rules.current, book=book)
+        metrics.rules.set(len(book.rules))
+
+    with _watch_lock:
+        watched = _rules_files.get(settings.rules_file)
+        if watched is None:
+            watched = RulesFile(
+                settings.rules_file,
+                on_result=lambda result: metrics.rules_reloads.labels(result).inc(),
+            )
+            _rules_files[settings.rules_file] = watched.start()
+        watched.subscribe(apply)
+    apply(watched.current)
 
 
 def _recovery_on_by_default(settings: Settings) -> None:

@@ -21,11 +21,10 @@ import bisect
 import threading
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Literal
 
 import msgspec
 
-from fleetpulse.alert_rules import Rule, RuleBook, Severity
+from fleetpulse.alert_rules import Incident, Rule, RuleBook
 from fleetpulse.schema import RobotReport
 
 __all__ = [
@@ -38,24 +37,6 @@ __all__ = [
     "on_sample",
     "rule_removed",
 ]
-
-IncidentState = Literal["open", "closed"]
-
-
-class Incident(msgspec.Struct, frozen=True, kw_only=True):
-    """One incident of one robot under one rule; a new version at each transition."""
-
-    id: str  # "<robot>:<rule>:<boot>:<seq>" of the report that opened it
-    robot_id: str
-    rule: str
-    severity: Severity
-    state: IncidentState = "open"
-    since: datetime  # event time the condition started holding
-    opened_at: datetime  # event time of the report that opened it (>= since + for_s)
-    opened_by: tuple[int, int]  # its (boot, seq)
-    closed_at: datetime | None = None
-    closed_by: tuple[int, int] | None = None  # None while open, or closed by a rule change
-    reason: str = ""  # why it closed: "cleared", "rule removed"
 
 
 class Track(msgspec.Struct, frozen=True, gc=False):

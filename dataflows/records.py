@@ -19,7 +19,7 @@ from typing import Literal
 
 import msgspec
 
-from dataflows.incidents import Incident
+from fleetpulse.alert_rules import Incident
 from fleetpulse.control import ControlKind
 from fleetpulse.schema import Alert, LiveState, WindowStats
 

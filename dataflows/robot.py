@@ -41,10 +41,11 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 
-from dataflows.incidents import Incident, Reorder, Track, compiled, evaluate
+from dataflows.incidents import Reorder, Track, compiled, evaluate
 from dataflows.records import Control
 from dataflows.rules import Rules
 from dataflows.windows import Windows
+from fleetpulse.alert_rules import Incident
 from fleetpulse.schema import Alert, AlertKind, LiveState, RobotReport, WindowStats
 
 __all__ = [

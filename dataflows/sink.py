@@ -34,6 +34,7 @@ from dataflows.chaos import Chaos
 from dataflows.kafka_out import CheckedProducer, DeliveryFailed, OutMessage
 from dataflows.records import DeadLetter, Out, Retired
 from dataflows.spans import SpanIds, flow_spans
+from fleetpulse.alert_rules import Incident
 from fleetpulse.schema import Alert, LiveState, WindowStats, encode
 from fleetpulse.settings import Settings
 from observability.metrics import dataflow_metrics
@@ -89,9 +90,12 @@ class FleetSink(DynamicSink[tuple[str, Out]]):
         return _FleetSinkPartition(self.settings, worker_index, self.chaos)
 
 
-def _after_retirements(out: Out) -> tuple[list[LiveState], list[WindowStats], list[Alert]]:
-    """``out``'s states, windows and alerts less those of a robot from before its
-    retirement in the same Out (each :class:`Retired` says how many items preceded it)."""
+def _after_retirements(
+    out: Out,
+) -> tuple[list[LiveState], list[WindowStats], list[Alert], list[Incident]]:
+    """``out``'s states, windows, alerts and incidents less those of a robot from before
+    its retirement in the same Out (each :class:`Retired` says how many items preceded
+    it)."""
     cut: dict[str, Retired] = {}
     for r in out.retired:
         cut[r.robot_id] = r  # the last retirement of a robot covers the earlier ones
@@ -104,7 +108,9 @@ def _after_retirements(out: Out) -> tuple[list[LiveState], list[WindowStats], li
     states = [st for i, st in enumerate(out.states) if kept(st.report.robot_id, i, before[0])]
     windows = [w for i, w in enumerate(out.windows) if kept(w.robot_id, i, before[1])]
     alerts = [a for i, a in enumerate(out.alerts) if kept(a.robot_id, i, before[2])]
-    return states, windows, alerts
+    at = attrgetter("incidents")
+    incidents = [x for i, x in enumerate(out.incidents) if kept(x.robot_id, i, at)]
+    return states, windows, alerts, incidents
 
 
 def _retry(what: str, call: Callable[[], T], transient: tuple[type[Exception], ...]) -> T:
@@ -150,6 +156,8 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
         applied = stale = duplicate = errors = republished_states = 0
         all_states: list[LiveState] = []
         to_redis: list[Alert] = []  # alerts go to Kafka all, to Redis unless retired after
+        incidents: list[Incident] = []  # the same for incidents
+        incidents_to_redis: list[Incident] = []
         retired: list[Retired] = []
         for shard, out in items:
             if out.republished:
@@ -163,14 +171,19 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
                 all_states = [st for st in all_states if st.report.robot_id not in gone]
                 windows = [w for w in windows if w.robot_id not in gone]
                 to_redis = [a for a in to_redis if a.robot_id not in gone]
+                incidents_to_redis = [i for i in incidents_to_redis if i.robot_id not in gone]
                 for robot in gone:
                     appended.pop(robot, None)
-                out_states, out_windows, out_alerts = _after_retirements(out)
+                out_states, out_windows, out_alerts, out_incidents = _after_retirements(out)
                 retired += out.retired
+            else:
+                out_incidents = out.incidents
             all_states += out_states
             windows += out_windows
             to_redis += out_alerts
+            incidents_to_redis += out_incidents
             alerts += out.alerts
+            incidents += out.incidents
             dead += out.dead
             traced += out.traced
             applied += out.applied
@@ -179,12 +192,14 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
             errors += out.errors
         states, history = coalesce(all_states)
         m = self.metrics
-        if states or windows or to_redis or retired:
+        if states or windows or to_redis or retired or incidents_to_redis:
             started_ns = time.time_ns()
             forgot = [(r.robot_id, r.at_ms) for r in retired]
             result: WriteResult = _retry(
                 "writing to Redis",
-                lambda: self.writer.write(states, windows, to_redis, history, forgot),
+                lambda: self.writer.write(
+                    states, windows, to_redis, history, forgot, incidents_to_redis
+                ),
                 _TRANSIENT,
             )
             for r in retired:
@@ -206,7 +221,7 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
         m.stale.inc(stale)
         m.duplicate.inc(duplicate)
         m.errors.inc(errors)
-        messages = self._kafka_messages(alerts, dead)
+        messages = self._kafka_messages(alerts, dead, incidents)
         if messages:
             _retry(
                 "sending alerts and dead letters to Kafka",
@@ -215,6 +230,8 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
             )
         for a in alerts:
             m.alerts.labels(a.kind).inc()
+        for i in incidents:
+            m.incidents.labels(i.severity, i.state).inc()
         for d in dead:
             m.dead.labels(d.kind).inc()
 
@@ -244,11 +261,22 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
         for parent in traced:
             self.spans.record("redis write", parent, start_ns, end_ns, attributes, SpanKind.CLIENT)
 
-    def _kafka_messages(self, alerts: list[Alert], dead: list[DeadLetter]) -> list[OutMessage]:
+    def _kafka_messages(
+        self, alerts: list[Alert], dead: list[DeadLetter], incidents: list[Incident]
+    ) -> list[OutMessage]:
         s = self.settings
         msgs: list[OutMessage] = [
             (s.topic_alerts, a.robot_id.encode(), encode(a), [("alert_id", a.id.encode())])
             for a in alerts
+        ]
+        msgs += [
+            (
+                s.topic_incidents,
+                i.robot_id.encode(),
+                encode(i),
+                [("incident_id", i.id.encode()), ("rank", str(i.rank).encode())],
+            )
+            for i in incidents
         ]
         for d in dead:
             headers: list[tuple[str, Any]] = [

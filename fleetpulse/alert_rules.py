@@ -31,9 +31,15 @@ checks it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+import os
 import re
-from collections.abc import Sequence
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -48,10 +54,12 @@ __all__ = [
     "Condition",
     "Errors",
     "Geofence",
+    "Incident",
     "Number",
     "Rule",
     "RuleBook",
     "RulesError",
+    "RulesFile",
     "Scope",
     "Severity",
     "StatusSet",
@@ -72,6 +80,32 @@ RuleName = Annotated[
     ),
 ]
 Finite = Annotated[float, Meta(ge=-1e12, le=1e12)]
+
+
+IncidentState = Literal["open", "closed"]
+
+
+class Incident(msgspec.Struct, frozen=True, kw_only=True):
+    """One incident of one robot under one rule; a new version at each transition."""
+
+    id: str  # "<robot>:<rule>:<boot>:<seq>" of the report that opened it
+    robot_id: str
+    rule: str
+    severity: Severity
+    state: IncidentState = "open"
+    since: datetime  # event time the condition started holding
+    opened_at: datetime  # event time of the report that opened it (>= since + for_s)
+    opened_by: tuple[int, int]  # its (boot, seq)
+    closed_at: datetime | None = None
+    closed_by: tuple[int, int] | None = None  # None while open, or closed by a rule change
+    reason: str = ""  # why it closed: "cleared", "rule removed"
+    acknowledged_at: datetime | None = None  # when an operator acknowledged it
+    acknowledged_by: str = ""  # who (the admin token's fingerprint)
+
+    @property
+    def rank(self) -> int:
+        """How far along it is; a version of higher rank replaces a lower one."""
+        return 2 * (self.state == "closed") + (self.acknowledged_at is not None)
 
 
 class RulesError(ConfigError):
@@ -324,3 +358,134 @@ _encoder = msgspec.json.Encoder(order="deterministic")
 def encode_rules(book: RuleBook) -> bytes:
     """The document as compact JSON (fields in a fixed order)."""
     return _encoder.encode(book)
+
+
+log = logging.getLogger("fleetpulse.rules")
+
+Reload = Literal["applied", "invalid", "unchanged"]
+
+
+def _stamp(path: Path) -> tuple[str, int, int, int] | None:
+    """Where the file resolves to, its inode, mtime and size (None: missing)."""
+    try:
+        real = path.resolve(strict=True)
+        st = real.stat()
+    except OSError:
+        return None
+    return str(real), st.st_ino, st.st_mtime_ns, st.st_size
+
+
+class RulesFile:
+    """``FLEETPULSE_RULES_FILE``: read at start (a bad file stops the start, naming the
+    problem), then looked at about once a second; a good change replaces the rules
+    whole, a bad one is logged and the last good rules stay. :meth:`write` replaces the
+    file atomically after checking the new text (the admin route's PUT).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        on_result: Callable[[Reload], None] | None = None,
+        interval_s: float = 1.0,
+    ) -> None:
+        self.path = Path(path)
+        self._listeners: list[Callable[[RuleBook], None]] = []
+        self.on_result = on_result
+        self.interval_s = interval_s
+        self._stamp = _stamp(self.path)
+        try:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            raise RulesError(
+                f"FLEETPULSE_RULES_FILE={path!r}: cannot read it ({exc.strerror}); give a "
+                "YAML or JSON rules file, or leave the variable empty for no rules"
+            ) from None
+        self._digest = hashlib.sha256(data).digest()
+        self.current = load_rules(data, str(self.path))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def subscribe(self, listener: Callable[[RuleBook], None]) -> None:
+        """Call ``listener(rules)`` from the watcher's thread whenever new rules apply."""
+        self._listeners.append(listener)
+
+    def start(self) -> RulesFile:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="fleetpulse-rules", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.poll()
+            except Exception:  # the watcher must outlive any surprise
+                log.exception("watching %s failed; trying again", self.path)
+
+    def poll(self) -> Reload | None:
+        """Look at the file once; what its change came to (None: it did not change)."""
+        with self._lock:
+            stamp = _stamp(self.path)
+            if stamp == self._stamp:
+                return None
+            self._stamp = stamp
+            try:
+                data = self.path.read_bytes()
+            except OSError as exc:
+                self._digest = b""
+                return self._done("invalid", f"cannot read {self.path}: {exc.strerror}")
+            digest = hashlib.sha256(data).digest()
+            if digest == self._digest:
+                return None
+            self._digest = digest
+            try:
+                book = load_rules(data, str(self.path))
+            except RulesError as exc:
+                return self._done("invalid", str(exc))
+            if book == self.current:
+                return self._done("unchanged", "")
+            before = self.current
+            self.current = book
+        log.info(
+            "rules %s applied from %s: %d rule(s) (were %d, %s)",
+            book.digest,
+            self.path,
+            len(book.rules),
+            len(before.rules),
+            before.digest,
+        )
+        for listener in self._listeners:
+            listener(book)
+        return self._done("applied", "")
+
+    def _done(self, result: Reload, problem: str) -> Reload:
+        if result == "invalid":
+            log.error("%s; the rules in force (%s) stay", problem, self.current.digest)
+        if self.on_result is not None:
+            self.on_result(result)
+        return result
+
+    def write(self, text: str | bytes) -> RuleBook:
+        """Check ``text`` and put it in place of the file (atomically: a reader sees the
+        old file or the new one). Raises RulesError for bad rules, OSError when the file
+        cannot be replaced (a read-only mount: edit its ConfigMap instead)."""
+        book = load_rules(text, "the new rules")
+        data = text.encode() if isinstance(text, str) else text
+        target = self.path.resolve()
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".rules-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            Path(tmp).replace(target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return book

@@ -155,6 +155,10 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     topic_alerts: Annotated[TopicName, _doc("Topic of alerts for downstream consumers.")] = (
         "robot.alerts"
     )
+    topic_incidents: Annotated[
+        TopicName,
+        _doc("Topic of incident versions (opened, acknowledged, closed) from the alert rules."),
+    ] = "robot.incidents"
 
     # --- Redis ------------------------------------------------------------------------
     redis_url: Annotated[
@@ -218,6 +222,14 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     ] = "INFO"
 
     # --- configuration file (fleetpulse.reload) ---------------------------------------
+    rules_file: Annotated[
+        str,
+        _doc(
+            'Alert rules file (YAML or JSON; README, "Alert rules"), read at start and '
+            "watched: a good change applies within a second, a bad one is logged and the "
+            "rules in force stay. PUT /v1/rules (admin) replaces it. Empty: no rules."
+        ),
+    ] = ""
     config_dir: Annotated[
         str,
         _doc(

@@ -42,7 +42,12 @@ _QUIET.propagate = False
 
 def product_topics(settings: Settings) -> list[str]:
     """The topics fleetpulse writes and reads, reports first."""
-    return [settings.topic_reports, settings.topic_dlq, settings.topic_alerts]
+    return [
+        settings.topic_reports,
+        settings.topic_dlq,
+        settings.topic_alerts,
+        settings.topic_incidents,
+    ]
 
 
 def wait_for_brokers(admin: AdminClient, count: int, timeout_s: float) -> None:

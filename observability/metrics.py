@@ -184,6 +184,21 @@ class DataflowMetrics:
         self.alerts = Counter(
             "fleetpulse_flow_alerts", "Alerts raised, by kind.", ["kind"], registry=r
         )
+        self.rules = Gauge(
+            "fleetpulse_flow_alert_rules", "Alert rules in force in this process.", registry=r
+        )
+        self.rules_reloads = Counter(
+            "fleetpulse_flow_alert_rules_reloads",
+            "Changes of the rules file seen, by result (applied, invalid, unchanged).",
+            ["result"],
+            registry=r,
+        )
+        self.incidents = Counter(
+            "fleetpulse_flow_incidents",
+            "Incident versions from the alert rules, by severity and state (open, closed).",
+            ["severity", "state"],
+            registry=r,
+        )
         self.freshness = Histogram(
             "fleetpulse_flow_freshness_seconds",
             "Kafka append time of an applied report -> its state written to Redis.",

@@ -24,6 +24,7 @@ import anyio.to_thread
 import redis
 import redis.asyncio
 
+from fleetpulse.alert_rules import Incident, IncidentState, Severity
 from fleetpulse.schema import Alert, AlertKind, LiveState, RobotReport, Status, WindowStats
 from fleetpulse.settings import Settings
 from state.keys import Keys
@@ -200,3 +201,16 @@ class AsyncRedisStateReader:
     ) -> list[Alert]:
         """Alerts, newest first (see :meth:`RedisStateReader.alerts`)."""
         return await self._run(self._reads.alerts(robot_id, kind, since, limit))
+
+    async def incidents(
+        self,
+        robot_id: str | None = None,
+        rule: str | None = None,
+        state: IncidentState | None = None,
+        severity: Severity | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[Incident]:
+        """Incidents, newest opened first (see :meth:`RedisStateReader.incidents`)."""
+        plan = self._reads.incidents(robot_id, rule, state, severity, since, limit)
+        return await self._run(plan)

@@ -21,6 +21,9 @@ Per robot (``r`` = robot id, one slot per robot)::
                            the order behind stats(since=...)
     P:alert:{r}    HASH    alert id -> Alert JSON; a present field is the dedupe marker
     P:alerts:{r}   ZSET    alert ids scored by event time (µs), capped at ALERTS_PER_ROBOT
+    P:inc:{r}      HASH    incident id -> Incident JSON (its newest version)
+    P:incv:{r}     HASH    incident id -> rank of that version (2 x closed + acknowledged)
+    P:incs:{r}     ZSET    incident ids scored by opened_at (µs), capped at ALERTS_PER_ROBOT
 
 Global (one key each, or one per status / site / alert kind)::
 
@@ -34,7 +37,11 @@ Global (one key each, or one per status / site / alert kind)::
                                site_status:<s>:<site>; a counter at 0 is deleted
     P:stream:alerts      STREAM new alerts (field data = Alert JSON), MAXLEN ~ alerts_len
     P:stream:alerts:<k>  STREAM the same, one per alert kind (bounded kind queries)
-    P:stream:changes     STREAM state changes, new alerts and retirements (field data =
+    P:idx:incidents:open ZSET  ids of the open incidents, scored by opened_at (µs)
+    P:idx:incidents      ZSET  ids of every incident, scored by opened_at (µs), the
+                               newest alerts_len kept
+    P:stream:changes     STREAM state changes, new alerts, incident versions and
+                               retirements (field data =
                                ChangeEvent JSON), MAXLEN ~ changes_len; its ids are the
                                SSE event ids
 
@@ -108,8 +115,10 @@ class Keys:
         "all",
         "battery",
         "changes",
+        "incidents",
         "offline",
         "online",
+        "open_incidents",
         "prefix",
         "published",
         "republish",
@@ -130,6 +139,8 @@ class Keys:
         self.site_prefix = f"{prefix}:idx:site:"
         self.alerts = f"{prefix}:stream:alerts"
         self.changes = f"{prefix}:stream:changes"
+        self.incidents = f"{prefix}:idx:incidents"
+        self.open_incidents = f"{prefix}:idx:incidents:open"
         # The projection's own bookkeeping (state.projection): the server the live state
         # was last fully published to, and the re-publish under way.
         self.published = f"{prefix}:meta:published"
@@ -159,6 +170,18 @@ class Keys:
     def robot_alert_index(self, robot_id: str) -> str:
         """ZSET of alert ids scored by event time (µs)."""
         return f"{self.prefix}:alerts:{{{robot_id}}}"
+
+    def robot_incidents(self, robot_id: str) -> str:
+        """HASH incident id -> Incident JSON."""
+        return f"{self.prefix}:inc:{{{robot_id}}}"
+
+    def robot_incident_ranks(self, robot_id: str) -> str:
+        """HASH incident id -> rank of the stored version."""
+        return f"{self.prefix}:incv:{{{robot_id}}}"
+
+    def robot_incident_index(self, robot_id: str) -> str:
+        """ZSET of incident ids scored by opened_at (µs)."""
+        return f"{self.prefix}:incs:{{{robot_id}}}"
 
     # --- global -----------------------------------------------------------------------
     def status_index(self, status: str) -> str:

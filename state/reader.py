@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 import msgspec
 import redis
 
+from fleetpulse.alert_rules import Incident, IncidentState, Severity
 from fleetpulse.errors import InvalidQuery
 from fleetpulse.schema import (
     Alert,
@@ -62,6 +63,7 @@ __all__ = [
     "AsyncStateReader",
     "ChangeEvent",
     "FleetSummary",
+    "IncidentChanged",
     "RedisStateReader",
     "RobotRetired",
     "StateChanged",
@@ -96,7 +98,14 @@ class RobotRetired(msgspec.Struct, frozen=True, tag="retired", tag_field="type")
     at: datetime  # arrival clock: when the retirement was appended or decided
 
 
-ChangeEvent = StateChanged | AlertRaised | RobotRetired
+class IncidentChanged(msgspec.Struct, frozen=True, tag="incident", tag_field="type"):
+    """Change-stream event: an incident opened, was acknowledged or closed (its new
+    version)."""
+
+    incident: Incident
+
+
+ChangeEvent = StateChanged | AlertRaised | RobotRetired | IncidentChanged
 
 _change_dec: msgspec.json.Decoder[ChangeEvent] = msgspec.json.Decoder(ChangeEvent)
 
@@ -165,6 +174,18 @@ class StateReader(Protocol):
         limit: int = 100,
     ) -> list[Alert]:
         """Alerts, newest first."""
+        ...
+
+    def incidents(
+        self,
+        robot_id: str | None = None,
+        rule: str | None = None,
+        state: IncidentState | None = None,
+        severity: Severity | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[Incident]:
+        """Incidents from the alert rules, newest opened first."""
         ...
 
     def changes(
@@ -244,6 +265,18 @@ class AsyncStateReader(Protocol):
         limit: int = 100,
     ) -> list[Alert]:
         """Alerts, newest first."""
+        ...
+
+    async def incidents(
+        self,
+        robot_id: str | None = None,
+        rule: str | None = None,
+        state: IncidentState | None = None,
+        severity: Severity | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[Incident]:
+        """Incidents from the alert rules, newest opened first."""
         ...
 
 
@@ -451,6 +484,23 @@ class RedisStateReader:
         fewer alerts than exist.
         """
         return self._run(self._reads.alerts(robot_id, kind, since, limit))
+
+    def incidents(
+        self,
+        robot_id: str | None = None,
+        rule: str | None = None,
+        state: IncidentState | None = None,
+        severity: Severity | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[Incident]:
+        """Incidents (newest version each), newest opened first, matching every filter.
+
+        Read from a sorted set by ``opened_at``: the robot's with ``robot_id``, the open
+        ones with ``state="open"``, else the fleet's newest ``alerts_len``; other
+        filters are applied to at most MAX_SCAN entries of it.
+        """
+        return self._run(self._reads.incidents(robot_id, rule, state, severity, since, limit))
 
     def changes(
         self, after_id: str | None, count: int, block_ms: int | None = None

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from fleetpulse.alert_rules import Incident, IncidentState, Severity
 from fleetpulse.errors import InvalidQuery
 from fleetpulse.schema import (
     STATUSES,
@@ -77,6 +78,13 @@ state_decoder = msgspec.json.Decoder(LiveState)
 _report_dec = msgspec.json.Decoder(RobotReport)
 _window_dec = msgspec.json.Decoder(WindowStats)
 _alert_dec = msgspec.json.Decoder(Alert)
+_incident_dec = msgspec.json.Decoder(Incident)
+
+
+def robot_of(incident_id: str) -> str:
+    """The robot of an incident id ``<robot>:<rule>:<boot>:<seq>`` (a robot id may hold
+    colons; a rule name cannot)."""
+    return incident_id.rsplit(":", 3)[0]
 
 
 def check_limit(limit: int, name: str = "limit") -> None:
@@ -302,6 +310,63 @@ class Reads:
             if len(entries) < n:
                 break
             top = "(" + texts([entries[-1][0]])[0]
+        return out
+
+    def incidents(
+        self,
+        robot_id: str | None,
+        rule: str | None,
+        state: IncidentState | None,
+        severity: Severity | None,
+        since: datetime | None,
+        limit: int,
+    ) -> Plan[list[Incident]]:
+        """Incidents (their newest version), newest opened first, matching every filter;
+        ``since`` keeps those opened at or after it."""
+        check_limit(limit)
+        check_since(since)
+        low = None if since is None else epoch_us(since)
+
+        def wanted(i: Incident) -> bool:
+            return (
+                (rule is None or i.rule == rule)
+                and (state is None or i.state == state)
+                and (severity is None or i.severity == severity)
+            )
+
+        k = self.keys
+        out: list[Incident] = []
+        low_score = "-inf" if low is None else low
+        # A sorted set by opened_at: the robot's (capped at ALERTS_PER_ROBOT), the fleet's
+        # open ones, or the fleet's newest alerts_len (read at most MAX_SCAN deep).
+        if robot_id is not None:
+            index = k.robot_incident_index(robot_id)
+        else:
+            index = k.open_incidents if state == "open" else k.incidents
+        offset, n = 0, max(limit, 100)
+        while offset < MAX_SCAN:
+            found = yield ("ZREVRANGEBYSCORE", index, "+inf", low_score, "LIMIT", offset, n)
+            ids = texts(found)
+            if not ids:
+                return out
+            if robot_id is not None:
+                raws = yield ("HMGET", k.robot_incidents(robot_id), *ids)
+            else:  # one robot hash per incident (each in its robot's slot)
+                raws = []
+                for incident_id in ids:
+                    key = k.robot_incidents(robot_of(incident_id))
+                    raws.append((yield ("HGET", key, incident_id)))
+            for raw in raws:
+                if raw is None:
+                    continue  # trimmed or retired between the reads
+                incident = _incident_dec.decode(raw)
+                if wanted(incident):
+                    out.append(incident)
+                    if len(out) == limit:
+                        return out
+            if len(ids) < n:
+                return out
+            offset += n
         return out
 
     def _robot_alerts(

@@ -12,7 +12,7 @@ Layouts are fixed here and built by :mod:`state.writer`; key names all come from
 
 from __future__ import annotations
 
-__all__ = ["ALERTS", "BUMP", "WINDOWS"]
+__all__ = ["ALERTS", "BUMP", "INCIDENTS", "WINDOWS"]
 
 # KEYS: 1 summary. ARGV: field, delta, field, delta, ... (a chunk of state writes'
 # counter changes, summed). A counter that reaches 0 is deleted so sites that emptied
@@ -96,4 +96,55 @@ for i = 0, n - 1 do
   end
 end
 return {added, n - added}
+"""
+
+# KEYS: 1 incidents zset, 2 changes stream, 3 open-incidents zset, then per incident:
+#       robot incident hash, robot incident-rank hash, robot incident zset, robot hash
+#       (tombstone: see WINDOWS).
+# ARGV: 1 incidents kept fleet-wide, 2 changes_len, 3 incidents kept per robot, 4 n, then per
+#       incident: id, opened µs, rank (2 x closed + acknowledged), Incident JSON.
+# A version is written only if its rank is above the stored one: a replay, or an older
+# version arriving late, changes nothing.
+INCIDENTS = """
+local all, changes, open = KEYS[1], KEYS[2], KEYS[3]
+local kept, changes_len, cap, n = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local applied = 0
+for i = 0, n - 1 do
+  local hkey, vkey, zkey, rkey = KEYS[4 + i * 4], KEYS[5 + i * 4], KEYS[6 + i * 4], KEYS[7 + i * 4]
+  local id, opened, rank, data = ARGV[5 + i * 4], ARGV[6 + i * 4], tonumber(ARGV[7 + i * 4]),
+    ARGV[8 + i * 4]
+  local stored = tonumber(redis.call('HGET', vkey, id) or '-1')
+  local new = rank > stored and redis.call('HEXISTS', rkey, 'gone') == 0
+  -- A first version older than every kept incident of a full set was trimmed: skip it.
+  if new and stored < 0 and redis.call('ZCARD', zkey) >= cap then
+    local first = redis.call('ZRANGE', zkey, 0, 0, 'WITHSCORES')
+    new = tonumber(opened) > tonumber(first[2])
+  end
+  if new then
+    applied = applied + 1
+    redis.call('HSET', hkey, id, data)
+    redis.call('HSET', vkey, id, rank)
+    redis.call('ZADD', zkey, opened, id)
+    if rank < 2 then
+      redis.call('ZADD', open, opened, id)
+    else
+      redis.call('ZREM', open, id)
+    end
+    local extra = redis.call('ZCARD', zkey) - cap
+    if extra > 0 then
+      local gone = redis.call('ZRANGE', zkey, 0, extra - 1)
+      redis.call('ZREMRANGEBYRANK', zkey, 0, extra - 1)
+      redis.call('HDEL', hkey, unpack(gone))
+      redis.call('HDEL', vkey, unpack(gone))
+      redis.call('ZREM', open, unpack(gone))
+    end
+    redis.call('ZADD', all, opened, id)
+    if redis.call('ZCARD', all) > kept then
+      redis.call('ZREMRANGEBYRANK', all, 0, redis.call('ZCARD', all) - kept - 1)
+    end
+    redis.call('XADD', changes, 'MAXLEN', '~', changes_len, '*',
+      'data', '{"type":"incident","incident":' .. data .. '}')
+  end
+end
+return {applied, n - applied}
 """

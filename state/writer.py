@@ -43,6 +43,7 @@ import msgspec
 import redis
 from redis.exceptions import NoScriptError
 
+from fleetpulse.alert_rules import Incident
 from fleetpulse.schema import Alert, LiveState, RobotReport, WindowStats, encode
 from fleetpulse.settings import Settings
 from state import scripts
@@ -145,16 +146,25 @@ class WriteResult(msgspec.Struct, frozen=True, kw_only=True):
     alerts_added: int = 0
     alerts_duplicate: int = 0  # already stored under the same id
     retired: int = 0  # robots removed (a retirement of a robot not stored is not counted)
+    incidents_applied: int = 0
+    incidents_ignored: int = 0  # a version not further along than the stored one
 
     @property
     def applied(self) -> int:
         """Everything that changed the store."""
-        return self.states_applied + self.windows_applied + self.alerts_added
+        return (
+            self.states_applied + self.windows_applied + self.alerts_added + self.incidents_applied
+        )
 
     @property
     def ignored(self) -> int:
         """Everything that was already there."""
-        return self.states_ignored + self.windows_ignored + self.alerts_duplicate
+        return (
+            self.states_ignored
+            + self.windows_ignored
+            + self.alerts_duplicate
+            + self.incidents_ignored
+        )
 
 
 class StateWriter(Protocol):
@@ -167,6 +177,7 @@ class StateWriter(Protocol):
         alerts: Sequence[Alert],
         history: Mapping[str, Sequence[HistoryEntry]] | None = None,
         retired: Sequence[tuple[str, int]] = (),
+        incidents: Sequence[Incident] = (),
     ) -> WriteResult:
         """Apply one batch; replaying the same batch must change nothing."""
         ...
@@ -187,6 +198,7 @@ class _Script:
 
 _WINDOWS = _Script(scripts.WINDOWS)
 _ALERTS = _Script(scripts.ALERTS)
+_INCIDENTS = _Script(scripts.INCIDENTS)
 
 _Call = tuple[_Script, list[Any]]  # script, [numkeys, *keys, *argv]
 
@@ -212,7 +224,7 @@ class RedisStateWriter:
         self._load_scripts()
 
     def _load_scripts(self) -> None:
-        for script in (_WINDOWS, _ALERTS):
+        for script in (_WINDOWS, _ALERTS, _INCIDENTS):
             script.load(self._client)
 
     def write(
@@ -222,9 +234,10 @@ class RedisStateWriter:
         alerts: Sequence[Alert],
         history: Mapping[str, Sequence[HistoryEntry]] | None = None,
         retired: Sequence[tuple[str, int]] = (),
+        incidents: Sequence[Incident] = (),
     ) -> WriteResult:
         """Apply a batch: retirements, newer states, new or changed windows, alerts not
-        seen before.
+        seen before, incident versions further along than the stored ones.
 
         ``retired`` holds ``(robot id, arrival ms)`` of robots the dataflow forgot; they
         go first (the batch's states, windows and alerts are what came after them: the
@@ -244,7 +257,9 @@ class RedisStateWriter:
             calls.append(("windows", self._windows_call(windows[i : i + self._chunk])))
         for i in range(0, len(alerts), self._chunk):
             calls.append(("alerts", self._alerts_call(alerts[i : i + self._chunk])))
-        totals = {"windows": [0, 0], "alerts": [0, 0]}
+        for i in range(0, len(incidents), self._chunk):
+            calls.append(("incidents", self._incidents_call(incidents[i : i + self._chunk])))
+        totals = {"windows": [0, 0], "alerts": [0, 0], "incidents": [0, 0]}
         if calls:
             try:
                 replies = self._send([call for _, call in calls])
@@ -262,6 +277,8 @@ class RedisStateWriter:
             alerts_added=totals["alerts"][0],
             alerts_duplicate=totals["alerts"][1],
             retired=retired_applied,
+            incidents_applied=totals["incidents"][0],
+            incidents_ignored=totals["incidents"][1],
         )
 
     def _retire(self, retired: Sequence[tuple[str, int]]) -> int:
@@ -271,8 +288,12 @@ class RedisStateWriter:
         arrived later) starts the robot's next life. Returns how many were stored."""
         k = self._keys
         robots = [rid for rid, _ in retired]
-        rows = self._round_trip([("HMGET", k.robot(rid), *_STORED) for rid in robots])
-        known = {rid: _Stored.parse(row) for rid, row in zip(robots, rows, strict=True)}
+        rows = self._round_trip(
+            [("HMGET", k.robot(rid), *_STORED) for rid in robots]
+            + [("ZRANGE", k.robot_incident_index(rid), 0, -1) for rid in robots]
+        )
+        known = {rid: _Stored.parse(row) for rid, row in zip(robots, rows, strict=False)}
+        incident_ids = dict(zip(robots, rows[len(robots) :], strict=True))
         cmds: list[tuple[Any, ...]] = []
         counters: dict[str, int] = {}
         removed = 0
@@ -292,8 +313,11 @@ class RedisStateWriter:
                 )
             cmds.append((
                 "DEL", rkey, k.history(rid), k.windows(rid), k.window_index(rid),
-                k.robot_alerts(rid), k.robot_alert_index(rid),
+                k.robot_alerts(rid), k.robot_alert_index(rid), k.robot_incidents(rid),
+                k.robot_incident_ranks(rid), k.robot_incident_index(rid),
             ))  # fmt: skip
+            if incident_ids[rid]:
+                cmds.append(("ZREM", k.open_incidents, *incident_ids[rid]))
             cmds.append(("HSET", rkey, "gone", at_ms))
             cmds.append(("EXPIRE", rkey, RETIRED_TTL_S))
             known[rid] = _Stored(gone=at_ms)
@@ -494,6 +518,26 @@ class RedisStateWriter:
             start = epoch_us(w.window_start)
             argv += (window_name(start, w.part), start, encode(w))
         return _WINDOWS, [len(keys), *keys, *argv]
+
+    def _incidents_call(self, incidents: Sequence[Incident]) -> _Call:
+        k = self._keys
+        keys: list[str] = [k.incidents, k.changes, k.open_incidents]  # zset, stream, zset
+        argv: list[str | bytes | int] = [
+            self._alerts_len,
+            self._changes_len,
+            ALERTS_PER_ROBOT,
+            len(incidents),
+        ]
+        for i in incidents:
+            rid = i.robot_id
+            keys += (
+                k.robot_incidents(rid),
+                k.robot_incident_ranks(rid),
+                k.robot_incident_index(rid),
+                k.robot(rid),
+            )
+            argv += (i.id, epoch_us(i.opened_at), i.rank, encode(i))
+        return _INCIDENTS, [len(keys), *keys, *argv]
 
     def _alerts_call(self, alerts: Sequence[Alert]) -> _Call:
         k = self._keys

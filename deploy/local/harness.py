@@ -43,6 +43,7 @@ def isolated(settings: Settings, tmp: Path, partitions: int = 12, **over: Any) -
         topic_reports=f"test.{tag}.reports",
         topic_dlq=f"test.{tag}.dlq",
         topic_alerts=f"test.{tag}.alerts",
+        topic_incidents=f"test.{tag}.incidents",
         redis_prefix=f"t{tag}",
         recovery_dir=str(tmp / f"recovery-{tag}"),
         kafka_partitions=partitions,
@@ -50,7 +51,7 @@ def isolated(settings: Settings, tmp: Path, partitions: int = 12, **over: Any) -
         **{"snapshot_interval_s": 1, "dataflow_metrics_port": 0, **over},
     )
     admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap_servers})
-    topics = [s.topic_reports, s.topic_dlq, s.topic_alerts]
+    topics = [s.topic_reports, s.topic_dlq, s.topic_alerts, s.topic_incidents]
     # One copy on the single-node stack; the HA stack's settings ask for 3.
     ensure_topics(admin, topics, partitions, s.kafka_replication, reports_topic=s.topic_reports)
     MADE_TOPICS.extend(topics)

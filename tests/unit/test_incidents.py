@@ -8,8 +8,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataflows.incidents import Incident, Reorder, Track, on_sample, rule_removed
-from fleetpulse.alert_rules import Rule, load_rules
+from dataflows.incidents import Reorder, Track, on_sample, rule_removed
+from fleetpulse.alert_rules import Incident, Rule, load_rules
 from fleetpulse.schema import Pose, RobotReport
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
