@@ -1,0 +1,146 @@
+"""The Redis ACL users of least privilege: what the writer and the reader may send.
+
+Redis checks every command against its user's rules, commands run inside Lua
+(``redis.call``) included. So the lists below are every command the writer
+(:mod:`state.writer` and its scripts, :mod:`state.projection`, the robot retirement's
+deletes) and the reader (:mod:`state.reads`, :mod:`state.reader`, the SSE tail) send,
+and what redis-py sends on connect (AUTH and HELLO are always allowed; SELECT). The
+integration tests run the real writer and the real query routes against a server
+holding exactly these users, and check that each is refused the rest.
+
+- **writer** (the dataflow's sink, ``rebuild-state``): its commands on ``~<prefix>:*``
+  only; no FLUSHALL, CONFIG, KEYS, DEBUG, ACL, SHUTDOWN, no keyspace scans, no pub/sub.
+- **reader** (query API, dashboard, /v1/stream): Redis' read commands (``@read``) less
+  the dangerous ones and those that list keys whatever their name (SCAN, RANDOMKEY),
+  on ``~<prefix>:*``; EVALSHA_RO/EVAL_RO for the paging script (a read-only script:
+  Redis refuses a write inside it) and SCRIPT LOAD to cache it.
+- **default**: off, or (``admin_password``) a full user for operators, replication and
+  the Sentinels (``masterauth``, ``sentinel auth-pass``).
+
+Passwords are stored as their SHA-256 (``#<hex>``), so the file holds no secret.
+``python -m state.acl`` writes the file for the users the settings name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fleetpulse.errors import ConfigError, FleetpulseError
+from fleetpulse.settings import Settings, env_name, load_settings
+
+__all__ = ["READER_COMMANDS", "WRITER_COMMANDS", "acl_file", "reader_rules", "writer_rules"]
+
+# Sent on connect by redis-py, or by health checks. (redis-py's CLIENT SETINFO is left
+# out: Redis 7.0, Debian's, does not know it and would refuse the whole file; on 7.2+
+# it is refused and redis-py goes on without it.)
+_CONNECT = ("ping", "select")
+
+WRITER_COMMANDS = (
+    *_CONNECT,
+    # state.writer: the state write (one read, then MULTI/EXEC) and its scripts
+    "hmget", "multi", "exec", "discard", "hset", "zadd", "zrem", "lpush", "ltrim", "xadd",
+    "eval", "evalsha", "script|load",
+    # inside the scripts (state.scripts)
+    "hget", "hincrby", "hdel", "hexists", "zscore", "zcard", "zrange", "zremrangebyrank",
+    # state.projection: the run_id of the server, the re-publish bookkeeping
+    "info", "get", "set", "sadd", "scard", "expire", "del",
+    # robot retirement (state.writer, admin): its reads and deletes on the same keys
+    "unlink", "srem", "smembers", "hgetall", "zrangebyscore", "zrevrangebyscore", "lrange",
+    "xrevrange", "exists", "watch", "unwatch",
+)  # fmt: skip
+
+# Read commands that are refused all the same: they see keys outside the prefix
+# (a keyless command is not filtered by the key pattern).
+_READER_DENIED = ("keys", "scan", "randomkey")
+READER_COMMANDS = (*_CONNECT, "evalsha_ro", "eval_ro", "script|load")
+
+
+def writer_rules(prefix: str) -> list[str]:
+    """The writer's rules, after its name, state and password."""
+    return [f"~{prefix}:*", "resetchannels", "-@all", *(f"+{c}" for c in WRITER_COMMANDS)]
+
+
+def reader_rules(prefix: str) -> list[str]:
+    """The reader's rules: reads only, on the product's keys."""
+    return [
+        f"~{prefix}:*",
+        "resetchannels",
+        "-@all",
+        "+@read",
+        "-@dangerous",
+        *(f"-{c}" for c in _READER_DENIED),
+        *(f"+{c}" for c in READER_COMMANDS),
+    ]
+
+
+def _password(secret: str) -> str:
+    return "#" + hashlib.sha256(secret.encode()).hexdigest() if secret else "nopass"
+
+
+def acl_file(settings: Settings, admin_password: str | None = None) -> str:
+    """The ACL file (``aclfile``) for the writer and reader users the settings name.
+
+    Raises :class:`ConfigError` unless both users are named with a password, and they
+    differ. ``admin_password`` None turns the ``default`` user off; else it is a full
+    user with that password (operators, replication, the Sentinels).
+    """
+    s = settings
+    for user, password in (("redis_username", "redis_password"),
+                           ("redis_api_username", "redis_api_password")):  # fmt: skip
+        if not getattr(s, user) or not getattr(s, password):
+            raise ConfigError(f"an ACL file needs {env_name(user)} and {env_name(password)} set")
+    if s.redis_username == s.redis_api_username or "default" in (
+        s.redis_username,
+        s.redis_api_username,
+    ):
+        raise ConfigError(
+            f"{env_name('redis_username')} and {env_name('redis_api_username')} must be two "
+            "users, neither `default`"
+        )
+    prefix = s.redis_prefix
+    lines = [
+        f"user {s.redis_username} reset on {_password(s.redis_password)} "
+        + " ".join(writer_rules(prefix)),
+        f"user {s.redis_api_username} reset on {_password(s.redis_api_password)} "
+        + " ".join(reader_rules(prefix)),
+    ]
+    if admin_password:
+        lines.append(f"user default reset on {_password(admin_password)} ~* &* +@all")
+    else:
+        lines.append("user default reset off")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="state.acl",
+        description="write the Redis ACL file for the writer and reader users of the "
+        "settings (FLEETPULSE_REDIS_USERNAME/_PASSWORD, FLEETPULSE_REDIS_API_USERNAME/"
+        "_PASSWORD, FLEETPULSE_REDIS_PREFIX)",
+    )
+    parser.add_argument("out", type=Path, help="the file to write (mode 0600)")
+    parser.add_argument(
+        "--admin-password-file",
+        type=Path,
+        help="a file holding the password of the `default` user; without it, it is off",
+    )
+    args = parser.parse_args(argv)
+    try:
+        admin = None
+        if args.admin_password_file is not None:
+            admin = args.admin_password_file.read_text().strip()
+        text = acl_file(load_settings(), admin)
+    except (FleetpulseError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.out.touch(mode=0o600)
+    args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
