@@ -25,14 +25,26 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
+import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
+
+import msgspec
 
 from fleetpulse.errors import ConfigError, FleetpulseError
 from fleetpulse.settings import Settings, env_name, load_settings
 
-__all__ = ["READER_COMMANDS", "WRITER_COMMANDS", "acl_file", "reader_rules", "writer_rules"]
+__all__ = [
+    "READER_COMMANDS",
+    "WRITER_COMMANDS",
+    "RedisUsers",
+    "acl_file",
+    "reader_rules",
+    "writer_rules",
+]
 
 # Sent on connect by redis-py, or by health checks. (redis-py's CLIENT SETINFO is left
 # out: Redis 7.0, Debian's, does not know it and would refuse the whole file; on 7.2+
@@ -81,12 +93,15 @@ def _password(secret: str) -> str:
     return "#" + hashlib.sha256(secret.encode()).hexdigest() if secret else "nopass"
 
 
-def acl_file(settings: Settings, admin_password: str | None = None) -> str:
+def acl_file(
+    settings: Settings, admin_password: str | None = None, *, open_default: bool = False
+) -> str:
     """The ACL file (``aclfile``) for the writer and reader users the settings name.
 
     Raises :class:`ConfigError` unless both users are named with a password, and they
     differ. ``admin_password`` None turns the ``default`` user off; else it is a full
-    user with that password (operators, replication, the Sentinels).
+    user with that password (operators, replication, the Sentinels). ``open_default``
+    leaves ``default`` a full user without a password (the local stack, for development).
     """
     s = settings
     for user, password in (("redis_username", "redis_password"),
@@ -108,11 +123,55 @@ def acl_file(settings: Settings, admin_password: str | None = None) -> str:
         f"user {s.redis_api_username} reset on {_password(s.redis_api_password)} "
         + " ".join(reader_rules(prefix)),
     ]
-    if admin_password:
+    if open_default:
+        lines.append("user default reset on nopass ~* &* +@all")
+    elif admin_password:
         lines.append(f"user default reset on {_password(admin_password)} ~* &* +@all")
     else:
         lines.append("user default reset off")
     return "\n".join(lines) + "\n"
+
+
+class RedisUsers(NamedTuple):
+    """The writer's and the reader's user and password (the local stack keeps them in a
+    JSON file of mode 0600, made once with random passwords)."""
+
+    writer: str
+    writer_password: str
+    reader: str
+    reader_password: str
+
+    @classmethod
+    def kept(cls, path: Path) -> RedisUsers:
+        """The users kept in ``path``, made and kept there on first use."""
+        if path.exists():
+            return cls(**json.loads(path.read_text()))
+        users = cls("fleetpulse-sink", secrets.token_urlsafe(24),
+                    "fleetpulse-api", secrets.token_urlsafe(24))  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(json.dumps(users._asdict()))
+        return users
+
+    def writer_env(self) -> dict[str, str]:
+        """The variables of a process that writes (the dataflow): the writer only."""
+        return {env_name("redis_username"): self.writer,
+                env_name("redis_password"): self.writer_password}  # fmt: skip
+
+    def reader_env(self) -> dict[str, str]:
+        """The variables of a process that only reads (query API, dashboard)."""
+        return {env_name("redis_api_username"): self.reader,
+                env_name("redis_api_password"): self.reader_password}  # fmt: skip
+
+    def settings(self, base: Settings) -> Settings:
+        """``base`` with both users set (what :func:`acl_file` takes)."""
+        return msgspec.structs.replace(
+            base,
+            redis_username=self.writer,
+            redis_password=self.writer_password,
+            redis_api_username=self.reader,
+            redis_api_password=self.reader_password,
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

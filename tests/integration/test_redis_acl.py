@@ -28,12 +28,13 @@ from api.app import create_app
 from api.auth import hash_token, new_token
 from api.query import AlertList, ReportList, RobotPage, WindowList
 from deploy.local.procs import free_port
+from deploy.local.services import Redis
 from deploy.local.tls import ServerCert, make_server_cert
 from fleetpulse.errors import ConfigError
 from fleetpulse.schema import LiveState
 from fleetpulse.settings import Settings, load_settings
 from state import FleetSummary, RedisStateReader, RedisStateWriter
-from state.acl import acl_file
+from state.acl import RedisUsers, acl_file
 from state.connect import READER, WRITER, check, connect, connect_reader
 from state.projection import Projection
 from tests.integration.test_state_contract import alert, live, window
@@ -345,3 +346,46 @@ def test_the_dataflow_stops_at_start_up_on_refused_credentials(acl_server: AclSe
     err = done.stderr.strip().splitlines()
     assert err[-1].startswith("error: Redis refused the writer's credentials"), done.stderr
     assert "Traceback" not in done.stderr and "FLEETPULSE_REDIS_PASSWORD" in err[-1]
+
+
+def test_the_local_stacks_redis_has_the_users_and_keeps_default_open(tmp_path: Path) -> None:
+    """The stack's own redis-server command (a test-owned copy on a free port): the
+    product's users from <stack dir>/redis-users.json, and `default` open for development."""
+    port = free_port()
+    base = load_settings(
+        {"FLEETPULSE_STACK_DIR": str(tmp_path), "FLEETPULSE_REDIS_PORT": str(port)}
+    )
+    node = Redis(base, tmp_path)
+    command = node.command()
+    assert command[command.index("--aclfile") + 1] == str(node.data_dir / "users.acl")
+    assert node.users_path.stat().st_mode & 0o777 == 0o600
+    users = RedisUsers.kept(node.users_path)
+    assert (users.writer, users.reader) == ("fleetpulse-sink", "fleetpulse-api")
+    with (tmp_path / "redis.log").open("wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while not node.healthy():  # as the default user, as before
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "redis.log"
+            ).read_text()[-1000:]
+            time.sleep(0.05)
+        s = load_settings(
+            {
+                "FLEETPULSE_REDIS_PORT": str(port),  # the prefix: the default, fp
+                **users.writer_env(),
+                **users.reader_env(),
+            }
+        )
+        writer = connect(s)
+        RedisStateWriter(writer, s).write(*_batch())
+        _noperm(lambda: writer.flushall())
+        _noperm(lambda: writer.set("stk:x", "1"))  # another prefix
+        writer.close()
+        reader = connect_reader(s)
+        assert RedisStateReader(reader, s).get("amr-1") is not None
+        _noperm(lambda: reader.delete("fp:summary"))
+        reader.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
