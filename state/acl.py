@@ -14,8 +14,9 @@ holding exactly these users, and check that each is refused the rest.
   the dangerous ones and those that list keys whatever their name (SCAN, RANDOMKEY),
   on ``~<prefix>:*``; EVALSHA_RO/EVAL_RO for the paging script (a read-only script:
   Redis refuses a write inside it) and SCRIPT LOAD to cache it.
-- **default**: off, or (``admin_password``) a full user for operators, replication and
-  the Sentinels (``masterauth``, ``sentinel auth-pass``).
+- **default**: off; or PING only (anonymous health checks, compose); or (``admin_password``)
+  a full user for operators, replication and the Sentinels (``masterauth``,
+  ``sentinel auth-pass``: Kubernetes); open only in the local stack, for development.
 
 Passwords are stored as their SHA-256 (``#<hex>``), so the file holds no secret.
 ``python -m state.acl`` writes the file for the users the settings name.
@@ -30,7 +31,7 @@ import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import msgspec
 
@@ -93,15 +94,25 @@ def _password(secret: str) -> str:
     return "#" + hashlib.sha256(secret.encode()).hexdigest() if secret else "nopass"
 
 
+# What the ``default`` user may do when it has no password: nothing (off), only PING
+# (anonymous health checks: compose), or everything (the local stack, for development).
+DefaultUser = Literal["off", "ping", "open"]
+_DEFAULT_RULES: dict[str, str] = {
+    "off": "user default reset off",
+    "ping": "user default reset on nopass resetchannels -@all +ping",
+    "open": "user default reset on nopass ~* &* +@all",
+}
+
+
 def acl_file(
-    settings: Settings, admin_password: str | None = None, *, open_default: bool = False
+    settings: Settings, admin_password: str | None = None, *, default: DefaultUser = "off"
 ) -> str:
     """The ACL file (``aclfile``) for the writer and reader users the settings name.
 
     Raises :class:`ConfigError` unless both users are named with a password, and they
-    differ. ``admin_password`` None turns the ``default`` user off; else it is a full
-    user with that password (operators, replication, the Sentinels). ``open_default``
-    leaves ``default`` a full user without a password (the local stack, for development).
+    differ. With ``admin_password``, ``default`` is a full user with that password
+    (operators, replication, the Sentinels: ``masterauth``, ``sentinel auth-pass``);
+    without, ``default`` is as :data:`DefaultUser` says (off unless asked).
     """
     s = settings
     for user, password in (("redis_username", "redis_password"),
@@ -123,12 +134,10 @@ def acl_file(
         f"user {s.redis_api_username} reset on {_password(s.redis_api_password)} "
         + " ".join(reader_rules(prefix)),
     ]
-    if open_default:
-        lines.append("user default reset on nopass ~* &* +@all")
-    elif admin_password:
+    if admin_password:
         lines.append(f"user default reset on {_password(admin_password)} ~* &* +@all")
     else:
-        lines.append("user default reset off")
+        lines.append(_DEFAULT_RULES[default])
     return "\n".join(lines) + "\n"
 
 

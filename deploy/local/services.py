@@ -418,7 +418,7 @@ class Redis(Service):
         users = RedisUsers.kept(self.users_path)
         path = self.data_dir / "users.acl"
         path.touch(mode=0o600)
-        path.write_text(acl_file(users.settings(self.settings), open_default=True))
+        path.write_text(acl_file(users.settings(self.settings), default="open"))
         return path
 
     def command(self) -> list[str]:

@@ -330,6 +330,25 @@ def test_default_user_off_refuses_anonymous_clients(acl_server: AclServer, tmp_p
         proc.wait(10)
 
 
+def test_a_ping_only_default_serves_health_checks_and_nothing_else(
+    acl_server: AclServer, tmp_path: Path
+) -> None:
+    """The compose file's ACL: anonymous PING (the health check), nothing more."""
+    (tmp_path / "users.acl").write_text(acl_file(acl_server.settings(), default="ping"))
+    port = free_port()
+    proc = _start(tmp_path, port, ["--aclfile", str(tmp_path / "users.acl")])
+    try:
+        anonymous = redis.Redis(port=port)
+        assert anonymous.ping() is True
+        _noperm(lambda: anonymous.get(f"{acl_server.prefix}:summary"))
+        _noperm(lambda: anonymous.config_get("*"))
+        anonymous.close()
+        check(acl_server.settings(FLEETPULSE_REDIS_URL=f"redis://127.0.0.1:{port}/0"), WRITER)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def test_the_dataflow_stops_at_start_up_on_refused_credentials(acl_server: AclServer) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETPULSE_")}
     env.update(
