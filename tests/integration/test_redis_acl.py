@@ -408,3 +408,81 @@ def test_the_local_stacks_redis_has_the_users_and_keeps_default_open(tmp_path: P
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_sentinel_failover_keeps_working_with_acl_users(
+    acl_server: AclServer, tmp_path: Path
+) -> None:
+    """The Kubernetes ha layout in small: master, replica and a Sentinel, all with the ACL
+    file; the replica authenticates with masterauth and the Sentinel with auth-pass (the
+    admin); the product's users reach the master and a replica through the Sentinel, and
+    after a failover the writer writes to the promoted replica."""
+    (tmp_path / "users.acl").write_text(acl_file(acl_server.settings(), admin_password=ADMIN))
+    master, replica, sentinel_port = free_port(), free_port(), free_port()
+    acl = ["--aclfile", str(tmp_path / "users.acl"), "--masterauth", ADMIN]
+    procs = [_start(tmp_path, master, acl)]
+    try:
+        procs.append(_start(tmp_path, replica, [*acl, "--replicaof", "127.0.0.1", str(master)]))
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(
+            f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+            f"sentinel monitor fpacl 127.0.0.1 {master} 1\n"
+            "sentinel down-after-milliseconds fpacl 1000\n"
+            f"sentinel auth-pass fpacl {ADMIN}\n"
+        )
+        with (tmp_path / "sentinel.log").open("wb") as log:
+            procs.append(
+                subprocess.Popen(["redis-server", str(conf), "--sentinel"], stdout=log, stderr=log)
+            )
+        s = acl_server.settings(
+            FLEETPULSE_REDIS_SENTINELS=f"127.0.0.1:{sentinel_port}",
+            FLEETPULSE_REDIS_SENTINEL_MASTER="fpacl",
+            FLEETPULSE_REDIS_READ_FROM_REPLICAS="true",
+        )
+        sentinel = redis.Redis(port=sentinel_port)
+        replica_admin = redis.Redis(port=replica, password=ADMIN)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                known = sentinel.execute_command("SENTINEL", "REPLICAS", "fpacl")
+                if known and replica_admin.info("replication")["master_link_status"] == "up":
+                    break
+            except redis.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "sentinel.log").read_text()[-800:]
+            time.sleep(0.1)
+        writer = connect(s)
+        RedisStateWriter(writer, s).write([live("amr-9", 1)], [], [])
+        _noperm(lambda: writer.flushall())
+        reader = connect_reader(s)
+        deadline = time.monotonic() + 10
+        while RedisStateReader(reader, s).get("amr-9") is None:  # from the replica
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        _noperm(lambda: reader.delete(f"{s.redis_prefix}:summary"))
+        sentinel.execute_command("SENTINEL", "FAILOVER", "fpacl")
+        deadline = time.monotonic() + 30
+        while sentinel.sentinel_get_master_addr_by_name("fpacl")[1] != replica:
+            assert time.monotonic() < deadline, (tmp_path / "sentinel.log").read_text()[-800:]
+            time.sleep(0.1)
+        old_master = redis.Redis(port=master, password=ADMIN)
+        while old_master.info("replication")["role"] != "slave":  # demoted: no lost write
+            assert time.monotonic() < deadline, (tmp_path / "sentinel.log").read_text()[-800:]
+            time.sleep(0.1)
+        old_master.close()
+        applied = 0
+        deadline = time.monotonic() + 30
+        while not applied:  # the writer's pool follows the Sentinel to the new master
+            try:
+                applied = RedisStateWriter(writer, s).write([live("amr-9", 2)], [], []).applied
+            except (redis.ConnectionError, redis.exceptions.ReadOnlyError):
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert replica_admin.info("replication")["role"] == "master"
+        assert replica_admin.hget(f"{s.redis_prefix}:robot:{{amr-9}}", "seq") == b"2"
+        for client in (writer, reader, sentinel, replica_admin):
+            client.close()
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
