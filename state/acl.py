@@ -63,7 +63,7 @@ WRITER_COMMANDS = (
     "info", "get", "set", "sadd", "scard", "expire", "del",
     # robot retirement (state.writer, admin): its reads and deletes on the same keys
     "unlink", "srem", "smembers", "hgetall", "zrangebyscore", "zrevrangebyscore", "lrange",
-    "xrevrange", "exists", "watch", "unwatch",
+    "xrevrange", "exists", "watch", "unwatch", "hscan", "zscan", "sscan",
 )  # fmt: skip
 
 # Read commands that are refused all the same: they see keys outside the prefix

@@ -27,8 +27,10 @@ from litestar.testing import TestClient
 from api.app import create_app
 from api.auth import hash_token, new_token
 from api.query import AlertList, ReportList, RobotPage, WindowList
+from deploy.local.main import _redis_users
 from deploy.local.procs import free_port
 from deploy.local.services import Redis
+from deploy.local.stack import Stack
 from deploy.local.tls import ServerCert, make_server_cert
 from fleetpulse.errors import ConfigError
 from fleetpulse.schema import LiveState
@@ -405,6 +407,8 @@ def test_the_local_stacks_redis_has_the_users_and_keeps_default_open(tmp_path: P
         assert RedisStateReader(reader, s).get("amr-1") is not None
         _noperm(lambda: reader.delete("fp:summary"))
         reader.close()
+        # The main job gives the dataflow the writer only, the query servers the reader.
+        assert _redis_users(Stack(base), base) == (users.writer_env(), users.reader_env())
     finally:
         proc.terminate()
         proc.wait(10)
@@ -486,3 +490,16 @@ def test_sentinel_failover_keeps_working_with_acl_users(
         for proc in procs:
             proc.terminate()
             proc.wait(10)
+
+
+def test_the_main_job_runs_as_default_when_the_running_redis_lacks_the_users(
+    acl_server: AclServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = load_settings(
+        {"FLEETPULSE_STACK_DIR": str(tmp_path), "FLEETPULSE_REDIS_PORT": str(acl_server.port)}
+    )
+    assert _redis_users(Stack(base), base) == ({}, {})  # no users file: nothing to use
+    RedisUsers.kept(tmp_path / "redis-users.json")  # made, but this server has not got them
+    assert _redis_users(Stack(base), base) == ({}, {})
+    out = capsys.readouterr().out
+    assert "the running Redis has not the stack's ACL users" in out and "stack-down" in out
