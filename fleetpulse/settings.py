@@ -187,7 +187,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 
     # --- credentials and TLS of the clients (issue 17: least privilege) --------------
     # Two Redis identities: the writer (the dataflow's sink and the tools that write) and
-    # the reader (query API, dashboard, SSE). deploy/redis/acl.py makes the ACL users.
+    # the reader (query API, dashboard, SSE). state/acl.py makes the ACL users.
     redis_username: Annotated[
         str,
         _doc(

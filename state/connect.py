@@ -2,7 +2,7 @@
 
 Two identities: :func:`connect` is the writer's client (FLEETPULSE_REDIS_USERNAME),
 :func:`connect_reader` and :func:`connect_reader_async` the readers' (FLEETPULSE_REDIS_API_
-USERNAME), each Redis ACL user allowed only what its role sends (deploy/redis/acl.py).
+USERNAME), each Redis ACL user allowed only what its role sends (state/acl.py).
 A ``rediss://`` URL is TLS, its certificate checked against FLEETPULSE_REDIS_CA_FILE.
 
 Clients speak RESP2 and return bytes (payloads are JSON for msgspec, which takes
@@ -137,7 +137,7 @@ def refused(exc: BaseException, settings: Settings, role: Role) -> str | None:
     if isinstance(exc, redis.exceptions.NoPermissionError):
         return (
             f"Redis refused a command of the {role} ({exc}); the ACL user {user} names "
-            "lacks a permission the product needs (deploy/redis/acl.py makes the users)"
+            "lacks a permission the product needs (state/acl.py makes the users)"
         )
     cause = exc.__context__ or exc.__cause__
     if isinstance(exc, redis.ConnectionError) and isinstance(cause, ssl.SSLError):
