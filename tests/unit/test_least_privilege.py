@@ -4,10 +4,12 @@ the Redis ACL file, and that no secret is shown."""
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from deploy.local.tls import make_server_cert
 from fleetpulse.errors import ConfigError
 from fleetpulse.kafka_config import kafka_config
 from fleetpulse.settings import SECRET_FIELDS, load_settings, shown
@@ -209,3 +211,21 @@ def test_the_acl_command_writes_the_file_readable_by_its_owner_only(
     assert main([str(out)]) == 0
     assert out.stat().st_mode & 0o777 == 0o600
     assert out.read_text() == acl_file(load_settings(_acl_settings()))
+
+
+def test_the_projects_ca_signs_a_server_certificate_for_the_names_given(tmp_path: Path) -> None:
+    made = make_server_cert(tmp_path, "redis", ["DNS:redis.fleetpulse.svc"])
+    verified = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(made.ca), str(made.cert)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert verified.returncode == 0 and verified.stdout.strip().endswith(": OK")
+    names = subprocess.run(
+        ["openssl", "x509", "-in", str(made.cert), "-noout", "-ext", "subjectAltName"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "IP Address:127.0.0.1" in names and "DNS:redis.fleetpulse.svc" in names
+    for key in (made.key, tmp_path / "ca.key"):
+        assert key.stat().st_mode & 0o777 == 0o600
+    again = make_server_cert(tmp_path, "kafka")  # the same CA signs the next one
+    assert again.ca == made.ca and again.ca.read_text() == made.ca.read_text()
