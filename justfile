@@ -187,6 +187,14 @@ k8s-status:
 kubectl *ARGS:
     @"$({{py}} -m deploy.local.cluster kubectl-path)" --kubeconfig "$({{py}} -m deploy.local.cluster kubeconfig)" {{ARGS}}
 
+# write a Redis ACL file for the writer and reader users of the FLEETPULSE_REDIS_* settings, e.g. `just redis-acl users.acl --admin-password-file pw`
+redis-acl *ARGS:
+    @{{py}} -m state.acl {{ARGS}}
+
+# make a self-signed CA and a server certificate into DIR with openssl, e.g. `just tls .stack/tls --san DNS:redis`
+tls DIR *ARGS:
+    @{{py}} -m deploy.local.tls {{DIR}} {{ARGS}}
+
 # print the settings table (the README carries it)
 settings-table:
     @{{py}} -m fleetpulse.settings

@@ -38,6 +38,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from fleetpulse.errors import BrokerUnavailable, ReportRejected
+from fleetpulse.kafka_config import kafka_config
 from fleetpulse.settings import Settings
 
 __all__ = ["ERROR_LOG_INTERVAL_S", "OutgoingReport", "ReportProducer", "producer_config"]
@@ -67,17 +68,19 @@ POLL_S = 0.05
 def producer_config(settings: Settings) -> dict[str, Any]:
     """The idempotent, acks=all producer configuration shared by ingest and tools."""
     timeout_ms = max(1, int(settings.produce_timeout_s * 1000))
-    return {
-        "bootstrap.servers": settings.kafka_bootstrap_servers,
-        "enable.idempotence": True,
-        "acks": "all",
-        "linger.ms": 2,
-        "compression.type": "lz4",
-        "queue.buffering.max.messages": settings.producer_queue_max,
-        "message.timeout.ms": timeout_ms,
-        "request.timeout.ms": min(timeout_ms, 30_000),
-        "socket.timeout.ms": 3000,
-    }
+    return kafka_config(
+        settings,
+        **{
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 2,
+            "compression.type": "lz4",
+            "queue.buffering.max.messages": settings.producer_queue_max,
+            "message.timeout.ms": timeout_ms,
+            "request.timeout.ms": min(timeout_ms, 30_000),
+            "socket.timeout.ms": 3000,
+        },
+    )
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:

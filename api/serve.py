@@ -28,6 +28,7 @@ from fleetpulse.errors import FleetpulseError
 from fleetpulse.reload import ConfigWatcher
 from fleetpulse.settings import Settings, load_settings
 from observability.logs import setup_logging
+from state.connect import READER, check
 
 __all__ = ["all_app", "dashboard_app", "ingest_app", "main", "query_app"]
 
@@ -69,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Check here so bad settings stop start-up with one clear message, not one per worker.
         TokenStore.parse(settings.api_tokens)
         Signatures.parse(settings.webhook_secrets, settings.webhook_tolerance_s)
+        if args.role != "ingest":  # wrong Redis credentials or CA: one message, not a 503
+            check(settings, READER)
     except FleetpulseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

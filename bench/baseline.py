@@ -20,6 +20,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from dataflows.robot import RobotState, on_report
 from dataflows.rules import Rules
+from fleetpulse.kafka_config import kafka_config
 from fleetpulse.schema import Alert, LiveState, WindowStats, decode_report
 from fleetpulse.settings import Settings, load_settings
 from state.connect import connect
@@ -33,13 +34,15 @@ def run(settings: Settings, batch: int = 2000) -> int:
     rules = Rules.from_settings(settings)
     writer = RedisStateWriter(connect(settings), settings)
     consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
-            "group.id": f"baseline-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
-        }
+        kafka_config(
+            settings,
+            **{
+                "group.id": f"baseline-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "auto.offset.reset": "earliest",
+            },
+        )
     )
     meta = consumer.list_topics(settings.topic_reports, timeout=10)
     parts = list(meta.topics[settings.topic_reports].partitions)

@@ -31,6 +31,7 @@ from bench.workload import Shape, fill, final_count, final_orders
 from deploy.local.harness import FlowProcess, isolated, produce, remove_made, report
 from deploy.local.procs import free_port
 from deploy.local.stack import Stack
+from fleetpulse.kafka_config import kafka_config
 from fleetpulse.settings import Settings, load_settings
 from state.connect import connect
 from state.keys import Keys
@@ -114,7 +115,7 @@ def freshness(
 
             return on_delivery
 
-        producer = Producer({"bootstrap.servers": s.kafka_bootstrap_servers, "linger.ms": 1})
+        producer = Producer(kafka_config(s, **{"linger.ms": 1}))
         progress(f"freshness, {procs} process(es): {rate} reports/s for {seconds}s")
         t0 = time.monotonic()
         n = 0

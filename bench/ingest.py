@@ -33,6 +33,7 @@ from bench.common import bar_chart, need_tool, progress, run_wrk, serve_api, wri
 from deploy.local.procs import free_port
 from deploy.local.services import ensure_topics
 from deploy.local.stack import Stack
+from fleetpulse.kafka_config import kafka_config
 from fleetpulse.settings import Settings, load_settings
 
 TOPIC = "bench.ingest"
@@ -164,7 +165,7 @@ def main() -> int:
     ratio = settings.trace_sample_ratio if args.ratio is None else args.ratio
     Stack(settings).up()
     wrk = need_tool("wrk", "wrk")
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    admin = AdminClient(kafka_config(settings))
     ensure_topics(admin, [TOPIC], settings.kafka_partitions, 1, reports_topic=TOPIC)
     token = new_token()
     rows: list[dict[str, Any]] = []

@@ -35,6 +35,7 @@ from deploy.local.harness import isolated, remove_made
 from deploy.local.procs import free_port
 from deploy.local.services import ensure_topics
 from deploy.local.stack import Stack
+from fleetpulse.kafka_config import kafka_config
 from fleetpulse.settings import Settings, load_settings
 
 
@@ -67,7 +68,7 @@ def _drain(settings: Settings, reports: int, tmp: Path) -> tuple[float, float]:
 
 def _ingest(settings: Settings, seconds: int, tmp: Path) -> float:
     wrk = need_tool("wrk", "wrk")
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    admin = AdminClient(kafka_config(settings))
     ensure_topics(admin, [ingest.TOPIC], settings.kafka_partitions, 1, reports_topic=ingest.TOPIC)
     token, port = new_token(), free_port()
     body = tmp / "single.json"

@@ -52,10 +52,12 @@ from dataflows.sink import FleetSink, metrics_offset, process_id
 from dataflows.source import Binding, ReportSource
 from dataflows.spans import flow_spans
 from fleetpulse.alert_rules import RuleBook, RulesFile
+from fleetpulse.errors import FleetpulseError
 from fleetpulse.reload import ActiveConfig, ConfigWatcher, config_hash
 from fleetpulse.settings import Settings, load_settings
 from observability.logs import set_log_level, setup_logging
 from observability.metrics import DataflowMetrics, dataflow_metrics
+from state.connect import WRITER, check
 
 __all__ = ["build_flow"]
 
@@ -71,6 +73,7 @@ def build_flow(settings: Settings | None = None, *, tail: bool = True) -> Datafl
     if settings is None:  # the entry point: python -m bytewax.run "...:build_flow()"
         settings = load_settings()
         setup_logging(settings, "fleetpulse-dataflow")
+        _check_redis(settings)
     _recovery_on_by_default(settings)
     watcher = _config_watcher(settings)
     if watcher is not None:  # the file's values go over the environment's
@@ -98,6 +101,16 @@ def build_flow(settings: Settings | None = None, *, tail: bool = True) -> Datafl
     shards = op.stateful_batch("shards", keyed, builder)
     op.output("sink", shards, FleetSink(settings, chaos))
     return flow
+
+
+def _check_redis(settings: Settings) -> None:
+    """Stop start-up with one line (no traceback) when Redis refuses the writer's
+    credentials or TLS handshake; an unreachable Redis is waited for by the sink."""
+    try:
+        check(settings, WRITER)
+    except FleetpulseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 _watch_lock = threading.Lock()

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from confluent_kafka import KafkaError, Message, Producer
 
 from fleetpulse.errors import FleetpulseError
+from fleetpulse.kafka_config import kafka_config
 from fleetpulse.settings import Settings
 
 __all__ = ["CheckedProducer", "DeliveryFailed", "OutMessage"]
@@ -32,14 +33,16 @@ class CheckedProducer:
     def __init__(self, settings: Settings, timeout_s: float = 30.0) -> None:
         self._timeout_s = timeout_s
         self._producer = Producer(
-            {
-                "bootstrap.servers": settings.kafka_bootstrap_servers,
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 5,
-                "compression.type": "lz4",
-                "message.timeout.ms": int(timeout_s * 1000),
-            }
+            kafka_config(
+                settings,
+                **{
+                    "enable.idempotence": True,
+                    "acks": "all",
+                    "linger.ms": 5,
+                    "compression.type": "lz4",
+                    "message.timeout.ms": int(timeout_s * 1000),
+                },
+            )
         )
         self._errors: list[str] = []
 

@@ -120,6 +120,8 @@ def _retry(what: str, call: Callable[[], T], transient: tuple[type[Exception], .
         try:
             return call()
         except transient as exc:
+            if isinstance(exc, redis.AuthenticationError):
+                raise  # refused credentials do not pass by waiting (FLEETPULSE_REDIS_USERNAME)
             failures += 1
             if failures == 1 or failures % 20 == 0:
                 log.warning("%s failed (%s); retrying (attempt %d)", what, exc, failures + 1)

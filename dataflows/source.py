@@ -56,6 +56,7 @@ from dataflows.republish import ProjectionWatch
 from dataflows.shard import shard_key, shard_keys
 from fleetpulse import control
 from fleetpulse.errors import FleetpulseError
+from fleetpulse.kafka_config import kafka_config
 from fleetpulse.schema import is_robot_id
 from fleetpulse.settings import Settings
 from observability.metrics import DataflowMetrics
@@ -107,7 +108,7 @@ class Binding(msgspec.Struct, frozen=True):
     @classmethod
     def read(cls, settings: Settings, timeout_s: float = 30.0) -> Binding:
         """Ask Kafka for the cluster id and the reports topic's id."""
-        admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+        admin = AdminClient(kafka_config(settings))
         topic = settings.topic_reports
         try:
             cluster = admin.describe_cluster(request_timeout=timeout_s).result(timeout_s)
@@ -204,7 +205,7 @@ class ReportSource(FixedPartitionedSource[Keyed, SourcePosition]):
 
     def list_parts(self) -> list[str]:
         topic = self.settings.topic_reports
-        admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap_servers})
+        admin = AdminClient(kafka_config(self.settings))
         meta = admin.list_topics(topic, timeout=30).topics[topic]
         if meta.error is not None:
             raise RuntimeError(f"cannot read topic {topic}: {meta.error.str()}")
@@ -260,11 +261,9 @@ class _Ends:
 
     def __init__(self, settings: Settings) -> None:
         self._client = Consumer(
-            {
-                "bootstrap.servers": settings.kafka_bootstrap_servers,
-                "group.id": settings.consumer_group,
-                "enable.auto.commit": False,
-            }
+            kafka_config(
+                settings, **{"group.id": settings.consumer_group, "enable.auto.commit": False}
+            )
         )
         self._topic = settings.topic_reports
         self._lock = threading.Lock()
@@ -322,7 +321,7 @@ class _TopicWatch:
     def __init__(self, settings: Settings, binding: Binding) -> None:
         self.binding = binding
         self.problem: str | None = None
-        self._admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+        self._admin = AdminClient(kafka_config(settings))
         thread = threading.Thread(target=self._run, name="topic-watch", daemon=True)
         thread.start()
 
@@ -364,19 +363,21 @@ class _Partition(StatefulSourcePartition[Keyed, SourcePosition]):
         self.ended = False
         self._last_log: dict[int, float] = {}
         self.consumer = Consumer(
-            {
-                "bootstrap.servers": s.kafka_bootstrap_servers,
-                # Offsets live in the recovery snapshots, not in a consumer group.
-                "group.id": s.consumer_group,
-                "enable.auto.commit": False,
-                "enable.partition.eof": not source.tail,
-                # Out of range: tell us (we resume at the earliest retained offset and
-                # say so) instead of librdkafka's default silent jump to the end.
-                "auto.offset.reset": "error",
-                "statistics.interval.ms": 1000,
-                "stats_cb": self._stats,
-                "error_cb": self._client_error,
-            }
+            kafka_config(
+                s,
+                **{
+                    # Offsets live in the recovery snapshots, not in a consumer group.
+                    "group.id": s.consumer_group,
+                    "enable.auto.commit": False,
+                    "enable.partition.eof": not source.tail,
+                    # Out of range: tell us (we resume at the earliest retained offset and
+                    # say so) instead of librdkafka's default silent jump to the end.
+                    "auto.offset.reset": "error",
+                    "statistics.interval.ms": 1000,
+                    "stats_cb": self._stats,
+                    "error_cb": self._client_error,
+                },
+            )
         )
         self.tp = TopicPartition(self.topic, index, self.offset)
         self.consumer.assign([self.tp])

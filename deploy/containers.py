@@ -43,6 +43,7 @@ from deploy.local.main import Tokens
 from deploy.local.procs import run_with_progress
 from fleetpulse.errors import FleetpulseError, StackError
 from fleetpulse.settings import Settings, env_name, load_settings
+from state.acl import RedisUsers, acl_file
 
 __all__ = [
     "COMPOSE_FILE",
@@ -691,8 +692,27 @@ def _tokens(settings: Settings, project: str) -> Tokens:
     return Tokens.kept(_tokens_file(settings, project))
 
 
-def compose_environ(settings: Settings, tokens: Mapping[str, str]) -> dict[str, str]:
-    """The compose file's variables: the port settings in effect, and the token hashes."""
+def _redis_users(settings: Settings, project: str) -> RedisUsers:
+    """The project's Redis users (writer, reader): made at its first compose-up with
+    random passwords, kept (mode 0600) beside the tokens; and the ACL file the redis
+    container starts with (hashes only, so readable by the container's redis user)."""
+    folder = Path(settings.stack_dir).resolve() / "containers"
+    users = RedisUsers.kept(folder / f"{project}.redis-users.json")
+    acl = _acl_file(settings, project)
+    acl.write_text(acl_file(users.settings(settings), default="ping"))
+    acl.chmod(0o644)
+    return users
+
+
+def _acl_file(settings: Settings, project: str) -> Path:
+    return Path(settings.stack_dir).resolve() / "containers" / f"{project}.users.acl"
+
+
+def compose_environ(
+    settings: Settings, tokens: Mapping[str, str], users: RedisUsers | None = None
+) -> dict[str, str]:
+    """The compose file's variables: the port settings in effect, the token hashes, and
+    the Redis users' passwords and ACL file (``users``)."""
     dev = Tokens(**tokens)
     environ = {env_name(n): str(getattr(settings, n)) for n in PORT_SETTINGS}
     environ[env_name("dataflow_metrics_port")] = str(settings.dataflow_metrics_port)
@@ -703,6 +723,10 @@ def compose_environ(settings: Settings, tokens: Mapping[str, str]) -> dict[str, 
     environ[env_name("sim_token")] = dev.ingest
     for var, default in PEER_PORTS.items():
         environ[var] = os.environ.get(var, str(default))
+    if users is not None:
+        environ.update(users.writer_env())
+        environ.update(users.reader_env())
+        environ["REDIS_ACL_FILE"] = str(_acl_file(settings, "fleetpulse"))
     return environ
 
 
@@ -749,9 +773,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"export {var}={env[var]}")
             return 0
         tokens = _tokens(settings, "fleetpulse")
+        users = _redis_users(settings, "fleetpulse")
         compose = Compose(
             settings,
-            environ=compose_environ(settings, tokens._asdict()),
+            environ=compose_environ(settings, tokens._asdict(), users),
             profiles=("sim",) if getattr(args, "sim", False) else (),
         )
         if args.command == "up":
@@ -763,6 +788,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             compose.down(volumes=args.volumes)
             if args.volumes:
                 _tokens_file(settings, "fleetpulse").unlink(missing_ok=True)
+                folder = _tokens_file(settings, "fleetpulse").parent
+                (folder / "fleetpulse.redis-users.json").unlink(missing_ok=True)
             left = {k: v for k, v in compose.leftovers().items() if v}
             print("compose topology down" + (f"; left: {left}" if left else ""))
         elif args.command == "ps":

@@ -31,6 +31,7 @@ __all__ = [
     "env_name",
     "load_settings",
     "markdown_table",
+    "masked_url",
     "overlay_settings",
     "shown",
     "to_env",
@@ -187,6 +188,74 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
         int, _doc("Entries kept in the change stream behind /v1/stream.", ge=100)
     ] = 100_000
     alerts_len: Annotated[int, _doc("Entries kept in the alerts stream.", ge=100)] = 100_000
+
+    # --- credentials and TLS of the clients (issue 17: least privilege) --------------
+    # Two Redis identities: the writer (the dataflow's sink and the tools that write) and
+    # the reader (query API, dashboard, SSE). state/acl.py makes the ACL users.
+    redis_username: Annotated[
+        str,
+        _doc(
+            "Redis ACL user of the writer (the dataflow's sink, rebuild-state); empty: the "
+            "user in FLEETPULSE_REDIS_URL, else `default`.",
+            pattern=r"^[A-Za-z0-9_.-]{0,64}$",
+        ),
+    ] = ""
+    redis_password: Annotated[
+        str, _doc("Password of FLEETPULSE_REDIS_USERNAME (or of `default`); secret.")
+    ] = ""
+    redis_api_username: Annotated[
+        str,
+        _doc(
+            "Redis ACL user of the readers (query API, dashboard, /v1/stream): a read-only "
+            "user. Empty: the writer's credentials.",
+            pattern=r"^[A-Za-z0-9_.-]{0,64}$",
+        ),
+    ] = ""
+    redis_api_password: Annotated[
+        str, _doc("Password of FLEETPULSE_REDIS_API_USERNAME; secret.")
+    ] = ""
+    redis_ca_file: Annotated[
+        str,
+        _doc(
+            "PEM file of the CA that signed the Redis servers' (and Sentinels') TLS "
+            "certificates, for `rediss://` URLs; empty: the system's CAs."
+        ),
+    ] = ""
+    redis_sentinel_username: Annotated[
+        str,
+        _doc(
+            "ACL user the clients authenticate to the Sentinels with; empty: none (or "
+            "`default` when FLEETPULSE_REDIS_SENTINEL_PASSWORD is set).",
+            pattern=r"^[A-Za-z0-9_.-]{0,64}$",
+        ),
+    ] = ""
+    redis_sentinel_password: Annotated[
+        str, _doc("Password for the Sentinels (their `requirepass` or ACL user); secret.")
+    ] = ""
+    redis_sentinel_tls: Annotated[
+        bool,
+        _doc(
+            "Reach the Sentinels over TLS (verified with FLEETPULSE_REDIS_CA_FILE); the "
+            "data nodes use TLS when FLEETPULSE_REDIS_URL is `rediss://`."
+        ),
+    ] = False
+    kafka_security_protocol: Annotated[
+        Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"],
+        _doc("How every Kafka client of the product reaches the brokers (librdkafka's)."),
+    ] = "PLAINTEXT"
+    kafka_sasl_mechanism: Annotated[
+        Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"],
+        _doc("SASL mechanism with SASL_PLAINTEXT or SASL_SSL (then required); else empty."),
+    ] = ""
+    kafka_sasl_username: Annotated[str, _doc("SASL user of the Kafka clients.")] = ""
+    kafka_sasl_password: Annotated[str, _doc("SASL password of the Kafka clients; secret.")] = ""
+    kafka_ca_file: Annotated[
+        str,
+        _doc(
+            "PEM file of the CA that signed the brokers' certificates (SSL, SASL_SSL); "
+            "empty: the system's CAs."
+        ),
+    ] = ""
 
     # --- tracing, logs ----------------------------------------------------------------
     otlp_endpoint: Annotated[
@@ -504,14 +573,66 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 
 # Settings whose values are secrets (or, for the token hashes, close to one): never in a
 # log line or an error message; shown as "(set)" or "(empty)".
-SECRET_FIELDS = frozenset({"api_tokens", "webhook_secrets", "sim_token"})
+SECRET_FIELDS = frozenset(
+    {
+        "api_tokens",
+        "webhook_secrets",
+        "sim_token",
+        "redis_password",
+        "redis_api_password",
+        "redis_sentinel_password",
+        "kafka_sasl_password",
+    }
+)
+# Settings that are URLs which may carry a password (redis://user:secret@host): shown
+# with the password masked.
+_URL_FIELDS = frozenset({"redis_url"})
 
 
 def shown(field: str, value: Any) -> str:
     """``value`` of ``field`` as a log line may show it (secrets masked)."""
     if field in SECRET_FIELDS:
         return "(set)" if value else "(empty)"
+    if field in _URL_FIELDS and isinstance(value, str):
+        return repr(masked_url(value))
     return repr(value)
+
+
+def masked_url(url: str) -> str:
+    """``url`` with the password of its user part replaced by ``***``."""
+    return re.sub(r"^([a-z]+://[^:@/]*):[^@/]*@", r"\1:***@", url)
+
+
+def _check_security(s: Settings) -> None:
+    """The rules between the credential and TLS settings (each alone is checked by type)."""
+    sasl = s.kafka_security_protocol.startswith("SASL_")
+    proto = env_name("kafka_security_protocol")
+    if sasl and not (s.kafka_sasl_mechanism and s.kafka_sasl_username and s.kafka_sasl_password):
+        missing = [
+            env_name(f)
+            for f in ("kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password")
+            if not getattr(s, f)
+        ]
+        raise ConfigError(
+            f"{proto}={s.kafka_security_protocol} needs {', '.join(missing)} "
+            "(the mechanism, user and password the brokers know)"
+        )
+    if not sasl and (s.kafka_sasl_mechanism or s.kafka_sasl_username or s.kafka_sasl_password):
+        raise ConfigError(
+            f"{env_name('kafka_sasl_mechanism')}, {env_name('kafka_sasl_username')} and "
+            f"{env_name('kafka_sasl_password')} apply only with {proto}=SASL_PLAINTEXT or "
+            f"SASL_SSL, not {s.kafka_security_protocol}"
+        )
+    if s.kafka_ca_file and s.kafka_security_protocol not in ("SSL", "SASL_SSL"):
+        raise ConfigError(
+            f"{env_name('kafka_ca_file')} applies only with {proto}=SSL or SASL_SSL, "
+            f"not {s.kafka_security_protocol}"
+        )
+    if s.redis_ca_file and not (s.redis_dsn.startswith("rediss://") or s.redis_sentinel_tls):
+        raise ConfigError(
+            f"{env_name('redis_ca_file')} is set but {env_name('redis_url')} is not a "
+            f"rediss:// (TLS) URL and {env_name('redis_sentinel_tls')} is off"
+        )
 
 
 def env_name(field: str) -> str:
@@ -606,9 +727,11 @@ def overlay_settings(
             raise ConfigError(f"{source}: {name!r} is not a fleetpulse setting: {hint}")
     raw.update(values)
     try:
-        return msgspec.convert(raw, Settings, strict=False)
+        settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise _explain(exc, raw, fields, values, source) from None
+    _check_security(settings)
+    return settings
 
 
 def _explain(
@@ -624,9 +747,9 @@ def _explain(
     name = match.group(1)
     reason = str(exc)[: match.start()].rstrip(" -")
     where = f"{source}: {name}: " if name in from_file else f"{env_name(name)}="
+    value = shown(name, raw.get(name, "")) if name in SECRET_FIELDS else repr(raw.get(name, ""))
     return ConfigError(
-        f"{where}{raw.get(name, '')!r} is not allowed ({reason}); "
-        f"expected {_allowed(fields[name].type)}"
+        f"{where}{value} is not allowed ({reason}); expected {_allowed(fields[name].type)}"
     )
 
 

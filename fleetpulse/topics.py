@@ -30,6 +30,7 @@ from confluent_kafka.admin._resource import ResourceType
 from confluent_kafka.cimpl import NewTopic
 
 from fleetpulse.errors import ConfigError, FleetpulseError, StackError
+from fleetpulse.kafka_config import kafka_config
 from fleetpulse.settings import Settings, load_settings
 
 __all__ = ["ensure_topics", "main", "product_topics", "topic_configs", "wait_for_brokers"]
@@ -205,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
         admin = AdminClient(
-            {"bootstrap.servers": settings.kafka_bootstrap_servers, "socket.timeout.ms": 2000},
+            kafka_config(settings, **{"socket.timeout.ms": 2000}),
             logger=_QUIET,
         )
         wait_for_brokers(admin, settings.kafka_replication, args.wait_s)

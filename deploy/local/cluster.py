@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import ssl
 import subprocess
@@ -41,6 +42,7 @@ from deploy.local.volumes import PROVISIONER
 from deploy.local.volumes import STORAGE_CLASS as STORAGE_CLASS_NAME
 from fleetpulse.errors import FleetpulseError, StackError
 from fleetpulse.settings import Settings, env_name, load_settings
+from state.acl import RedisUsers, acl_file
 
 if TYPE_CHECKING:
     from deploy.local.main import Tokens
@@ -920,7 +922,8 @@ def deploy(settings: Settings, overlay: str, timeout_s: float = 600.0) -> None:
     print(f"applying deploy/k8s/overlays/{overlay}")
     docs = [d for d in yaml.safe_load_all(kubectl(settings, "kustomize", str(path))) if d]
     tokens = dev_tokens(settings)
-    stamp = hashlib.sha256(tokens.setting().encode()).hexdigest()[:12]
+    redis_secrets = fill_redis_secrets(settings, docs)
+    stamp = hashlib.sha256((tokens.setting() + redis_secrets).encode()).hexdigest()[:12]
     for doc in docs:
         data = doc.get("stringData", {})
         if doc["kind"] == "Secret" and data.get(env_name("api_tokens")) == "":
@@ -986,6 +989,41 @@ def _fit_cpu_requests(settings: Settings, docs: list[dict[str, Any]]) -> None:
         f"  the overlay asks for {asked:.2f} CPUs, this node has {allocatable / 0.9:.0f}: "
         f"CPU requests scaled by {factor:.2f} to fit (limits unchanged)"
     )
+
+
+def fill_redis_secrets(settings: Settings, docs: list[dict[str, Any]]) -> str:
+    """Fill the rendered Redis Secrets that are left empty (deploy/k8s/base/config.yaml):
+    the writer's and reader's users with passwords made at the first deploy and kept
+    (mode 0600) in the cluster's folder, the ACL file for the product's key prefix, and
+    the admin (default user) password. Returns what changed pods must roll for."""
+
+    folder = Path(settings.stack_dir).resolve() / "k8s"
+    users = RedisUsers.kept(folder / "redis-users.json")
+    admin_file = folder / "redis-admin-password"
+    if not admin_file.exists():
+        admin_file.touch(mode=0o600)
+        admin_file.write_text(secrets.token_urlsafe(24))
+    admin = admin_file.read_text().strip()
+    env: dict[str, str] = next(
+        (d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"
+         and d["metadata"]["name"] == "fleetpulse-env"),
+        {},
+    )  # fmt: skip
+    product = load_settings({k: v for k, v in env.items() if k.startswith("FLEETPULSE_")})
+    fills: dict[str, dict[str, str]] = {
+        "fleetpulse-redis-writer": users.writer_env(),
+        "fleetpulse-redis-reader": users.reader_env(),
+        "redis-acl": {
+            "users.acl": acl_file(users.settings(product), admin_password=admin),
+            "admin-password": admin,
+        },
+    }
+    for doc in docs:
+        wanted = fills.get(doc["metadata"]["name"]) if doc["kind"] == "Secret" else None
+        data = doc.get("stringData", {})
+        if wanted and all(v == "" for v in data.values()):
+            doc["stringData"] = dict(wanted)
+    return json.dumps(fills, sort_keys=True)
 
 
 def dev_tokens(settings: Settings) -> Tokens:

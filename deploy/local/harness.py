@@ -20,6 +20,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from deploy.local.services import ensure_topics
+from fleetpulse.kafka_config import kafka_config
 from fleetpulse.settings import Settings, to_env
 
 T = TypeVar("T")
@@ -50,7 +51,7 @@ def isolated(settings: Settings, tmp: Path, partitions: int = 12, **over: Any) -
         # Tests that scrape metrics pick a free port.
         **{"snapshot_interval_s": 1, "dataflow_metrics_port": 0, **over},
     )
-    admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap_servers})
+    admin = AdminClient(kafka_config(s))
     topics = [s.topic_reports, s.topic_dlq, s.topic_alerts, s.topic_incidents]
     # One copy on the single-node stack; the HA stack's settings ask for 3.
     ensure_topics(admin, topics, partitions, s.kafka_replication, reports_topic=s.topic_reports)
@@ -64,7 +65,7 @@ def remove_made(settings: Settings) -> None:
     import redis  # the harness's users that never clean up do not need it
 
     if MADE_TOPICS:
-        admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+        admin = AdminClient(kafka_config(settings))
         for future in admin.delete_topics(list(MADE_TOPICS), operation_timeout=30).values():
             future.result(timeout=60)
         MADE_TOPICS.clear()
@@ -116,7 +117,7 @@ def produce(
 ) -> int:
     """Write (key, value) or (key, value, headers) items to the reports topic; returns
     how many."""
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "linger.ms": 20})
+    producer = Producer(kafka_config(settings, **{"linger.ms": 20}))
     n = 0
     for key, value, *headers in items:
         while True:

@@ -9,9 +9,11 @@ supervised unit through ``dataflows.cluster``), the ingest server (58081), the q
 server (58080) and the dashboard (58082), then the simulator. It prints where to look and
 runs until Ctrl-C or ``--duration``; then it stops everything it started, in reverse
 order, and nothing else. A fresh pair of dev tokens (ingest, read) is made per run and
-printed: the API is never open without one. ``--ha`` runs it all on the HA stack (3
-Kafka brokers, Redis through Sentinel: ``deploy.local.stack``), where a broker or the
-Redis master may be killed by hand (README, "High availability").
+printed: the API is never open without one. Redis is reached with least privilege: the
+dataflow as the stack's writer user, the query server and dashboard as its read-only
+user (``state.acl``; passwords in ``<stack dir>/redis-users.json``). ``--ha`` runs it
+all on the HA stack (3 Kafka brokers, Redis through Sentinel: ``deploy.local.stack``),
+where a broker or the Redis master may be killed by hand (README, "High availability").
 
 Supervision: a child that exits when it should not (the dataflow, ingest or query server
 at all, the simulator with a non-zero status) loses its whole process group (granian's
@@ -38,9 +40,12 @@ from typing import NamedTuple
 
 from api.auth import hash_token, new_token
 from deploy.local.procs import last_error_line, wait_http_ready
+from deploy.local.services import Redis
 from deploy.local.stack import REPO_ROOT, Stack
-from fleetpulse.errors import FleetpulseError, StackError
+from fleetpulse.errors import ConfigError, FleetpulseError, StackError
 from fleetpulse.settings import Settings, env_name, load_settings, to_env
+from state.acl import RedisUsers
+from state.connect import READER, WRITER, check
 from state.keys import Keys
 
 __all__ = ["Backoff", "Child", "RestartPolicy", "Supervisor", "main"]
@@ -311,6 +316,35 @@ _HA_LINES = """  HA stack            just stack-status   (which broker leads mos
 """
 
 
+def _redis_users(stack: Stack, base: Settings) -> tuple[dict[str, str], dict[str, str]]:
+    """The Redis credentials of the dataflow (the writer) and of the query servers (the
+    reader): the stack's ACL users when its Redis has them, else none (the default user).
+
+    Users set in the environment are left alone. A Redis started before the stack made
+    its users (an older stack still running) has none: said once, and the job goes on
+    as the default user.
+    """
+    if base.redis_username or base.redis_api_username:
+        return {}, {}
+    redis_node = stack.service("redis")
+    assert isinstance(redis_node, Redis)
+    if not redis_node.users_path.exists():
+        return {}, {}
+    users = RedisUsers.kept(redis_node.users_path)
+    with_users = users.settings(base)
+    try:
+        check(with_users, WRITER)
+        check(with_users, READER)
+    except ConfigError as exc:
+        print(
+            f"note: the running Redis has not the stack's ACL users ({exc}); the job runs as "
+            "its default user. Restart the stack (just stack-down; just stack-up) to use them.",
+            flush=True,
+        )
+        return {}, {}
+    return users.writer_env(), users.reader_env()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deploy.local.main", description=__doc__.split("\n\n")[0])
     parser.add_argument("--robots", type=int, default=10, help="simulated robots (10)")
@@ -364,15 +398,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         started_services = stack.up()
         logs.mkdir(parents=True, exist_ok=True)
         # A Bytewax cluster restarts whole: one supervised child runs all its processes.
+        writer_env, reader_env = _redis_users(stack, base)
         flow_cmd = [py, "-m", "dataflows.cluster", "-p", str(args.processes), _FLOW]
-        supervisor.start(Child("dataflow", flow_cmd, env, logs / "dataflow.log"))
+        flow_env = {**env, **writer_env}
+        supervisor.start(Child("dataflow", flow_cmd, flow_env, logs / "dataflow.log"))
         servers = (
             ("ingest", base.ingest_port),
             ("query", base.query_port),
             ("dashboard", base.dashboard_port),
         )
         for role, port in servers:
-            server = Child(role, [py, "-m", "api.serve", role], env, logs / f"{role}.log")
+            role_env = env if role == "ingest" else {**env, **reader_env}
+            server = Child(role, [py, "-m", "api.serve", role], role_env, logs / f"{role}.log")
             proc = supervisor.start(server)
             wait_http_ready(f"http://127.0.0.1:{port}/readyz", proc, 60, server.log)
         print(_where_to_look(base, logs, tokens, "amr-000"), flush=True)

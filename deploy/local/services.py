@@ -27,6 +27,7 @@ from deploy.local.procs import run_with_progress
 from fleetpulse.errors import StackError
 from fleetpulse.settings import Settings, env_name
 from fleetpulse.topics import ensure_topics, product_topics, topic_configs, wait_for_brokers
+from state.acl import RedisUsers, acl_file
 
 __all__ = [
     "HA_NODES",
@@ -406,6 +407,20 @@ class Redis(Service):
     def extra_args(self) -> list[str]:
         return []
 
+    @property
+    def users_path(self) -> Path:
+        """The product's Redis users and passwords (JSON, mode 0600): shared by the nodes."""
+        return self.root / "redis-users.json"
+
+    def write_acl(self) -> Path:
+        """The ACL file the server starts with: the product's writer and reader users
+        (state.acl), and ``default`` left open for development (redis-cli, the tests)."""
+        users = RedisUsers.kept(self.users_path)
+        path = self.data_dir / "users.acl"
+        path.touch(mode=0o600)
+        path.write_text(acl_file(users.settings(self.settings), default="open"))
+        return path
+
     def command(self) -> list[str]:
         binary = shutil.which("redis-server")
         assert binary is not None
@@ -426,6 +441,8 @@ class Redis(Service):
             "no",
             "--logfile",
             "",
+            "--aclfile",
+            str(self.write_acl()),
             *self.extra_args(),
         ]
 

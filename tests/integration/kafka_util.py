@@ -7,6 +7,7 @@ import uuid
 
 from confluent_kafka import Consumer, Message
 
+from fleetpulse.kafka_config import kafka_config
 from fleetpulse.settings import Settings
 
 
@@ -16,12 +17,14 @@ def consume_all(
     """Read ``topic`` from the start until ``expect`` messages arrived (or the time is up),
     then keep reading for a short while to catch anything unexpected beyond them."""
     consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
-            "group.id": f"test-{uuid.uuid4().hex}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
+        kafka_config(
+            settings,
+            **{
+                "group.id": f"test-{uuid.uuid4().hex}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            },
+        )
     )
     consumer.subscribe([topic])
     got: list[Message] = []

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import yaml
 
@@ -15,11 +16,13 @@ from deploy.containers import (
     IMAGES_DIR,
     ROOT,
     Compose,
+    _redis_users,
     compose_environ,
     debian_base_ref,
     python_base_ref,
 )
 from fleetpulse.settings import Settings, env_name
+from state.acl import RedisUsers
 
 SPEC: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
 SERVICES: dict[str, dict[str, Any]] = SPEC["services"]
@@ -175,3 +178,47 @@ def test_topics_cli_refuses_a_bad_setting_before_touching_kafka(
     monkeypatch.setenv("FLEETPULSE_KAFKA_PARTITIONS", "many")
     assert topics.main([]) == 2
     assert "FLEETPULSE_KAFKA_PARTITIONS" in capsys.readouterr().err
+
+
+def test_redis_users_of_least_privilege_reach_only_their_services(
+    settings: Settings, tmp_path: Path
+) -> None:
+    redis = SERVICES["redis"]
+    assert redis["command"] == ["--aclfile", "/etc/fleetpulse/users.acl"]
+    assert "${REDIS_ACL_FILE:-./redis/users.acl}:/etc/fleetpulse/users.acl:ro" in redis["volumes"]
+    writer = {"FLEETPULSE_REDIS_USERNAME": "fleetpulse-sink",
+              "FLEETPULSE_REDIS_PASSWORD": "${FLEETPULSE_REDIS_PASSWORD:-}"}  # fmt: skip
+    reader = {"FLEETPULSE_REDIS_API_USERNAME": "fleetpulse-api",
+              "FLEETPULSE_REDIS_API_PASSWORD": "${FLEETPULSE_REDIS_API_PASSWORD:-}"}  # fmt: skip
+    for name, spec in SERVICES.items():
+        env = spec.get("environment", {})
+        holds = {k: v for k, v in env.items() if k in writer or k in reader}
+        if name.startswith("dataflow-"):
+            assert holds == writer, name
+        elif name in ("api-server", "dashboard"):
+            assert holds == reader, name
+        else:  # ingest, topics, sim, the services: no Redis password at all
+            assert holds == {}, name
+    users = RedisUsers("fleetpulse-sink", "pw-w", "fleetpulse-api", "pw-r")
+    environ = compose_environ(settings, {"read": "r", "ingest": "i", "admin": "a"}, users)
+    assert environ["FLEETPULSE_REDIS_PASSWORD"] == "pw-w"
+    assert environ["FLEETPULSE_REDIS_API_PASSWORD"] == "pw-r"
+    assert environ["REDIS_ACL_FILE"].endswith("/containers/fleetpulse.users.acl")
+
+
+def test_compose_up_makes_the_users_once_and_an_acl_file_without_passwords(
+    settings: Settings, tmp_path: Path
+) -> None:
+    s = msgspec.structs.replace(settings, stack_dir=str(tmp_path))
+    users = _redis_users(s, "fleetpulse")
+    assert _redis_users(s, "fleetpulse") == users  # kept
+    kept = tmp_path / "containers" / "fleetpulse.redis-users.json"
+    assert kept.stat().st_mode & 0o777 == 0o600
+    text = (tmp_path / "containers" / "fleetpulse.users.acl").read_text()
+    assert users.writer_password not in text and users.reader_password not in text
+    assert text.splitlines()[-1] == "user default reset on nopass resetchannels -@all +ping"
+    assert [line.split()[1] for line in text.splitlines()] == [
+        "fleetpulse-sink",
+        "fleetpulse-api",
+        "default",
+    ]

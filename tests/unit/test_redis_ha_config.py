@@ -104,3 +104,22 @@ def test_a_missing_input_stops_the_script(tmp_path: Path) -> None:
     with pytest.raises(subprocess.CalledProcessError) as failed:
         _run(tmp_path, "redis-0", FLEETPULSE_SENTINEL_DOWN_AFTER_MS="")
     assert "FLEETPULSE_SENTINEL_DOWN_AFTER_MS" in failed.value.stderr
+
+
+def test_with_acl_users_replicas_and_sentinels_authenticate_as_the_admin(tmp_path: Path) -> None:
+    files, _ = _run(
+        tmp_path / "1", "redis-1", ACL_FILE="/etc/redis-acl/users.acl", REDIS_ADMIN_PASSWORD="pw9"
+    )
+    redis_conf, sentinel = files["redis.conf"].splitlines(), files["sentinel.conf"].splitlines()
+    assert "aclfile /etc/redis-acl/users.acl" in redis_conf
+    assert "masterauth pw9" in redis_conf  # the replica, to its master
+    assert "sentinel auth-pass fleetpulse pw9" in sentinel
+    assert sentinel.index("sentinel monitor fleetpulse redis-0.redis 6379 2") < sentinel.index(
+        "sentinel auth-pass fleetpulse pw9"
+    )
+    for name in ("redis.conf", "sentinel.conf"):  # they hold the password
+        assert (tmp_path / "1" / "conf" / name).stat().st_mode & 0o777 == 0o600
+    # An unfilled redis-acl Secret (both empty): no ACL, no passwords, as before.
+    files, _ = _run(tmp_path / "2", "redis-2", ACL_FILE="", REDIS_ADMIN_PASSWORD="")
+    assert "aclfile" not in files["redis.conf"] and "masterauth" not in files["redis.conf"]
+    assert "auth-pass" not in files["sentinel.conf"]

@@ -14,7 +14,11 @@
 # name), REPLICAS, REDIS_PORT, SENTINEL_PORT, SENTINEL_QUORUM, CONF_DIR, and the
 # product's settings FLEETPULSE_REDIS_SENTINEL_MASTER, FLEETPULSE_SENTINEL_DOWN_AFTER_MS,
 # FLEETPULSE_SENTINEL_FAILOVER_TIMEOUT_MS (the fleetpulse-env ConfigMap), so the monitor
-# name is the one the product asks for. REDIS_CLI overrides the client (tests).
+# name is the one the product asks for. REDIS_ADMIN_PASSWORD (the redis-acl Secret; may
+# be empty) is the `default` user's: replicas authenticate to their master with it
+# (masterauth) and the Sentinels to every node (auth-pass), so HA keeps working when the
+# ACL file (ACL_FILE, state/acl.py) gives the product's pods users of least privilege.
+# REDIS_CLI overrides the client (tests).
 set -eu
 : "${POD_NAME:?}" "${SERVICE:?}" "${REPLICAS:?}" "${REDIS_PORT:?}" "${SENTINEL_PORT:?}"
 : "${SENTINEL_QUORUM:?}" "${CONF_DIR:?}" "${FLEETPULSE_REDIS_SENTINEL_MASTER:?}"
@@ -50,6 +54,7 @@ if [ -z "$master_host" ]; then
 fi
 
 mkdir -p "$CONF_DIR"
+umask 077  # the files hold the admin password
 {
     echo "port $REDIS_PORT"
     echo "bind * -::*"
@@ -59,6 +64,12 @@ mkdir -p "$CONF_DIR"
     echo "save \"\""
     echo "replica-announce-ip $self"
     echo "replica-announce-port $REDIS_PORT"
+    if [ -n "${ACL_FILE:-}" ]; then
+        echo "aclfile $ACL_FILE"
+    fi
+    if [ -n "${REDIS_ADMIN_PASSWORD:-}" ]; then
+        echo "masterauth $REDIS_ADMIN_PASSWORD"
+    fi
     if [ "$master_host" != "$self" ]; then
         echo "replicaof $master_host $master_port"
     fi
@@ -76,6 +87,9 @@ mkdir -p "$CONF_DIR"
     echo "sentinel down-after-milliseconds $name $FLEETPULSE_SENTINEL_DOWN_AFTER_MS"
     echo "sentinel failover-timeout $name $FLEETPULSE_SENTINEL_FAILOVER_TIMEOUT_MS"
     echo "sentinel parallel-syncs $name 1"
+    if [ -n "${REDIS_ADMIN_PASSWORD:-}" ]; then
+        echo "sentinel auth-pass $name $REDIS_ADMIN_PASSWORD"
+    fi
 } > "$CONF_DIR/sentinel.conf"
 if [ "$master_host" = "$self" ]; then
     echo "$self starts as the master"
