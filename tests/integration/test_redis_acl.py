@@ -32,6 +32,7 @@ from deploy.local.procs import free_port
 from deploy.local.services import Redis
 from deploy.local.stack import Stack
 from deploy.local.tls import ServerCert, make_server_cert
+from fleetpulse.alert_rules import Incident
 from fleetpulse.errors import ConfigError
 from fleetpulse.schema import LiveState
 from fleetpulse.settings import Settings, load_settings
@@ -157,6 +158,20 @@ def test_the_writer_user_writes_a_batch_and_nothing_else(acl_server: AclServer) 
         assert (result.states_applied, result.windows_applied, result.alerts_added) == (3, 2, 1)
         again = writer.write(states, windows, alerts)  # a replay changes nothing
         assert (again.applied, again.ignored) == (0, 6)
+        # Incidents and a retirement (its reads, deletes, tombstone and counters).
+        extra = live("amr-x", 1, battery=5.0, site="north")
+        opened = Incident(
+            id="amr-x:low:0:1",
+            robot_id="amr-x",
+            rule="low",
+            severity="critical",
+            since=extra.report.ts,
+            opened_at=extra.report.ts,
+            opened_by=(0, 1),
+        )
+        assert writer.write([extra], [], [], incidents=[opened]).incidents_applied == 1
+        gone = writer.write([], [], [], retired=[("amr-x", 2_000_000_000_000)])
+        assert gone.retired == 1
         # The projection's bookkeeping: INFO, SET NX EX, SADD/EXPIRE/SCARD, GET, DEL.
         projection = Projection(client, s.redis_prefix)
         server = projection.server()
@@ -190,6 +205,9 @@ def test_the_writer_user_writes_a_batch_and_nothing_else(acl_server: AclServer) 
     # What the writer wrote is there, read by the admin.
     assert admin.exists("other:key") == 0
     assert admin.hget(f"{s.redis_prefix}:robot:{{amr-1}}", "status") == b"working"
+    assert admin.hgetall(f"{s.redis_prefix}:robot:{{amr-x}}") == {b"gone": b"2000000000000"}
+    assert admin.zcard(f"{s.redis_prefix}:idx:incidents:open") == 0
+    assert admin.hget(f"{s.redis_prefix}:summary", "total") == b"2"
 
 
 def _serve_reads(s: Settings) -> Iterator[TestClient[Any]]:
