@@ -2,6 +2,9 @@
 
     POST /v1/robots/{robot_id}/reset-order   admin scope; 202 {"accepted": 1}
     POST /v1/robots/{robot_id}/retire        admin scope; 202 {"accepted": 1}
+    POST /v1/incidents/{incident_id}/ack     admin scope; 202 {"accepted": 1}
+    GET  /v1/rules                           admin scope; the rules file in force
+    PUT  /v1/rules                           admin scope; check and replace the rules file
 
 A command is a control record (``fleetpulse.control``) on the reports topic, keyed by
 the robot, so the dataflow meets it in order with the robot's reports. It is as
@@ -16,28 +19,72 @@ with the outcome.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Annotated
 
-from litestar import post
+import anyio
+import anyio.to_thread
+import msgspec
+from litestar import get, post, put
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import Example
+from litestar.params import PathParameter
 from litestar.types import ControllerRouterHandler
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from api.auth import bearer_token, token_fingerprint
-from api.errors import AnyRequest
+from api.errors import AnyRequest, ApiError, ErrorBody
 from api.ingest import Accepted, error_docs, record_headers
 from api.producer import ReportProducer
 from api.query import RobotIdPath
-from fleetpulse.control import CONTROL_HEADER, Control, encode_control, reset_order, retire
+from fleetpulse.alert_rules import Rule, RulesError, load_rules, write_atomically
+from fleetpulse.control import (
+    CONTROL_HEADER,
+    INCIDENT_ID_PATTERN,
+    Control,
+    ack,
+    encode_control,
+    reset_order,
+    retire,
+)
 from fleetpulse.errors import IngestError
 from fleetpulse.settings import Settings
+from state.reads import robot_of
 
-__all__ = ["RESET_ORDER_PATH", "RETIRE_PATH", "admin_routes"]
+__all__ = [
+    "ACK_PATH",
+    "RESET_ORDER_PATH",
+    "RETIRE_PATH",
+    "RULES_PATH",
+    "RulesInForce",
+    "admin_routes",
+]
 
 audit = logging.getLogger("fleetpulse.audit")
 
 RESET_ORDER_PATH = "/v1/robots/{robot_id:str}/reset-order"
 RETIRE_PATH = "/v1/robots/{robot_id:str}/retire"
+ACK_PATH = "/v1/incidents/{incident_id:str}/ack"
+RULES_PATH = "/v1/rules"
+
+IncidentIdPath = Annotated[
+    str,
+    PathParameter(
+        pattern=INCIDENT_ID_PATTERN,
+        description="An incident id, `<robot>:<rule>:<boot>:<seq>`.",
+        examples=[Example(value="amr-7:battery-critical:0:1234")],
+    ),
+]
+_YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml")
+
+
+class RulesInForce(msgspec.Struct, frozen=True, kw_only=True):
+    """The rules file's rules, and which version they are."""
+
+    path: str
+    digest: str  # a short sha256 of the rules (also in the dataflow's log when applied)
+    rules: list[Rule]
 
 
 def _audit(action: str, robot_id: str, by: str, client: str, outcome: str) -> None:
@@ -126,4 +173,123 @@ def admin_routes(
         """Write a ``retire`` control record for the robot; 202 once Kafka has it."""
         return await send(request, retire(robot_id, who(request)))
 
-    return [post_reset_order, post_retire]
+    @post(
+        ACK_PATH,
+        status_code=202,
+        summary="Acknowledge an incident",
+        description="An operator has seen the open incident: a control record in its "
+        "robot's partition; the dataflow stamps the incident `acknowledged_at` and "
+        "`acknowledged_by` (this token's fingerprint) and writes its new version (Redis, "
+        "the incidents topic, `event: incident`). An incident that is closed, unknown or "
+        "acknowledged already is left as it is. Needs an `admin` token.",
+        responses={
+            202: ResponseSpec(Accepted, description="The command is durable in Kafka"),
+            **error_docs(400, 401, 403, 422, 503, s422="`incident_id` is not an incident id"),
+        },
+    )
+    async def post_ack(request: AnyRequest, incident_id: IncidentIdPath) -> Accepted:
+        """Write an ``ack`` control record to the incident's robot; 202 once Kafka has it."""
+        return await send(request, ack(robot_of(incident_id), incident_id, who(request)))
+
+    rules_docs = {
+        404: "FLEETPULSE_RULES_FILE is empty: this server has no rules file",
+        503: "The rules file cannot be read or replaced (a read-only mount: edit its "
+        "ConfigMap); `detail` says why",
+    }
+
+    def rules_file() -> Path:
+        if not settings.rules_file:
+            raise ApiError(
+                404,
+                "no_rules_file",
+                "FLEETPULSE_RULES_FILE is empty: no rules file to read or replace; set it "
+                "(the same path) for the ingest server and the dataflow",
+            )
+        return Path(settings.rules_file)
+
+    @get(
+        RULES_PATH,
+        summary="The alert rules in force",
+        description="The rules file (FLEETPULSE_RULES_FILE) as the dataflow reads it, and "
+        "its digest. Needs an `admin` token.",
+        responses={
+            **error_docs(401, 403),
+            404: ResponseSpec(ErrorBody, description=rules_docs[404], generate_examples=False),
+            503: ResponseSpec(ErrorBody, description=rules_docs[503], generate_examples=False),
+        },
+    )
+    async def get_rules() -> RulesInForce:
+        """The rules file, checked."""
+        path = rules_file()
+        try:
+            book = load_rules(await anyio.Path(path).read_bytes(), str(path))
+        except OSError as exc:
+            raise ApiError(
+                503, "rules_unavailable", f"cannot read {path}: {exc.strerror}"
+            ) from None
+        except RulesError as exc:
+            raise ApiError(
+                503, "rules_unavailable", f"the file in place is not valid: {exc}"
+            ) from None
+        return RulesInForce(path=str(path), digest=book.digest, rules=book.rules)
+
+    @put(
+        RULES_PATH,
+        summary="Replace the alert rules",
+        description="The body is a whole rules document, YAML (`application/yaml`) or JSON "
+        "(`application/json`). It is checked first — 422 names the rule and the field of the "
+        "first problem — then written in place of FLEETPULSE_RULES_FILE atomically; every "
+        "dataflow process watching the file applies it within a second or so, without a "
+        "restart (incidents of a removed rule close). Needs an `admin` token.",
+        request_body_description="A rules document: `rules: [...]`",
+        responses={
+            **error_docs(
+                400,
+                401,
+                403,
+                413,
+                422,
+                s422="The rules are not valid; `detail` names the rule and field",
+            ),
+            404: ResponseSpec(ErrorBody, description=rules_docs[404], generate_examples=False),
+            415: ResponseSpec(
+                ErrorBody,
+                description="Content-Type is not application/json or application/yaml",
+                generate_examples=False,
+            ),
+            503: ResponseSpec(ErrorBody, description=rules_docs[503], generate_examples=False),
+        },
+        status_code=200,
+    )
+    async def put_rules(request: AnyRequest) -> RulesInForce:
+        """Check the new rules and replace the file with them."""
+        path = rules_file()
+        media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media_type != "application/json" and media_type not in _YAML_TYPES:
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"Content-Type must be application/json or application/yaml, not "
+                f"{media_type or 'missing'}",
+            )
+        body = await request.body()
+        by = who(request)
+        client = request.client.host if request.client else ""
+        try:
+            book = load_rules(body, "the new rules")
+        except RulesError as exc:
+            _audit("put_rules", "-", by, client, f"refused: {exc}")
+            raise ApiError(422, "invalid_rules", str(exc)) from None
+        try:
+            await anyio.to_thread.run_sync(write_atomically, path, body)
+        except OSError as exc:
+            _audit("put_rules", "-", by, client, f"failed: {exc.strerror}")
+            raise ApiError(
+                503,
+                "rules_unavailable",
+                f"cannot replace {path}: {exc.strerror} (a read-only mount? edit its ConfigMap)",
+            ) from None
+        _audit("put_rules", "-", by, client, f"accepted: {len(book.rules)} rule(s), {book.digest}")
+        return RulesInForce(path=str(path), digest=book.digest, rules=book.rules)
+
+    return [post_reset_order, post_retire, post_ack, get_rules, put_rules]

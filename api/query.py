@@ -19,6 +19,8 @@ the route's return types (``Response[LiveState]``, ``Response[RobotPage]``).
     GET /v1/robots/{robot_id}/stats   closed windows, newest first; limit, since
     GET /v1/fleet/summary             counts by status, online/offline, low battery, site
     GET /v1/alerts                    robot_id, kind, since, limit; newest first
+    GET /v1/incidents                 robot_id, rule, state, severity, since, limit;
+                                      newest opened first (the alert rules' incidents)
     GET /v1/stream                    server-sent events (api.stream)
 
 Paging: ``next_cursor`` is the id of the last robot the page examined, and the next
@@ -64,6 +66,7 @@ from opentelemetry import trace
 
 from api.errors import AnyRequest, ApiError, ErrorBody, error_response, validation_error
 from api.stream import ChangeHub, stream_routes
+from fleetpulse.alert_rules import RULE_NAME_PATTERN, Incident, IncidentState, Severity
 from fleetpulse.errors import InvalidQuery
 from fleetpulse.schema import (
     ROBOT_ID_PATTERN,
@@ -90,6 +93,7 @@ from state.reader import MAX_PAGE
 
 __all__ = [
     "AlertList",
+    "IncidentList",
     "QueryService",
     "ReportList",
     "RobotPage",
@@ -128,6 +132,12 @@ class AlertList(msgspec.Struct, frozen=True, kw_only=True):
     """Alerts, newest first."""
 
     items: list[Alert]
+
+
+class IncidentList(msgspec.Struct, frozen=True, kw_only=True):
+    """Incidents (each as its newest version), newest opened first."""
+
+    items: list[Incident]
 
 
 # --- parameters ---------------------------------------------------------------------------
@@ -189,7 +199,10 @@ def _query_names(handler: HTTPRouteHandler) -> frozenset[str]:
     for name, field in handler.parsed_fn_signature.parameters.items():
         kind = getattr(field.kwarg_definition, "param_type", ParamType.QUERY)
         if kind is ParamType.QUERY:
-            names.add(getattr(field.kwarg_definition, "name", None) or name)
+            definition = field.kwarg_definition
+            names.add(
+                getattr(definition, "query", None) or getattr(definition, "name", None) or name
+            )
     return frozenset(names)
 
 
@@ -380,7 +393,42 @@ def query_routes(service: QueryService) -> list[ControllerRouterHandler]:
         items = await reader.alerts(robot_id=robot_id, kind=kind, since=since, limit=limit)
         return AlertList(items=items)
 
-    return [list_robots, robot, history, stats, summary, alerts]
+    @get(
+        "/v1/incidents",
+        summary="Incidents of the alert rules",
+        description="Each incident as its newest version (open, acknowledged, closed), newest "
+        "opened first. Read by opened time from the robot's incidents with `robot_id`, from "
+        "the open ones with `state=open`, else from the fleet's newest; the other filters "
+        "examine a bounded number of entries, so a rare match far back may be missed.",
+        responses=_errors(),
+    )
+    async def incidents(
+        robot_id: RobotIdQuery = None,
+        rule: Annotated[
+            str | None, QueryParameter(pattern=RULE_NAME_PATTERN, description="Only this rule.")
+        ] = None,
+        incident_state: Annotated[
+            IncidentState | None,
+            QueryParameter(name="state", description="Only open or only closed ones."),
+        ] = None,
+        severity: Annotated[
+            Severity | None, QueryParameter(description="Only this severity.")
+        ] = None,
+        since: Since = None,
+        limit: Annotated[int, _limit()] = 100,
+    ) -> IncidentList:
+        """Incidents matching the filters, newest opened first."""
+        items = await service.api_reader.incidents(
+            robot_id=robot_id,
+            rule=rule,
+            state=incident_state,
+            severity=severity,
+            since=since,
+            limit=limit,
+        )
+        return IncidentList(items=items)
+
+    return [list_robots, robot, history, stats, summary, alerts, incidents]
 
 
 # --- errors of the query routes -----------------------------------------------------------

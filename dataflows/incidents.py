@@ -32,6 +32,7 @@ __all__ = [
     "Incident",
     "Reorder",
     "Track",
+    "acknowledge",
     "compiled",
     "evaluate",
     "on_sample",
@@ -79,6 +80,22 @@ def on_sample(
         opened_by=report.order,
     )
     return Track(since=since, open=incident), incident
+
+
+def acknowledge(
+    tracks: dict[str, Track], incident_id: str, at: datetime, by: str
+) -> Incident | None:
+    """Mark the open incident ``incident_id`` acknowledged (in ``tracks``); its new
+    version, or None when it is not open (closed, unknown, or acknowledged already)."""
+    for name, track in tracks.items():
+        incident = track.open
+        if incident is not None and incident.id == incident_id:
+            if incident.acknowledged_at is not None:
+                return None
+            acked = msgspec.structs.replace(incident, acknowledged_at=at, acknowledged_by=by)
+            tracks[name] = Track(since=track.since, open=acked)
+            return acked
+    return None
 
 
 def rule_removed(track: Track, at: datetime) -> Incident | None:

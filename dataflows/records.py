@@ -73,6 +73,7 @@ class Control(msgspec.Struct, frozen=True, gc=False):
     partition: int
     offset: int
     arrival_ms: int
+    incident: str = ""  # ack: the incident acknowledged
 
 
 class Republish(msgspec.Struct, frozen=True, gc=False):

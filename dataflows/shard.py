@@ -27,11 +27,13 @@ import math
 import time
 import zlib
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import msgspec
 from bytewax.operators import StatefulBatchLogic
 
 from dataflows.classify import classify
+from dataflows.incidents import acknowledge
 from dataflows.records import Control, DeadLetter, Out, Progress, Raw, Republish
 from dataflows.robot import (
     Emits,
@@ -422,6 +424,9 @@ class ShardLogic(StatefulBatchLogic[Item, Out, bytes]):
 
     def _control(self, control: Control, out: Out) -> None:
         robot = control.robot_id
+        if control.action == "ack":
+            self._ack(control, out)
+            return
         if control.action == "retire":
             # Even a robot this shard does not hold: Redis may keep what it wrote before.
             known = robot in self.robots
@@ -458,6 +463,31 @@ class ShardLogic(StatefulBatchLogic[Item, Out, bytes]):
             extra={"audit": True},
         )
         self._keep(robot, state, emits, out)
+
+    def _ack(self, control: Control, out: Out) -> None:
+        """An operator acknowledged one of the robot's open incidents."""
+        robot = control.robot_id
+        st = self.robots.get(robot)
+        at = datetime.fromtimestamp(control.arrival_ms / 1000, UTC)
+        tracks = dict(st.tracks) if st is not None else {}
+        acked = acknowledge(tracks, control.incident, at, control.by)
+        if st is None or acked is None:
+            log.info(
+                "ack of incident %s (by %s): not open; nothing to do",
+                control.incident,
+                control.by,
+                extra={"audit": True},
+            )
+            return
+        state = msgspec.structs.replace(st, tracks=tracks)
+        log.info(
+            "incident %s acknowledged (by %s, offset %d)",
+            control.incident,
+            control.by,
+            control.offset,
+            extra={"audit": True},
+        )
+        self._keep(robot, state, Emits(incidents=[acked]), out)
 
     def _republish(self, request: Republish, out: Out) -> None:
         """Every robot's live state again (Redis may have lost some): once per token,

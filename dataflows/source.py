@@ -163,7 +163,10 @@ def key_message(
         if command.robot_id != robot:
             reason = f"key {robot!r} does not match the control record's robot_id"
             return (shard, DeadLetter(key, value, "key", reason, partition, offset))
-        return (shard, Control(robot, command.control, command.by, partition, offset, arrival_ms))
+        command_item = Control(
+            robot, command.control, command.by, partition, offset, arrival_ms, command.incident
+        )
+        return (shard, command_item)
     return (shard, (robot, value, traceparent, partition, offset, arrival_ms))
 
 

@@ -51,6 +51,7 @@ from fleetpulse.schema import ROBOT_ID_PATTERN, Pose, RobotId, RobotReport, Stat
 
 __all__ = [
     "MAX_RULES",
+    "RULE_NAME_PATTERN",
     "Condition",
     "Errors",
     "Geofence",
@@ -66,16 +67,18 @@ __all__ = [
     "encode_rules",
     "load_rules",
     "parse_rules",
+    "write_atomically",
 ]
 
 MAX_RULES = 1000
 MAX_POINTS = 1000
 
 Severity = Literal["info", "warning", "critical"]
+RULE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$(?!\n)"
 RuleName = Annotated[
     str,
     Meta(
-        pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$(?!\n)",
+        pattern=RULE_NAME_PATTERN,
         description="1-64 characters: lower-case letters, digits and _ . - (not first)",
     ),
 ]
@@ -378,8 +381,7 @@ def _stamp(path: Path) -> tuple[str, int, int, int] | None:
 class RulesFile:
     """``FLEETPULSE_RULES_FILE``: read at start (a bad file stops the start, naming the
     problem), then looked at about once a second; a good change replaces the rules
-    whole, a bad one is logged and the last good rules stay. :meth:`write` replaces the
-    file atomically after checking the new text (the admin route's PUT).
+    whole, a bad one is logged and the last good rules stay.
     """
 
     def __init__(
@@ -471,21 +473,18 @@ class RulesFile:
             self.on_result(result)
         return result
 
-    def write(self, text: str | bytes) -> RuleBook:
-        """Check ``text`` and put it in place of the file (atomically: a reader sees the
-        old file or the new one). Raises RulesError for bad rules, OSError when the file
-        cannot be replaced (a read-only mount: edit its ConfigMap instead)."""
-        book = load_rules(text, "the new rules")
-        data = text.encode() if isinstance(text, str) else text
-        target = self.path.resolve()
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".rules-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            Path(tmp).replace(target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return book
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """``data`` in place of ``path`` (through a symlink, at its target): a reader sees the
+    old file or the new one, never a part. OSError when the folder is not writable."""
+    target = path.resolve()
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".rules-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        Path(tmp).replace(target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

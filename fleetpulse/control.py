@@ -32,11 +32,14 @@ from msgspec import Meta
 from fleetpulse.schema import RobotId
 
 __all__ = [
+    "ACK",
     "CONTROL_HEADER",
+    "INCIDENT_ID_PATTERN",
     "RESET_ORDER",
     "RETIRE",
     "Control",
     "ControlKind",
+    "ack",
     "control_kind",
     "decode_control",
     "encode_control",
@@ -47,11 +50,19 @@ __all__ = [
 CONTROL_HEADER = "fleetpulse_control"
 RESET_ORDER = b"reset_order"
 RETIRE = b"retire"
+ACK = b"ack"
 
-ControlKind = Literal["reset_order", "retire"]
+ControlKind = Literal["reset_order", "retire", "ack"]
+
+# An incident id: "<robot>:<rule>:<boot>:<seq>" (fleetpulse.alert_rules.Incident).
+INCIDENT_ID_PATTERN = (
+    r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}:[a-z0-9][a-z0-9_.-]{0,63}:[0-9]{1,16}:[0-9]{1,16}$(?!\n)"
+)
 
 
-class Control(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Control(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
+):
     """One operator command for one robot (the value of a control record)."""
 
     control: ControlKind
@@ -60,6 +71,8 @@ class Control(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     # the token); the same fingerprint is in the ingest server's audit log.
     by: Annotated[str, Meta(pattern=r"^[0-9a-f]{12}$")]
     requested_at: Annotated[datetime, Meta(tz=True)]  # the ingest server's clock, UTC
+    # ack: the incident acknowledged (one of the robot's); "" for the other kinds.
+    incident: Annotated[str, Meta(max_length=200)] = ""
 
 
 def reset_order(robot_id: str, by: str, now: datetime | None = None) -> Control:
@@ -74,6 +87,12 @@ def retire(robot_id: str, by: str, now: datetime | None = None) -> Control:
     a new robot)."""
     at = (now or datetime.now(UTC)).astimezone(UTC)
     return Control(control="retire", robot_id=robot_id, by=by, requested_at=at)
+
+
+def ack(robot_id: str, incident: str, by: str, now: datetime | None = None) -> Control:
+    """An ``ack`` command: an operator acknowledged the robot's open ``incident``."""
+    at = (now or datetime.now(UTC)).astimezone(UTC)
+    return Control(control="ack", robot_id=robot_id, by=by, requested_at=at, incident=incident)
 
 
 _encoder = msgspec.json.Encoder()
