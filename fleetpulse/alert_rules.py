@@ -64,6 +64,7 @@ __all__ = [
     "Scope",
     "Severity",
     "StatusSet",
+    "Target",
     "encode_rules",
     "load_rules",
     "parse_rules",
@@ -280,10 +281,32 @@ class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True
         return self.clear.holds(report) if self.clear is not None else not self.when.holds(report)
 
 
+class Target(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Where incident notifications go: a webhook, for some severities and rules.
+
+    Each notification is one POST of JSON, signed (``X-Fleetpulse-Signature``, as the
+    ingest server checks robots' posts) with the target's secret from
+    ``FLEETPULSE_NOTIFY_SECRETS`` (``<target name>=<secret>``); ``format: slack`` sends
+    a Slack-style ``{"text": ...}`` body instead of the incident.
+    """
+
+    name: RuleName
+    url: Annotated[str, Meta(pattern=r"^https?://[^\s]+$", max_length=2000)]
+    severities: list[Severity] | None = None  # None: every severity
+    rules: list[RuleName] | None = None  # None: every rule
+    format: Literal["incident", "slack"] = "incident"
+
+    def wants(self, incident: Incident) -> bool:
+        return (self.severities is None or incident.severity in self.severities) and (
+            self.rules is None or incident.rule in self.rules
+        )
+
+
 class RuleBook(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A whole rules document."""
+    """A whole rules document: the rules, and where their incidents are sent."""
 
     rules: Annotated[list[Rule], Meta(max_length=MAX_RULES)] = msgspec.field(default_factory=list)
+    targets: Annotated[list[Target], Meta(max_length=100)] = msgspec.field(default_factory=list)
 
     @property
     def digest(self) -> str:
@@ -327,6 +350,14 @@ def parse_rules(data: Any, source: str = "rules") -> RuleBook:
         problem = rule.scope.check()
         if problem is not None:
             raise RulesError(f"{source}: {who}: scope.{problem}")
+    names: dict[str, int] = {}
+    for i, target in enumerate(book.targets):
+        if target.name in names:
+            raise RulesError(
+                f"{source}: target {target.name!r} (targets[{i}]): name: also the name of "
+                f"targets[{names[target.name]}]"
+            )
+        names[target.name] = i
     return book
 
 

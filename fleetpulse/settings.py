@@ -520,6 +520,29 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
         ),
     ] = 9464
     metrics_host: Annotated[str, _doc("Address the dataflow's /metrics binds to.")] = "127.0.0.1"
+
+    # --- notifications (the notifier: incidents topic -> webhooks) ----------------------
+    notify_secrets: Annotated[
+        str,
+        _doc(
+            "Secrets that sign each target's notifications, `<target name>=<secret>` entries "
+            "(comma-separated); a target without one is sent unsigned."
+        ),
+    ] = ""
+    notify_attempts: Annotated[
+        int,
+        _doc("Tries of one notification before it is counted dead (back-off between).", ge=1),
+    ] = 6
+    notify_backoff_s: Annotated[
+        float,
+        _doc("First wait between tries of a notification, doubling up to 30 s.", gt=0, le=60),
+    ] = 0.5
+    notify_timeout_s: Annotated[
+        float, _doc("How long one webhook POST may take.", gt=0, le=120)
+    ] = 5.0
+    notify_metrics_port: Annotated[
+        int, _doc("Port of the notifier's /metrics; 0: off.", ge=0, le=65535)
+    ] = 9474
     metrics_port_per_process: Annotated[
         bool,
         _doc(
@@ -577,6 +600,7 @@ SECRET_FIELDS = frozenset(
     {
         "api_tokens",
         "webhook_secrets",
+        "notify_secrets",
         "sim_token",
         "redis_password",
         "redis_api_password",
