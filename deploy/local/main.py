@@ -6,7 +6,9 @@
 Starts, in order: the local stack (Kafka, Redis, Jaeger; left alone if already up),
 the dataflow (recovery on; 2 processes of 1 worker, the seed's parallelism 2, as one
 supervised unit through ``dataflows.cluster``), the ingest server (58081), the query
-server (58080) and the dashboard (58082), then the simulator. It prints where to look and
+server (58080), the dashboard (58082) and the notifier (incidents -> webhooks), then the
+simulator. The alert rules are FLEETPULSE_RULES_FILE, or a copy of the example rules
+(``deploy/rules/example.yaml``) in ``<stack dir>/rules.yaml``. It prints where to look and
 runs until Ctrl-C or ``--duration``; then it stops everything it started, in reverse
 order, and nothing else. A fresh pair of dev tokens (ingest, read) is made per run and
 printed: the API is never open without one. Redis is reached with least privilege: the
@@ -29,6 +31,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +40,8 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
+
+import msgspec
 
 from api.auth import hash_token, new_token
 from deploy.local.procs import last_error_line, wait_http_ready
@@ -281,12 +286,23 @@ fleetpulse is running — where to look:
   a trace in Jaeger   curl '{s.jaeger_api}/api/traces?service=fleetpulse-dataflow&limit=1'
   metrics             http://127.0.0.1:{s.ingest_port}/metrics  {q}/metrics  http://127.0.0.1:{s.dataflow_metrics_port}/metrics
   a stuck robot       curl -X POST {admin} http://127.0.0.1:{s.ingest_port}/v1/robots/{robot}/reset-order
+  open incidents      curl {auth} '{q}/v1/incidents?state=open'
+  alert rules         {s.rules_file}  (or curl {admin} http://127.0.0.1:{s.ingest_port}/v1/rules)
   logs                {logs}/
 {_HA_LINES if s.redis_sentinels else ""}  dev tokens          read: {tokens.read}
                       ingest: {tokens.ingest}
                       admin: {tokens.admin}
 Ctrl-C stops everything this command started.
 """
+
+
+def _rules_copy(s: Settings) -> Path:
+    """``<stack dir>/rules.yaml``, copied from the example rules on first use."""
+    copy = REPO_ROOT / s.stack_dir / "rules.yaml"
+    if not copy.exists():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REPO_ROOT / "deploy" / "rules" / "example.yaml", copy)
+    return copy
 
 
 def _metrics_urls(s: Settings, processes: int) -> str:
@@ -381,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 env_name("dashboard_metrics"): _metrics_urls(base, args.processes),
             }
         )
+    if not base.rules_file:  # the example rules, in a copy the admin route may replace
+        base = msgspec.structs.replace(base, rules_file=str(_rules_copy(base)))
     env = {**os.environ, **to_env(base), env_name("api_tokens"): tokens.setting()}
     logs = args.logs.resolve() if args.logs else REPO_ROOT / base.stack_dir / "logs"
     started_services: list[str] = []
@@ -412,6 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             server = Child(role, [py, "-m", "api.serve", role], role_env, logs / f"{role}.log")
             proc = supervisor.start(server)
             wait_http_ready(f"http://127.0.0.1:{port}/readyz", proc, 60, server.log)
+        notify_cmd = [py, "-m", "dataflows.notify"]
+        supervisor.start(Child("notifier", notify_cmd, env, logs / "notifier.log"))
         print(_where_to_look(base, logs, tokens, "amr-000"), flush=True)
         sim_cmd = [
             py, "-m", "sim",

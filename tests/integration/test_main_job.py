@@ -47,7 +47,7 @@ def test_main_job_runs_ten_robots_through_the_pipeline(
     with out_path.open("wb") as out:
         job = subprocess.Popen(
             [sys.executable, "-m", "deploy.local.main", "--robots", "10", "--rate", "2",
-             "--", "--silence", "amr-003:6:7", "--seed", "7"],
+             "--", "--silence", "amr-003:6:7", "--seed", "7", "--estop-prob", "0.02"],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
@@ -108,6 +108,17 @@ def test_main_job_runs_ten_robots_through_the_pipeline(
             )
             return bool(r.json().get("data"))
 
+        # The example alert rules are in force: an e-stop opens an incident at once.
+        assert "alert rules" in output() and "rules.yaml" in output()
+
+        def estop_incident() -> list[Any] | None:
+            found = api.get("/v1/incidents", params={"rule": "estop"}).json()["items"]
+            return found or None
+
+        incidents = wait_until("an estop incident", estop_incident, 60)
+        assert incidents[0]["severity"] == "critical"
+        assert incidents[0]["robot_id"].startswith("amr-")
+
         wait_until("ingest traces in Jaeger", lambda: traced("fleetpulse-ingest"), 30)
         wait_until("dataflow traces in Jaeger", lambda: traced("fleetpulse-dataflow"), 30)
     finally:
@@ -118,7 +129,7 @@ def test_main_job_runs_ten_robots_through_the_pipeline(
         job.wait(60)
     text = out_path.read_text(errors="replace")
     assert job.returncode == 0, text
-    for name in ("simulator", "dashboard", "query", "ingest", "dataflow"):
+    for name in ("simulator", "notifier", "dashboard", "query", "ingest", "dataflow"):
         assert f"{name:9} stopped" in text
     for port in (s.ingest_port, s.query_port, s.dashboard_port, s.dataflow_metrics_port):
         assert not port_in_use(port), f"port {port} still in use after the main job stopped"
