@@ -57,6 +57,10 @@ CSV = "text/csv"  # Litestar adds "; charset=utf-8"
 NDJSON = "application/x-ndjson"
 Format = Literal["csv", "ndjson"]
 _CURSOR_KEY = b'{"cursor":'
+# The cursors' common form (state.export); what each kind's last two parts are is checked
+# by state.export.parse_cursor.
+_ROBOT_ID_PART = ROBOT_ID_PATTERN[1:].split("$")[0]  # the pattern without its anchors
+_CURSOR_PATTERN = "^(" + "|".join(KINDS) + ")/" + _ROBOT_ID_PART + r"/\d{1,20}/[^\n]{1,300}$(?!\n)"
 
 
 # --- formats ----------------------------------------------------------------------------------
@@ -239,9 +243,9 @@ def export_routes(
         cursor: Annotated[
             str | None,
             QueryParameter(
-                max_length=400,
-                description="A row's `cursor` from an earlier answer of the same kind: "
-                "the rows after it.",
+                pattern=_CURSOR_PATTERN,
+                description="A row's `cursor` from an earlier answer of the same kind "
+                "(`<kind>/<robot id>/<a>/<b>`): the rows after it.",
             ),
         ] = None,
         limit: Annotated[

@@ -28,7 +28,12 @@ import httpx
 import msgspec
 import pytest
 import redis
+import schemathesis
+from hypothesis import given
 from litestar.testing import TestClient
+from schemathesis import GenerationMode
+from schemathesis.python import asgi
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from api.app import create_app
 from api.export_cli import Records
@@ -39,6 +44,7 @@ from fleetpulse.settings import Settings, to_env
 from state import Keys
 from state.export import PAGE_ROWS
 from state.keys import epoch_us, window_name
+from tests.integration.test_openapi import _on_the_wire, fuzzed
 from tests.integration.test_query_api import INGEST, READ, Fleet, private_fleet
 from tests.integration.test_state_contract import T0, alert, live, window
 
@@ -385,6 +391,43 @@ def test_the_export_is_in_the_openapi_document(api: TestClient[Any]) -> None:
     assert op["security"] == [{"bearer": []}]
 
 
+@pytest.fixture
+def export_schema(fleet: Fleet, written: Written) -> Iterator[Any]:
+    """The app's OpenAPI document, loaded by schemathesis, on the seeded fleet."""
+    app = create_app(fleet.settings, ingest=False)
+    try:
+        yield schemathesis.openapi.from_asgi("/schema/openapi.json", app)
+    finally:
+        asgi.shutdown_lifespans()  # the app's Redis clients, before the keys go
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_the_export_conforms_to_its_openapi(export_schema: Any, mode: GenerationMode) -> None:
+    operation = export_schema["/v1/export/{kind}"]["GET"]
+    statuses: list[int] = []
+
+    @given(case=operation.as_strategy(mode).filter(_on_the_wire))
+    @fuzzed(40)
+    def check(case: Any) -> None:
+        # What OpenAPI cannot say, across parameters: robot_id or site, not both; until
+        # after since; a cursor of the path's kind. A schema-valid request may break one
+        # (a 422 naming it); every answer must still be documented and match its schema.
+        response = case.call_and_validate(
+            headers={"Authorization": f"Bearer {READ}"},
+            excluded_checks=[positive_data_acceptance],
+        )
+        statuses.append(response.status_code)
+        if mode is GenerationMode.POSITIVE and response.status_code == 422:
+            assert response.json()["fields"] in (["site"], ["until"], ["cursor"]), response.text
+
+    check()
+    assert statuses and max(statuses) < 500
+    if mode is GenerationMode.POSITIVE:
+        assert 200 in statuses
+    else:
+        assert {401, 422} & set(statuses)
+
+
 # --- the CLI over a real server and a connection that drops ------------------------------------
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
@@ -580,6 +623,25 @@ def test_cli_survives_the_server_killed_and_restarted_mid_export(
     assert cli.returncode == 0, err
     assert out.read_bytes() == whole
     assert "connection lost" in err and "wrote 60,000 rows" in err
+
+
+def test_a_failure_mid_stream_cuts_the_connection(served: Served, fleet: Fleet) -> None:
+    # An entry that is not JSON makes a page read fail after many rows went out: the
+    # client must see a cut answer (no terminating chunk), never a clean, short end.
+    keys = Keys(fleet.settings.redis_prefix)
+    write_history(fleet.client, keys, 300, 200)
+    fleet.client.lset(keys.history("r00150"), 50, b"not json")
+    rows = 0
+    auth = {"Authorization": f"Bearer {READ}"}
+    with (
+        httpx.Client(base_url=served.url, headers=auth) as c,
+        pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"),
+        c.stream("GET", "/v1/export/history") as r,
+    ):
+        assert r.status_code == 200
+        for chunk in r.iter_bytes():
+            rows += chunk.count(b"\n")
+    assert 0 < rows < 150 * 200
 
 
 def test_records_split_only_whole_rows() -> None:
