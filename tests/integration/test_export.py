@@ -36,7 +36,6 @@ from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from api.app import create_app
-from api.export_cli import Records
 from bench.common import serve_api
 from deploy.local.procs import free_port
 from fleetpulse.schema import Alert, LiveState, RobotReport, WindowStats
@@ -625,6 +624,20 @@ def test_cli_survives_the_server_killed_and_restarted_mid_export(
     assert "connection lost" in err and "wrote 60,000 rows" in err
 
 
+def test_cli_reports_a_refusal_and_stops(served: Served, written: Written, tmp_path: Path) -> None:
+    token = tmp_path / "read.token"
+    token.write_text(READ)
+    out = tmp_path / "x.csv"
+    cli = run_cli(served.url, token, out, "stats", "--since", "2025-06-01T12:00:00")
+    _, err = cli.communicate(timeout=60)
+    assert cli.returncode == 1
+    assert "422 invalid_parameter: since: '2025-06-01T12:00:00' is not an RFC3339 time" in err
+    token.write_text(INGEST)
+    cli = run_cli(served.url, token, out, "stats")
+    _, err = cli.communicate(timeout=60)
+    assert cli.returncode == 1 and "403 forbidden" in err, err
+
+
 def test_a_failure_mid_stream_cuts_the_connection(served: Served, fleet: Fleet) -> None:
     # An entry that is not JSON makes a page read fail after many rows went out: the
     # client must see a cut answer (no terminating chunk), never a clean, short end.
@@ -642,18 +655,6 @@ def test_a_failure_mid_stream_cuts_the_connection(served: Served, fleet: Fleet) 
         for chunk in r.iter_bytes():
             rows += chunk.count(b"\n")
     assert 0 < rows < 150 * 200
-
-
-def test_records_split_only_whole_rows() -> None:
-    rec = Records("csv")
-    assert rec.feed(b'a,b,cursor\r\n1,"x\r\n') == []
-    assert rec.header == b"a,b,cursor\r\n"
-    assert rec.feed(b'y""z",c/1\r\n2,') == [(b'1,"x\r\ny""z",c/1\r\n', "c/1")]
-    assert rec.pending == 2
-    nd = Records("ndjson")
-    assert nd.feed(b'{"cursor":"h/a/0/1","x":"\\n"}\n{"cur') == [
-        (b'{"cursor":"h/a/0/1","x":"\\n"}\n', "h/a/0/1")
-    ]
 
 
 # --- a million rows -------------------------------------------------------------------------
