@@ -310,6 +310,27 @@ def test_a_history_cursor_survives_new_reports_and_trimming(
     assert [r["seq"] for r in trimmed] == list(range(191, HISTORY_LEN + 191))
 
 
+def test_stats_and_alert_cursors_take_new_rows_after_them_only(
+    api: TestClient[Any], fleet: Fleet, written: Written
+) -> None:
+    stats = ndjson(api, "stats", robot_id="amr-2")
+    alerts = ndjson(api, "alerts", robot_id="amr-2")
+    # Resume after an early row of each, once a window and an alert were written after
+    # the cursor's row and once one was written before it (late): only the first comes.
+    late_w = msgspec.structs.replace(window("amr-2", 0), part=2)  # minute 0, a third part
+    new_w = window("amr-2", 30)
+    late_a, new_a = alert("amr-2", "estop", 0), alert("amr-2", "estop", 50)
+    fleet.writer.write([], [late_w, new_w], [late_a, new_a])
+    assert stats[2]["window_start"] == "2025-06-01T12:01:00Z"  # after minute 0's parts
+    got = ndjson(api, "stats", robot_id="amr-2", cursor=stats[2]["cursor"])
+    assert items(got) == [*items(stats[3:]), msgspec.to_builtins(new_w)]
+    got = ndjson(api, "alerts", robot_id="amr-2", cursor=alerts[1]["cursor"])
+    assert items(got) == [*items(alerts[2:]), msgspec.to_builtins(new_a)]
+    # From the start, both are in their places.
+    assert msgspec.to_builtins(late_w) in items(ndjson(api, "stats", robot_id="amr-2"))[:4]
+    assert items(ndjson(api, "alerts", robot_id="amr-2"))[0] == msgspec.to_builtins(late_a)
+
+
 def test_a_cursor_of_a_robot_gone_goes_on_with_the_next(
     api: TestClient[Any], written: Written
 ) -> None:
