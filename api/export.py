@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -48,7 +48,7 @@ from litestar.types import ControllerRouterHandler
 from api.errors import AnyRequest, ApiError
 from api.params import RFC3339_PATTERN
 from fleetpulse.schema import ROBOT_ID_PATTERN
-from state.export import KINDS, Row, export_rows, parse_cursor, time_range
+from state.export import KINDS, Row, Runner, export_rows, parse_cursor, time_range
 from state.keys import Keys
 
 __all__ = ["CSV", "NDJSON", "csv_columns", "csv_rows", "export_routes", "ndjson_rows"]
@@ -178,13 +178,13 @@ class ExportOperation(Operation):
 
 
 def export_routes(
-    run: Callable[[], Callable[[Any], Any]],
-    prefix: Callable[[], str],
-    exists: Callable[[str], Any],
+    run: Callable[[], Runner],
+    keys: Keys,
+    exists: Callable[[str], Awaitable[bool]],
     errors: dict[int, ResponseSpec],
 ) -> list[ControllerRouterHandler]:
-    """The export route. ``run()``: the plan runner of the app's reader (its lifespan's);
-    ``prefix()``: the Redis key prefix; ``exists(robot_id)``: awaitable, whether the robot
+    """The export route. ``run()``: the plan runner of the app's reader (made in its
+    lifespan); ``keys``: the store's key names; ``exists(robot_id)``: whether the robot
     has a live state; ``errors``: the documented error answers."""
     kinds_doc = "; ".join(f"`{name}`: {k.order}" for name, k in KINDS.items())
 
@@ -276,10 +276,8 @@ def export_routes(
         else:
             has_id = any(f.encode_name == "robot_id" for f in msgspec.structs.fields(spec.item))
             encode = ndjson_rows(has_id)
-        runner = run()
-        keys = Keys(prefix())
         rows = export_rows(
-            runner, keys, kind, robot_id=robot_id, site=site, window=window, cursor=after,
+            run(), keys, kind, robot_id=robot_id, site=site, window=window, cursor=after,
             limit=limit,
         )  # fmt: skip
 

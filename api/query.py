@@ -84,6 +84,7 @@ from state import (
     AsyncRedisStateReader,
     AsyncStateReader,
     FleetSummary,
+    Keys,
     RedisStateReader,
     StateReader,
     close_async,
@@ -461,7 +462,7 @@ class QueryService:
             *stream_routes(self, _errors()),
             *export_routes(
                 lambda: self.plans.run,
-                lambda: self._settings.redis_prefix,
+                Keys(self._settings.redis_prefix),
                 self._robot_exists,
                 _errors(404),
             ),

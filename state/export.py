@@ -47,7 +47,7 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from datetime import datetime
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -64,6 +64,7 @@ __all__ = [
     "Kind",
     "Range",
     "Row",
+    "Runner",
     "export_rows",
     "parse_cursor",
     "time_range",
@@ -73,7 +74,7 @@ PAGE_ROWS = 200  # most rows one read of one robot returns
 ROBOTS_AT_ONCE = 32  # robots whose first page is read in one round trip
 _NO_LIMIT = -1
 
-_T = TypeVar("_T")
+# Runs a plan and returns its answer (AsyncRedisStateReader.run).
 Runner = Callable[[Plan[Any]], Awaitable[Any]]
 
 
