@@ -89,17 +89,31 @@ def csv_columns(item: type[msgspec.Struct]) -> list[tuple[str, ...]]:
 
 
 def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
+    """A JSON value the csv module would not write as wanted, as text."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):
-        return ";".join(_cell(v) for v in value)
-    if isinstance(value, dict):
-        return msgspec.json.encode(value).decode()
-    return str(value)
+        return ";".join(_text(v) for v in value)
+    return msgspec.json.encode(value).decode()  # an object: its JSON
+
+
+def _text(value: Any) -> str:
+    if type(value) in _PLAIN:
+        return "" if value is None else str(value)
+    return str(_cell(value))
+
+
+# Types the csv module writes as wanted: text as is, numbers as Python's shortest repr
+# (the same digits as the stored JSON), None as an empty field.
+_PLAIN = frozenset({str, int, float, type(None)})
+
+
+def _getter(path: tuple[str, ...]) -> Callable[[dict[str, Any]], Any]:
+    key = path[0]
+    if len(path) == 1:
+        return lambda item: item.get(key)
+    rest = _getter(path[1:])
+    return lambda item: rest(v) if isinstance(v := item.get(key), dict) else None
 
 
 def csv_rows(columns: Sequence[tuple[str, ...]]) -> Callable[[Sequence[Row] | None], bytes]:
@@ -108,6 +122,8 @@ def csv_rows(columns: Sequence[tuple[str, ...]]) -> Callable[[Sequence[Row] | No
     has_robot_id = ("robot_id",) in columns
     if not has_robot_id:
         header.insert(0, "robot_id")
+    getters = [_getter(path) for path in columns]
+    decode = msgspec.json.decode  # the values as stored, times included
 
     def encode(rows: Sequence[Row] | None) -> bytes:
         buf = io.StringIO()
@@ -115,18 +131,16 @@ def csv_rows(columns: Sequence[tuple[str, ...]]) -> Callable[[Sequence[Row] | No
         if rows is None:
             writer.writerow(header)
             return buf.getvalue().encode()
+        table = []
         for row in rows:
-            item = msgspec.json.decode(row.raw)  # the values as stored, times included
-            cells = []
-            for path in columns:
-                value: Any = item
-                for key in path:
-                    value = value.get(key) if isinstance(value, dict) else None
-                cells.append(_cell(value))
+            item = decode(row.raw)
+            cells = [get(item) for get in getters]
+            cells = [v if type(v) in _PLAIN else _cell(v) for v in cells]
             if not has_robot_id:
                 cells.insert(0, row.robot_id)
             cells.append(row.cursor)
-            writer.writerow(cells)
+            table.append(cells)
+        writer.writerows(table)
         return buf.getvalue().encode()
 
     return encode
