@@ -82,6 +82,10 @@ serve-ingest:
 serve-query:
     {{py}} -m api.serve query
 
+# export history, stats or alerts from the query server to a file, resuming on drops (e.g. `just export history --site plant-1 --format csv --out h.csv --token-file read.token`); see --help
+export KIND *ARGS:
+    {{py}} -m api.export {{KIND}} {{ARGS}}
+
 # serve the dashboard (page, live feed, query routes) on FLEETPULSE_DASHBOARD_PORT with granian
 serve-dashboard:
     {{py}} -m api.serve dashboard

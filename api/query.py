@@ -22,6 +22,8 @@ the route's return types (``Response[LiveState]``, ``Response[RobotPage]``).
     GET /v1/incidents                 robot_id, rule, state, severity, since, limit;
                                       newest opened first (the alert rules' incidents)
     GET /v1/stream                    server-sent events (api.stream)
+    GET /v1/export/{kind}             history, stats or alerts as CSV/NDJSON, streamed
+                                      and resumable by cursor (api.export)
 
 Paging: ``next_cursor`` is the id of the last robot the page examined, and the next
 page lists robots after it; robots come in id order, so a robot that changes while a
@@ -36,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -49,6 +50,7 @@ import msgspec
 import redis
 import redis.asyncio
 from litestar import Litestar, Response, get
+from litestar.constants import RESERVED_KWARGS
 from litestar.enums import MediaType, ParamType
 from litestar.exceptions import ValidationException
 from litestar.handlers import HTTPRouteHandler
@@ -65,6 +67,8 @@ from litestar.types import (
 from opentelemetry import trace
 
 from api.errors import AnyRequest, ApiError, ErrorBody, error_response, validation_error
+from api.export import export_routes
+from api.params import RFC3339_PATTERN, check_times
 from api.stream import ChangeHub, stream_routes
 from fleetpulse.alert_rules import RULE_NAME_PATTERN, Incident, IncidentState, Severity
 from fleetpulse.errors import InvalidQuery
@@ -83,6 +87,7 @@ from state import (
     AsyncRedisStateReader,
     AsyncStateReader,
     FleetSummary,
+    Keys,
     RedisStateReader,
     StateReader,
     close_async,
@@ -165,15 +170,12 @@ SiteQuery = Annotated[
         examples=[Example(value="plant-1")],
     ),
 ]
-# RFC 3339 date-time with an offset (what `since` must be; its schema's pattern too).
-RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
-_NAIVE = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?")
 Since = Annotated[
     datetime | None,
     QueryParameter(
         description="RFC 3339 time with a UTC offset (e.g. 2025-06-01T12:00:00Z); "
         "a time without an offset, or a number, is refused (422).",
-        schema_extra={"pattern": f"^{RFC3339.pattern}$"},  # documented; checked in the hook
+        schema_extra={"pattern": RFC3339_PATTERN},  # documented; checked in the hook
     ),
 ]
 BatteryLt = Annotated[
@@ -197,6 +199,8 @@ def _limit() -> Any:
 def _query_names(handler: HTTPRouteHandler) -> frozenset[str]:
     names = set()
     for name, field in handler.parsed_fn_signature.parameters.items():
+        if field.kwarg_definition is None and name in RESERVED_KWARGS:
+            continue  # the request, its headers...: injected by Litestar, never a parameter
         kind = getattr(field.kwarg_definition, "param_type", ParamType.QUERY)
         if kind is ParamType.QUERY:
             definition = field.kwarg_definition
@@ -208,8 +212,8 @@ def _query_names(handler: HTTPRouteHandler) -> frozenset[str]:
 
 def reject_unknown_parameters(request: AnyRequest) -> None:
     """422 for a query parameter the route does not take (a typo must not widen a filter),
-    and for a ``since`` that is not an RFC 3339 time with an offset (the schema's format;
-    Litestar alone would also take a number of seconds)."""
+    and for a ``since`` or ``until`` that is not an RFC 3339 time with an offset (the
+    schema's format; Litestar alone would also take a number of seconds)."""
     if not request.scope["query_string"]:
         return  # most requests: nothing to parse
     params = request.query_params
@@ -223,16 +227,7 @@ def reject_unknown_parameters(request: AnyRequest) -> None:
             f"{unknown[0]}: not a parameter of this route (it takes: {takes})",
             unknown,
         )
-    since = params.get("since")
-    if since is not None and not RFC3339.fullmatch(since):
-        naive = _NAIVE.fullmatch(since) is not None
-        why = "it has no UTC offset" if naive else "expected e.g. 2025-06-01T12:00:00Z"
-        raise ApiError(
-            422,
-            "invalid_parameter",
-            f"since: {since[:40]!r} is not an RFC3339 time: {why}",
-            ["since"],
-        )
+    check_times(params)
 
 
 def _errors(*statuses: int) -> dict[int, ResponseSpec]:
@@ -476,6 +471,7 @@ class QueryService:
         self._async_client: redis.asyncio.Redis | None = None
         self._reader: StateReader | None = None
         self._api_reader: AsyncStateReader | None = None
+        self._plans: AsyncRedisStateReader | None = None
         self._hub: ChangeHub | None = None
 
     @property
@@ -493,6 +489,14 @@ class QueryService:
         return self._api_reader
 
     @property
+    def plans(self) -> AsyncRedisStateReader:
+        """The untraced async reader whose ``run`` the export's many page reads go through
+        (a span per page would outnumber the rows); 503 outside the app's lifespan."""
+        if self._plans is None:
+            raise ApiError(503, "unavailable", "the query server is starting or stopping")
+        return self._plans
+
+    @property
     def hub(self) -> ChangeHub:
         """The change-stream hub; 503 outside the app's lifespan."""
         if self._hub is None:
@@ -501,7 +505,19 @@ class QueryService:
 
     def routes(self) -> list[ControllerRouterHandler]:
         """Every query route, including the event stream."""
-        return [*query_routes(self), *stream_routes(self, _errors())]
+        return [
+            *query_routes(self),
+            *stream_routes(self, _errors()),
+            *export_routes(
+                lambda: self.plans.run,
+                Keys(self._settings.redis_prefix),
+                self._robot_exists,
+                _errors(404),
+            ),
+        ]
+
+    async def _robot_exists(self, robot_id: str) -> bool:
+        return await self.api_reader.get_raw(robot_id) is not None
 
     def router(self, guards: Sequence[Guard]) -> Router:
         """The routes with their error mapping, guards, parameter check and bearer security.
@@ -542,7 +558,7 @@ class QueryService:
         hub = ChangeHub(reader)
         task = asyncio.get_running_loop().create_task(hub.run(), name="change-stream tail")
         self._client, self._async_client, self._hub = client, async_client, hub
-        self._reader, self._api_reader = reader, api_reader
+        self._reader, self._api_reader, self._plans = reader, api_reader, api_reader
         if self._tracer is not None:
             # Each read becomes a Redis client span under the request's server span.
             self._reader = cast(StateReader, TracedCalls(reader, self._tracer, names=_SPANS))
@@ -552,7 +568,7 @@ class QueryService:
         try:
             yield
         finally:
-            self._reader = self._api_reader = self._hub = None
+            self._reader = self._api_reader = self._plans = self._hub = None
             await hub.stop(task)
             self._client = self._async_client = None
             await close_async(async_client)

@@ -117,6 +117,11 @@ class AsyncRedisStateReader:
         self._reads = Reads(Keys(settings.redis_prefix))
         self._blocking = blocking
 
+    async def run(self, plan: Plan[_T]) -> _T:
+        """Run a plan of :mod:`state.reads` (or :mod:`state.export`) and return its answer;
+        its commands go out in the batches of every concurrent read."""
+        return await self._run(plan)
+
     async def _run(self, plan: Plan[_T]) -> _T:
         try:
             command = next(plan)
