@@ -51,6 +51,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from fleetpulse.alert_rules import Incident
 from fleetpulse.errors import InvalidQuery
 from fleetpulse.schema import Alert, RobotReport, WindowStats, is_robot_id
 from state.keys import Keys, epoch_us
@@ -298,6 +299,13 @@ KINDS: Mapping[str, Kind] = {
         _scored_page(Keys.robot_alert_index, Keys.robot_alerts),
         _score_mark,
         "<at µs>/<alert id>",
+    ),
+    "incidents": Kind(
+        Incident,
+        "opened_at, oldest first (each as its newest version); in range by opened_at",
+        _scored_page(Keys.robot_incident_index, Keys.robot_incidents),
+        _score_mark,
+        "<opened_at µs>/<incident id>",
     ),
 }
 

@@ -38,6 +38,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from api.app import create_app
 from bench.common import serve_api
 from deploy.local.procs import free_port
+from fleetpulse.alert_rules import Incident
 from fleetpulse.schema import Alert, LiveState, RobotReport, WindowStats
 from fleetpulse.settings import Settings, to_env
 from state import Keys
@@ -162,6 +163,56 @@ def ndjson(api: TestClient[Any], kind: str, **params: Any) -> list[dict[str, Any
 
 def items(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in row.items() if k != "cursor"} for row in rows]
+
+
+def incident(rid: str, seq: int, closed: bool) -> Incident:
+    at = T0 + timedelta(seconds=seq)
+    opened = Incident(
+        id=f"{rid}:battery-low:0:{seq}",
+        robot_id=rid,
+        rule="battery-low",
+        severity="critical",
+        since=at - timedelta(seconds=3),
+        opened_at=at,
+        opened_by=(0, seq),
+    )
+    if not closed:
+        return opened
+    later = at + timedelta(seconds=4)
+    return msgspec.structs.replace(
+        opened, state="closed", closed_at=later, closed_by=(0, seq + 4), reason="cleared"
+    )
+
+
+def test_incidents_export_their_newest_version_in_opened_order(
+    api: TestClient[Any], fleet: Fleet, written: Written
+) -> None:
+    opened = [incident("amr-1", s, False) for s in (2, 9)] + [incident("amr-2", 5, False)]
+    fleet.writer.write([], [], [], incidents=opened)
+    fleet.writer.write([], [], [], incidents=[incident("amr-1", 2, True)])  # the first closed
+    rows = ndjson(api, "incidents")
+    newest = [incident("amr-1", 2, True), opened[1], opened[2]]
+    assert items(rows) == [msgspec.json.decode(msgspec.json.encode(i)) for i in newest]
+    assert (
+        rows[0]["cursor"]
+        == f"incidents/amr-1/{epoch_us(newest[0].opened_at)}/amr-1:battery-low:0:2"
+    )
+    rest = ndjson(api, "incidents", cursor=rows[0]["cursor"])
+    assert rest == rows[1:]
+    ranged = ndjson(
+        api,
+        "incidents",
+        since=(T0 + timedelta(seconds=3)).isoformat(),
+        until=(T0 + timedelta(seconds=9)).isoformat(),
+    )
+    assert [r["id"] for r in ranged] == ["amr-2:battery-low:0:5"]
+    r = api.get("/v1/export/incidents", params={"format": "csv", "robot_id": "amr-1"})
+    assert r.status_code == 200, r.text
+    table = list(csv.DictReader(io.StringIO(r.text)))
+    assert [(t["id"], t["state"], t["opened_by"]) for t in table] == [
+        ("amr-1:battery-low:0:2", "closed", "0;2"),
+        ("amr-1:battery-low:0:9", "open", "0;9"),
+    ]
 
 
 # --- exact rows, order, range ------------------------------------------------------------------
@@ -405,7 +456,7 @@ def test_the_export_is_in_the_openapi_document(api: TestClient[Any]) -> None:
         "cursor",
         "limit",
     }
-    assert params["kind"]["schema"]["enum"] == ["history", "stats", "alerts"]
+    assert params["kind"]["schema"]["enum"] == ["history", "stats", "alerts", "incidents"]
     assert params["limit"]["schema"]["minimum"] == 1
     assert params["since"]["schema"]["pattern"].startswith("^\\d{4}-")
     assert op["security"] == [{"bearer": []}]

@@ -79,7 +79,7 @@ def test_cursors_parse_to_the_row_they_name() -> None:
     assert (c.robot_id, c.mark.boot, c.mark.seq) == ("amr-1", 2, 17)  # type: ignore[union-attr]
     a = parse_cursor("alerts", "alerts/amr-1/1748779203000000/amr-1:error:0:3/x")
     assert a.mark.member == b"amr-1:error:0:3/x"  # type: ignore[union-attr]
-    assert set(KINDS) == {"history", "stats", "alerts"}
+    assert set(KINDS) == {"history", "stats", "alerts", "incidents"}
 
 
 def test_time_range_is_half_open_and_checked() -> None:
