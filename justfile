@@ -122,6 +122,10 @@ bench-query *ARGS: stack-up
 bench-freshness *ARGS: stack-up
     {{py}} -m bench.freshness {{ARGS}}
 
+# what alert rules cost: drain and freshness with no rules and with 100 rules over 10,000 robots (writes bench/results)
+bench-rules *ARGS: stack-up
+    {{py}} -m bench.rules {{ARGS}}
+
 # py-spy profile of one dataflow process draining a pre-filled topic (writes bench/results)
 bench-profile *ARGS: stack-up
     {{py}} -m bench.profile_flow {{ARGS}}
@@ -131,7 +135,7 @@ bench-recovery *ARGS: stack-up
     {{py}} -m bench.recovery {{ARGS}}
 
 # every benchmark, one after the other (each writes bench/results and bench/README.md)
-bench: bench-ingest bench-dataflow bench-drain bench-freshness bench-query bench-recovery bench-sustained
+bench: bench-ingest bench-dataflow bench-drain bench-freshness bench-query bench-recovery bench-sustained bench-rules
 
 # ingest benchmark: accepted reports/s, p50/p99, single and batch posts (writes bench/results)
 bench-ingest *ARGS: stack-up

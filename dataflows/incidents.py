@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 
 import msgspec
 
@@ -37,6 +37,8 @@ __all__ = [
     "evaluate",
     "on_sample",
     "rule_removed",
+    "silence_due",
+    "silence_step",
 ]
 
 
@@ -48,13 +50,14 @@ class Track(msgspec.Struct, frozen=True, gc=False):
 
 
 def on_sample(
-    track: Track | None, rule: Rule, report: RobotReport
+    track: Track | None, rule: Rule, report: RobotReport, distance: float | None = None
 ) -> tuple[Track, Incident | None]:
     """Take the robot's next report in event-time order under ``rule``: the new track,
-    and the incident it opened or closed (None when nothing changed)."""
+    and the incident it opened or closed (None when nothing changed). ``distance``: the
+    robot's last closed window's distance before the report (``distance_m`` clauses)."""
     track = track or Track()
     if track.open is not None:
-        if not rule.clears(report):
+        if not rule.clears(report, distance):
             return track, None
         closed = msgspec.structs.replace(
             track.open,
@@ -64,7 +67,7 @@ def on_sample(
             reason="cleared",
         )
         return Track(), closed
-    if not rule.opens(report):
+    if not rule.opens(report, distance):
         return (Track(), None) if track.since is not None else (track, None)
     since = track.since if track.since is not None else report.ts
     if (report.ts - since).total_seconds() < rule.for_s:
@@ -96,6 +99,66 @@ def acknowledge(
             tracks[name] = Track(since=track.since, open=acked)
             return acked
     return None
+
+
+def silence_step(
+    tracks: dict[str, Track],
+    rules: Sequence[Rule],
+    last: RobotReport,
+    last_seen: float,
+    now: float,
+    arrived: RobotReport | None,
+) -> list[Incident]:
+    """The silence rules at arrival time ``now``: one whose robot sent nothing since
+    ``last_seen`` for its ``silence_s`` + ``for_s`` opens (id from ``last``, the newest
+    report before the silence); a report arriving (``arrived``) closes it."""
+    out: list[Incident] = []
+    for rule in rules:
+        limit = rule.silence_s
+        if limit is None:
+            continue
+        track = tracks.get(rule.name)
+        if track is not None and track.open is not None:
+            if arrived is not None:
+                closed = msgspec.structs.replace(
+                    track.open,
+                    state="closed",
+                    closed_at=arrived.ts,
+                    closed_by=arrived.order,
+                    reason="cleared",
+                )
+                del tracks[rule.name]
+                out.append(closed)
+            continue
+        if arrived is None and now - last_seen >= limit + rule.for_s:
+            boot, seq = last.order
+            incident = Incident(
+                id=f"{last.robot_id}:{rule.name}:{boot}:{seq}",
+                robot_id=last.robot_id,
+                rule=rule.name,
+                severity=rule.severity,
+                since=_utc(last_seen + limit),
+                opened_at=_utc(last_seen + limit + rule.for_s),
+                opened_by=last.order,
+            )
+            tracks[rule.name] = Track(since=incident.since, open=incident)
+            out.append(incident)
+    return out
+
+
+def silence_due(tracks: dict[str, Track], rules: Sequence[Rule], last_seen: float) -> float | None:
+    """Arrival time at which the next silence rule without an open incident opens one."""
+    due = [
+        last_seen + rule.silence_s + rule.for_s
+        for rule in rules
+        if rule.silence_s is not None
+        and (rule.name not in tracks or tracks[rule.name].open is None)
+    ]
+    return min(due) if due else None
+
+
+def _utc(unix_s: float) -> datetime:
+    return datetime.fromtimestamp(unix_s, UTC)
 
 
 def rule_removed(track: Track, at: datetime) -> Incident | None:
@@ -146,11 +209,12 @@ def evaluate(
     rules: Sequence[Rule],
     reports: Sequence[RobotReport],
     now: datetime,
+    distance_of: Callable[[RobotReport], float | None] | None = None,
 ) -> list[Incident]:
     """Run ``reports`` (event-time order) through ``rules``, updating ``tracks`` in place
     (a track only while its condition holds or its incident is open). A track of a rule
     no longer among ``rules`` (removed, or the robot left its scope) closes its incident
-    at ``now`` (the arrival clock)."""
+    at ``now`` (the arrival clock). Silence rules are left to :func:`silence_step`."""
     out: list[Incident] = []
     if tracks:
         names = {rule.name for rule in rules}
@@ -159,8 +223,11 @@ def evaluate(
             if closed is not None:
                 out.append(closed)
     for report in reports:
+        distance = distance_of(report) if distance_of is not None else None
         for rule in rules:
-            track, changed = on_sample(tracks.get(rule.name), rule, report)
+            if rule.silence_s is not None:
+                continue
+            track, changed = on_sample(tracks.get(rule.name), rule, report, distance)
             if track.since is None and track.open is None:
                 tracks.pop(rule.name, None)
             else:
@@ -178,6 +245,7 @@ class Compiled:
     def __init__(self, book: RuleBook) -> None:
         self.book = book
         self._rules = [(rule, rule.scope.matcher()) for rule in book.rules]
+        self.silences = any(rule.silence_s is not None for rule in book.rules)
         self._scoped: dict[tuple[str, str | None], tuple[Rule, ...]] = {}
 
     def scoped(self, robot_id: str, site: str | None) -> tuple[Rule, ...]:
@@ -189,6 +257,11 @@ class Compiled:
                 self._scoped.clear()
             got = self._scoped[key] = tuple(r for r, match in self._rules if match(robot_id, site))
         return got
+
+    @staticmethod
+    def reports_in(rules: Sequence[Rule]) -> bool:
+        """Whether any of ``rules`` runs on reports (not only on silences)."""
+        return any(rule.silence_s is None for rule in rules)
 
 
 _lock = threading.Lock()

@@ -41,7 +41,14 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 
-from dataflows.incidents import Reorder, Track, compiled, evaluate
+from dataflows.incidents import (
+    Reorder,
+    Track,
+    compiled,
+    evaluate,
+    silence_due,
+    silence_step,
+)
 from dataflows.records import Control
 from dataflows.rules import Rules
 from dataflows.windows import Windows
@@ -89,6 +96,7 @@ class RobotState(msgspec.Struct, kw_only=True, gc=False):
     # open), and the reports in some rule's scope waiting for the watermark.
     tracks: dict[str, Track] = msgspec.field(default_factory=dict)
     held: Reorder | None = None
+    recent: list[tuple[int, float]] = msgspec.field(default_factory=list)  # (end µs, distance)
     # Totals over the state's life (Emits carries the per-step numbers).
     applied: int = 0
     stale: int = 0
@@ -147,7 +155,8 @@ def on_report(
             emits.late.append(report)
     emits.windows += w.close_due(robot, arrival, rules)
     if rules.book.rules or st.tracks:
-        _rules(st, report, arrival, rebased, rules, emits)
+        before = state.live if state is not None else None
+        _rules(st, report, arrival, rebased, rules, emits, before)
     return st, emits
 
 
@@ -158,31 +167,62 @@ def _rules(
     rebased: bool,
     rules: Rules,
     emits: Emits,
+    before: LiveState | None = None,
 ) -> None:
-    """Hold ``report`` for the robot's rules, then evaluate what the watermark passed."""
+    """Hold ``report`` for the robot's rules, then evaluate what the watermark passed;
+    silence rules at ``arrival`` (a report's, or a progress mark's: ``report`` None)."""
+    if emits.windows:  # the last closed windows, for distance_m clauses
+        ended = [(_us(w.window_end), w.distance_m) for w in emits.windows]
+        st.recent = sorted([*st.recent, *ended])[-3:]
     book = compiled(rules.book)
     scoped = book.scoped(st.robot_id, st.live.report.site)
+    now = _utc(arrival)
+    if book.silences and scoped:
+        if report is not None and before is not None:
+            # A silence may have run out before a progress mark showed it, as offline.
+            emits.incidents += silence_step(
+                st.tracks, scoped, before.report, before.last_seen, arrival, None
+            )
+        last, seen = st.live.report, st.live.last_seen
+        emits.incidents += silence_step(st.tracks, scoped, last, seen, arrival, report)
+
+    def distance_of(r: RobotReport) -> float | None:
+        ts = _us(r.ts)
+        before = [d for end, d in st.recent if end <= ts]
+        return before[-1] if before else None
+
     held = st.held
     if rebased and held is not None:
         # The robot's clock went back: what waits goes first, then time starts again.
-        emits.incidents += evaluate(st.tracks, scoped, held.release(math.inf), _utc(arrival))
+        released = held.release(math.inf)
+        emits.incidents += evaluate(st.tracks, scoped, released, now, distance_of)
         held = st.held = Reorder()
-    if report is not None and scoped:
+    if report is not None and book.reports_in(scoped):
         if held is None:
             held = st.held = Reorder()
         held.add(report, _us(report.ts))
     if held is not None and held.pending:
-        watermark = st.windows.offset + arrival
-        emits.incidents += evaluate(st.tracks, scoped, held.release(watermark * 1e6), _utc(arrival))
+        released = held.release((st.windows.offset + arrival) * 1e6)
+        emits.incidents += evaluate(st.tracks, scoped, released, now, distance_of)
     elif st.tracks and len(st.tracks) > len(scoped):  # a rule it is tracked by is gone
-        emits.incidents += evaluate(st.tracks, scoped, [], _utc(arrival))
+        emits.incidents += evaluate(st.tracks, scoped, [], now)
 
 
-def rules_due(state: RobotState) -> float | None:
-    """Arrival time at which the watermark passes the oldest held report (None: none)."""
+def rules_due(state: RobotState, rules: Rules) -> float | None:
+    """Arrival time at which the robot's rules need a look: the watermark passes its
+    oldest held report, or a silence rule runs out (None: neither)."""
+    due: list[float] = []
     held = state.held
-    due = held.next_due_us() if held is not None else None
-    return None if due is None else due / 1e6 - state.windows.offset
+    oldest = held.next_due_us() if held is not None else None
+    if oldest is not None:
+        due.append(oldest / 1e6 - state.windows.offset)
+    book = compiled(rules.book)
+    if book.silences:
+        scoped = book.scoped(state.robot_id, state.live.report.site)
+        silence = silence_due(state.tracks, scoped, state.live.last_seen)
+        if silence is not None:
+            due.append(silence)
+    return min(due) if due else None
 
 
 def on_progress(state: RobotState, progress: float, rules: Rules) -> tuple[RobotState, Emits]:
@@ -191,7 +231,7 @@ def on_progress(state: RobotState, progress: float, rules: Rules) -> tuple[Robot
     st = _copy(state)
     _check_offline(st, progress, rules, emits)
     emits.windows += st.windows.close_due(st.robot_id, progress, rules)
-    if st.held is not None and st.held.pending:
+    if rules.book.rules or st.tracks:
         _rules(st, None, progress, False, rules, emits)
     return st, emits
 

@@ -145,7 +145,7 @@ class Timers:
                 self._online.setdefault(partition, {})[robot] = None
                 self._online_at[robot] = seen
         close = state.windows.close_at(rules)
-        held = rules_due(state)
+        held = rules_due(state, rules)
         if held is not None and (close is None or held < close):
             close = held
         want = None if close is None else (partition, math.ceil(close))

@@ -202,27 +202,39 @@ def _inside(polygon: Sequence[Point], x: float, y: float) -> bool:
 
 
 class Condition(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Clauses on one report; the condition holds when every clause given holds."""
+    """Clauses on one report; the condition holds when every clause given holds.
+
+    Two are derived rather than read off the report: ``distance_m``, the distance the
+    robot travelled in its last closed window (the newest window that ended at or before
+    the report's ``ts``; none yet: the clause does not hold), and ``silence_s``, the time
+    since the robot's last report arrived (only ``above``, and alone in its condition:
+    it is judged on the arrival clock, not on a report).
+    """
 
     battery: Number | None = None
     speed: Number | None = None
     status: StatusSet | None = None
     errors: Errors | None = None
     pose: Geofence | None = None
+    distance_m: Number | None = None
+    silence_s: Number | None = None
 
     def clauses(self) -> list[tuple[str, Number | StatusSet | Errors | Geofence]]:
-        fields = ("battery", "speed", "status", "errors", "pose")
+        fields = ("battery", "speed", "status", "errors", "pose", "distance_m", "silence_s")
         return [(f, c) for f in fields if (c := getattr(self, f)) is not None]
 
-    def holds(self, report: RobotReport) -> bool:
-        """Whether every clause holds for ``report``."""
+    def holds(self, report: RobotReport, distance: float | None = None) -> bool:
+        """Whether every clause holds for ``report`` (``distance``: the last closed
+        window's distance before it, for ``distance_m``)."""
         b, sp, st, er, po = self.battery, self.speed, self.status, self.errors, self.pose
+        d = self.distance_m
         return (
             (b is None or b.holds(report.battery))
             and (sp is None or sp.holds(report.speed))
             and (st is None or st.holds(report.status))
             and (er is None or er.holds(report.errors))
             and (po is None or po.holds(report.pose))
+            and (d is None or (distance is not None and d.holds(distance)))
         )
 
 
@@ -274,11 +286,19 @@ class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True
     clear: Condition | None = None  # None: the incident closes when `when` stops holding
     description: Annotated[str, Meta(max_length=1000)] = ""
 
-    def opens(self, report: RobotReport) -> bool:
-        return self.when.holds(report)
+    @property
+    def silence_s(self) -> float | None:
+        """For a rule on the time since the last report: that time; else None."""
+        clause = self.when.silence_s
+        return None if clause is None else clause.above
 
-    def clears(self, report: RobotReport) -> bool:
-        return self.clear.holds(report) if self.clear is not None else not self.when.holds(report)
+    def opens(self, report: RobotReport, distance: float | None = None) -> bool:
+        return self.when.holds(report, distance)
+
+    def clears(self, report: RobotReport, distance: float | None = None) -> bool:
+        if self.clear is not None:
+            return self.clear.holds(report, distance)
+        return not self.when.holds(report, distance)
 
 
 class Target(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -350,6 +370,9 @@ def parse_rules(data: Any, source: str = "rules") -> RuleBook:
         problem = rule.scope.check()
         if problem is not None:
             raise RulesError(f"{source}: {who}: scope.{problem}")
+        problem = _silence_problem(rule)
+        if problem is not None:
+            raise RulesError(f"{source}: {who}: {problem}")
     names: dict[str, int] = {}
     for i, target in enumerate(book.targets):
         if target.name in names:
@@ -359,6 +382,22 @@ def parse_rules(data: Any, source: str = "rules") -> RuleBook:
             )
         names[target.name] = i
     return book
+
+
+def _silence_problem(rule: Rule) -> str | None:
+    """What is wrong with a rule's use of ``silence_s``, if anything."""
+    for part, cond in (("when", rule.when), ("clear", rule.clear)):
+        if cond is None or cond.silence_s is None:
+            continue
+        if part == "clear":
+            return "clear.silence_s: the next report clears a silence; leave clear out"
+        if cond.silence_s.above is None:
+            return "when.silence_s: give `above` (seconds without a report)"
+        if len(cond.clauses()) > 1:
+            return "when.silence_s: a silence is judged alone; give no other clause with it"
+        if rule.clear is not None:
+            return "clear: the next report clears a silence; leave clear out"
+    return None
 
 
 def _where(data: Any, path: str) -> str:

@@ -135,6 +135,18 @@ def test_a_geofence_follows_a_concave_polygon() -> None:
             "rule 'k' (rules[0]): when.speed.above: Expected `float` <= 1000000000000.0",
         ),
         ("rules: [[", "not YAML or JSON"),
+        (
+            "rules: [{name: s, when: {silence_s: {above: 5}, battery: {below: 5}}}]",
+            "rule 's' (rules[0]): when.silence_s: a silence is judged alone",
+        ),
+        (
+            "rules: [{name: s, when: {silence_s: {below: 5}}}]",
+            "rule 's' (rules[0]): when.silence_s: give `above`",
+        ),
+        (
+            "rules: [{name: s, when: {silence_s: {above: 5}}, clear: {speed: {above: 1}}}]",
+            "rule 's' (rules[0]): clear: the next report clears a silence",
+        ),
     ],
 )
 def test_every_problem_names_the_rule_and_the_field(text: str, message: str) -> None:

@@ -434,6 +434,19 @@ rules:
 """
 )
 WITH_RULES = msgspec.structs.replace(RULES, book=BOOK)
+DOMAIN_BOOK = msgspec.structs.replace(
+    BOOK,
+    rules=[
+        *BOOK.rules,
+        *load_rules(
+            """
+rules:
+  - {name: quiet, when: {silence_s: {above: 20}}, for_s: 5}
+  - {name: parked, when: {distance_m: {below: 1}}, for_s: 60}
+"""
+        ).rules,
+    ],
+)
 
 
 def incidents_of(outs: Iterable[Out]) -> list[tuple[str, str, str]]:
@@ -478,6 +491,41 @@ def test_incidents_do_not_depend_on_delivery_order_duplicates_or_a_restore() -> 
     second = shard(first.snapshot(), rules=WITH_RULES)
     outs += [step(second, *delivered[6:]), step(second, (0, MAX_MS))]
     assert incidents_of(outs) == expected
+
+
+def test_a_silence_rule_opens_on_the_arrival_clock_and_the_next_report_closes_it() -> None:
+    book = load_rules("rules: [{name: quiet, when: {silence_s: {above: 20}}, for_s: 5}]")
+    logic = shard(rules=msgspec.structs.replace(RULES, book=book, offline_after_s=600.0))
+    step(logic, raw("amr-1", 1, T0_MS), raw("amr-1", 2, T0_MS + 1000))
+    assert step(logic, (0, T0_MS + 25_999)).incidents == []  # 1 s + 20 s + 5 s not yet
+    [opened] = step(logic, (0, T0_MS + 26_000)).incidents
+    assert (opened.id, opened.state, opened.opened_by) == ("amr-1:quiet:0:2", "open", (0, 2))
+    assert opened.since == T0 + timedelta(seconds=21)
+    assert step(logic, (0, T0_MS + 90_000)).incidents == []  # once per silence
+    [closed] = step(logic, raw("amr-1", 3, T0_MS + 91_000)).incidents
+    assert (closed.id, closed.state, closed.closed_by) == ("amr-1:quiet:0:2", "closed", (0, 3))
+    # A silence the progress marks never showed (the report came first): opened and
+    # closed by the report, as offline and back_online are.
+    out = step(logic, raw("amr-1", 4, T0_MS + 200_000))
+    assert [(i.id, i.state) for i in out.incidents] == [
+        ("amr-1:quiet:0:3", "open"),
+        ("amr-1:quiet:0:3", "closed"),
+    ]
+
+
+def test_a_distance_rule_reads_the_last_closed_window_before_each_report() -> None:
+    book = load_rules("rules: [{name: parked, when: {distance_m: {below: 1}}}]")
+    rules = msgspec.structs.replace(RULES, book=book, allowed_lateness_s=0.0)
+    logic = shard(rules=rules)
+    # Minute 0: moving 10 m; minute 1: standing still.
+    step(logic, raw("amr-1", 1, T0_MS, pose={"x": 0.0, "y": 0.0, "theta": 0.0}))
+    step(logic, raw("amr-1", 2, T0_MS + 30_000, pose={"x": 10.0, "y": 0.0, "theta": 0.0}))
+    out = step(logic, raw("amr-1", 3, T0_MS + 60_000, pose={"x": 10.0, "y": 0.0, "theta": 0.0}))
+    assert [w.distance_m for w in out.windows] == [10.0] and out.incidents == []
+    step(logic, raw("amr-1", 4, T0_MS + 90_000, pose={"x": 10.0, "y": 0.0, "theta": 0.0}))
+    out = step(logic, raw("amr-1", 5, T0_MS + 120_000, pose={"x": 10.0, "y": 0.0, "theta": 0.0}))
+    assert [w.distance_m for w in out.windows] == [0.0]
+    assert [(i.id, i.state) for i in out.incidents] == [("amr-1:parked:0:5", "open")]
 
 
 def test_an_edited_or_removed_rule_applies_from_the_next_batch() -> None:
@@ -922,7 +970,7 @@ DOMAIN_RULES = st.builds(
     max_age_s=st.sampled_from([0.001, 604_800.0, 315_360_000.0]),
     stuck_after=st.sampled_from([1, 3, 10]),
     max_robots_per_shard=st.sampled_from([0, 0, 1, 3]),
-    book=st.sampled_from([RuleBook(), BOOK]),
+    book=st.sampled_from([RuleBook(), BOOK, DOMAIN_BOOK]),
 ).flatmap(
     # Retirement after some multiple of offline_after_s (it must be later), or never.
     lambda r: st.sampled_from(
