@@ -21,16 +21,18 @@ import bisect
 import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import msgspec
 
-from fleetpulse.alert_rules import Incident, Rule, RuleBook
+from fleetpulse.alert_rules import Incident, Predicate, Rule, RuleBook, predicate
 from fleetpulse.schema import RobotReport
 
 __all__ = [
     "Compiled",
     "Incident",
     "Reorder",
+    "Scoped",
     "Track",
     "acknowledge",
     "compiled",
@@ -50,14 +52,20 @@ class Track(msgspec.Struct, frozen=True, gc=False):
 
 
 def on_sample(
-    track: Track | None, rule: Rule, report: RobotReport, distance: float | None = None
+    track: Track | None,
+    rule: Rule,
+    report: RobotReport,
+    distance: float | None = None,
+    opens: Predicate | None = None,
+    clears: Predicate | None = None,
 ) -> tuple[Track, Incident | None]:
     """Take the robot's next report in event-time order under ``rule``: the new track,
     and the incident it opened or closed (None when nothing changed). ``distance``: the
-    robot's last closed window's distance before the report (``distance_m`` clauses)."""
+    robot's last closed window's distance before the report (``distance_m`` clauses);
+    ``opens``/``clears``: the rule's conditions compiled (:class:`Compiled`)."""
     track = track or Track()
     if track.open is not None:
-        if not rule.clears(report, distance):
+        if not (clears(report, distance) if clears else rule.clears(report, distance)):
             return track, None
         closed = msgspec.structs.replace(
             track.open,
@@ -67,7 +75,7 @@ def on_sample(
             reason="cleared",
         )
         return Track(), closed
-    if not rule.opens(report, distance):
+    if not (opens(report, distance) if opens else rule.opens(report, distance)):
         return (Track(), None) if track.since is not None else (track, None)
     since = track.since if track.since is not None else report.ts
     if (report.ts - since).total_seconds() < rule.for_s:
@@ -206,28 +214,30 @@ class Reorder(msgspec.Struct, gc=False):
 
 def evaluate(
     tracks: dict[str, Track],
-    rules: Sequence[Rule],
+    scoped: Scoped,
     reports: Sequence[RobotReport],
     now: datetime,
     distance_of: Callable[[RobotReport], float | None] | None = None,
 ) -> list[Incident]:
-    """Run ``reports`` (event-time order) through ``rules``, updating ``tracks`` in place
-    (a track only while its condition holds or its incident is open). A track of a rule
-    no longer among ``rules`` (removed, or the robot left its scope) closes its incident
-    at ``now`` (the arrival clock). Silence rules are left to :func:`silence_step`."""
+    """Run ``reports`` (event-time order) through the robot's rules in ``scoped``,
+    updating ``tracks`` in place (a track only while its condition holds or its incident
+    is open). A track of a rule not in ``scoped`` (removed, or the robot left its scope)
+    closes its incident at ``now`` (the arrival clock). Silence rules are left to
+    :func:`silence_step`."""
     out: list[Incident] = []
     if tracks:
-        names = {rule.name for rule in rules}
-        for name in [n for n in tracks if n not in names]:
+        for name in [n for n in tracks if n not in scoped.names]:
             closed = rule_removed(tracks.pop(name), now)
             if closed is not None:
                 out.append(closed)
+    need_distance = scoped.distance and distance_of is not None
     for report in reports:
-        distance = distance_of(report) if distance_of is not None else None
-        for rule in rules:
-            if rule.silence_s is not None:
-                continue
-            track, changed = on_sample(tracks.get(rule.name), rule, report, distance)
+        distance = distance_of(report) if need_distance else None  # type: ignore[misc]
+        for rule, opens, clears in scoped.reports:
+            track = tracks.get(rule.name)
+            if track is None and not opens(report, distance):
+                continue  # the usual case: nothing held, nothing holds
+            track, changed = on_sample(track, rule, report, distance, opens, clears)
             if track.since is None and track.open is None:
                 tracks.pop(rule.name, None)
             else:
@@ -235,6 +245,15 @@ def evaluate(
             if changed is not None:
                 out.append(changed)
     return out
+
+
+class Scoped(NamedTuple):
+    """The rules of one robot at one site, ready to run."""
+
+    rules: tuple[Rule, ...]  # every rule in scope, silences too
+    reports: tuple[tuple[Rule, Predicate, Predicate], ...]  # rules on reports, compiled
+    names: frozenset[str]
+    distance: bool  # some rule reads the last window's distance
 
 
 class Compiled:
@@ -245,23 +264,39 @@ class Compiled:
     def __init__(self, book: RuleBook) -> None:
         self.book = book
         self._rules = [(rule, rule.scope.matcher()) for rule in book.rules]
+        self._compiled = {
+            rule.name: (
+                rule,
+                predicate(rule.when),
+                predicate(rule.clear) if rule.clear is not None else _not(predicate(rule.when)),
+            )
+            for rule in book.rules
+            if rule.silence_s is None
+        }
         self.silences = any(rule.silence_s is not None for rule in book.rules)
-        self._scoped: dict[tuple[str, str | None], tuple[Rule, ...]] = {}
+        self._scoped: dict[tuple[str, str | None], Scoped] = {}
 
-    def scoped(self, robot_id: str, site: str | None) -> tuple[Rule, ...]:
+    def scoped(self, robot_id: str, site: str | None) -> Scoped:
         """The rules whose scope holds ``robot_id`` at ``site``, in the book's order."""
         key = (robot_id, site)
         got = self._scoped.get(key)
         if got is None:
             if len(self._scoped) >= self.MAX_CACHED:
                 self._scoped.clear()
-            got = self._scoped[key] = tuple(r for r, match in self._rules if match(robot_id, site))
+            rules = tuple(r for r, match in self._rules if match(robot_id, site))
+            on_reports = tuple(self._compiled[r.name] for r in rules if r.name in self._compiled)
+            distance = any(
+                c is not None and c.distance_m is not None
+                for r, _, _ in on_reports
+                for c in (r.when, r.clear)
+            )
+            names = frozenset(r.name for r in rules)
+            got = self._scoped[key] = Scoped(rules, on_reports, names, distance)
         return got
 
-    @staticmethod
-    def reports_in(rules: Sequence[Rule]) -> bool:
-        """Whether any of ``rules`` runs on reports (not only on silences)."""
-        return any(rule.silence_s is None for rule in rules)
+
+def _not(p: Predicate) -> Predicate:
+    return lambda r, d: not p(r, d)
 
 
 _lock = threading.Lock()

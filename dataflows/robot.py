@@ -177,14 +177,14 @@ def _rules(
     book = compiled(rules.book)
     scoped = book.scoped(st.robot_id, st.live.report.site)
     now = _utc(arrival)
-    if book.silences and scoped:
+    if book.silences and scoped.rules:
         if report is not None and before is not None:
             # A silence may have run out before a progress mark showed it, as offline.
             emits.incidents += silence_step(
-                st.tracks, scoped, before.report, before.last_seen, arrival, None
+                st.tracks, scoped.rules, before.report, before.last_seen, arrival, None
             )
         last, seen = st.live.report, st.live.last_seen
-        emits.incidents += silence_step(st.tracks, scoped, last, seen, arrival, report)
+        emits.incidents += silence_step(st.tracks, scoped.rules, last, seen, arrival, report)
 
     def distance_of(r: RobotReport) -> float | None:
         ts = _us(r.ts)
@@ -197,14 +197,14 @@ def _rules(
         released = held.release(math.inf)
         emits.incidents += evaluate(st.tracks, scoped, released, now, distance_of)
         held = st.held = Reorder()
-    if report is not None and book.reports_in(scoped):
+    if report is not None and scoped.reports:
         if held is None:
             held = st.held = Reorder()
         held.add(report, _us(report.ts))
     if held is not None and held.pending:
         released = held.release((st.windows.offset + arrival) * 1e6)
         emits.incidents += evaluate(st.tracks, scoped, released, now, distance_of)
-    elif st.tracks and len(st.tracks) > len(scoped):  # a rule it is tracked by is gone
+    elif st.tracks and not st.tracks.keys() <= scoped.names:  # a rule it is tracked by is gone
         emits.incidents += evaluate(st.tracks, scoped, [], now)
 
 
@@ -219,7 +219,7 @@ def rules_due(state: RobotState, rules: Rules) -> float | None:
     book = compiled(rules.book)
     if book.silences:
         scoped = book.scoped(state.robot_id, state.live.report.site)
-        silence = silence_due(state.tracks, scoped, state.live.last_seen)
+        silence = silence_due(state.tracks, scoped.rules, state.live.last_seen)
         if silence is not None:
             due.append(silence)
     return min(due) if due else None

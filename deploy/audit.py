@@ -46,6 +46,7 @@ import yaml
 
 from dataflows.rules import Rules
 from deploy.containers import IMAGES
+from fleetpulse.alert_rules import RulesError, load_rules
 from fleetpulse.errors import ConfigError
 from fleetpulse.settings import (
     CONFIG_FILE,
@@ -55,6 +56,8 @@ from fleetpulse.settings import (
     load_settings,
     overlay_settings,
 )
+
+RULES_KEY = "rules.yaml"  # the alert rules in a ConfigMap beside fleetpulse.yaml
 
 __all__ = ["ROLE_NEEDS", "Problem", "Report", "audit", "check_file_key", "check_variable", "main"]
 
@@ -222,10 +225,19 @@ class _Auditor:
         for key, value in data.items():
             if key == CONFIG_FILE:
                 self.hot_file(doc, name, value)
+            elif key == RULES_KEY:
+                self.rules_file(doc, name, value)
             else:
                 self.k8s_variable(doc, name, key, value)
                 values[key] = str(value)
         self.sources.setdefault(name, []).append((doc, values))
+
+    def rules_file(self, doc: _Doc, obj: str, text: Any) -> None:
+        """The alert rules a ConfigMap carries (``rules.yaml``), checked as the flow would."""
+        try:
+            load_rules(str(text), RULES_KEY)
+        except RulesError as exc:
+            self.problem(doc, obj, RULES_KEY, str(exc).removeprefix(f"{RULES_KEY}: "))
 
     def hot_file(self, doc: _Doc, obj: str, text: Any) -> None:
         values, why = _file_values(text)

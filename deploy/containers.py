@@ -480,6 +480,7 @@ PORT_SETTINGS = (
     "ingest_port",
     "query_port",
     "dashboard_port",
+    "notify_metrics_port",
 )
 PEER_PORTS = {"FLOW_PEER_PORT_0": 58090, "FLOW_PEER_PORT_1": 58091}
 

@@ -68,6 +68,7 @@ __all__ = [
     "encode_rules",
     "load_rules",
     "parse_rules",
+    "predicate",
     "write_atomically",
 ]
 
@@ -236,6 +237,47 @@ class Condition(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             and (po is None or po.holds(report.pose))
             and (d is None or (distance is not None and d.holds(distance)))
         )
+
+
+Predicate = Callable[[RobotReport, "float | None"], bool]
+
+
+def predicate(cond: Condition) -> Predicate:
+    """``cond.holds`` as one closure over its clauses' bounds (the hot path's form)."""
+    tests: list[Predicate] = []
+    if (b := cond.battery) is not None:
+        tests.append(_number(b, lambda r, d: r.battery))
+    if (sp := cond.speed) is not None:
+        tests.append(_number(sp, lambda r, d: r.speed))
+    if (dm := cond.distance_m) is not None:
+        tests.append(_number(dm, lambda r, d: d))
+    if (st := cond.status) is not None:
+        wanted = frozenset(st.in_ or ())
+        unwanted = frozenset(st.not_in or ())
+        if st.in_ is not None:
+            tests.append(lambda r, d: r.status in wanted)
+        else:
+            tests.append(lambda r, d: r.status not in unwanted)
+    if (er := cond.errors) is not None:
+        errors = er
+        tests.append(lambda r, d: errors.holds(r.errors))
+    if (po := cond.pose) is not None:
+        fence = po
+        tests.append(lambda r, d: fence.holds(r.pose))
+    if len(tests) == 1:
+        return tests[0]
+    return lambda r, d: all(t(r, d) for t in tests)
+
+
+def _number(
+    clause: Number, value: Callable[[RobotReport, float | None], float | None]
+) -> Predicate:
+    below, above, equals = clause.below, clause.above, clause.equals
+    if below is not None:
+        return lambda r, d: (v := value(r, d)) is not None and v < below
+    if above is not None:
+        return lambda r, d: (v := value(r, d)) is not None and v > above
+    return lambda r, d: (v := value(r, d)) is not None and v == equals
 
 
 class Scope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -43,6 +43,7 @@ PORTS = {
     "query_port": 28080,
     "dashboard_port": 28082,
     "dataflow_metrics_port": 28464,
+    "notify_metrics_port": 28474,
 }
 PEERS = {"FLOW_PEER_PORT_0": "28090", "FLOW_PEER_PORT_1": "28091"}
 ROBOTS = [f"ctr-{i:02d}" for i in range(20)]
@@ -117,6 +118,7 @@ def test_images_and_compose_topology_round_trip_crash_and_teardown(settings: Set
             "dashboard",
             "dataflow-0",
             "dataflow-1",
+            "notifier",
         }
         for service, user in (("webhook-server", "10001:10001"), ("kafka", "10002:10002")):
             assert compose.inspect(service)["Config"]["User"] == user
@@ -161,6 +163,20 @@ def test_images_and_compose_topology_round_trip_crash_and_teardown(settings: Set
         assert "redis write" in names
         services = {p["serviceName"] for p in found["processes"].values()}
         assert services == {"fleetpulse-ingest", "fleetpulse-dataflow"}
+
+        # The example alert rules are mounted: an e-stop opens an incident at once, listed
+        # by the query container; the notifier container serves its metrics.
+        estop = {**_report(ROBOTS[1], 4), "status": "estop"}
+        assert ingest.post("/v1/reports", json=estop).status_code == 202
+
+        def incident() -> list[Any] | None:
+            found = query.get("/v1/incidents", params={"rule": "estop"}).json()["items"]
+            return found or None
+
+        [opened] = wait_until("the e-stop's incident", incident, 60)
+        assert (opened["robot_id"], opened["opened_by"]) == (ROBOTS[1], [0, 4])
+        notify = httpx.get(f"http://127.0.0.1:{s.notify_metrics_port}/metrics", timeout=5)
+        assert notify.status_code == 200 and "fleetpulse_notify_sent" in notify.text
 
         # The dashboard container: its page, and its pipeline panel's figures read from
         # the ingest container and both dataflow containers.

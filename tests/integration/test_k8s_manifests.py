@@ -198,7 +198,7 @@ def test_prometheus_annotations_name_a_container_port(
         scraped.add(pod["metadata"]["labels"]["app.kubernetes.io/name"])
         assert int(notes["prometheus.io/port"]) in _container_ports(pod).values(), workload
         assert notes["prometheus.io/path"] == "/metrics"
-    assert scraped == {"ingest", "query", "dashboard", "dataflow"}
+    assert scraped == {"ingest", "query", "dashboard", "dataflow", "notifier"}
 
 
 # --- the API server ------------------------------------------------------------------------

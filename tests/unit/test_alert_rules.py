@@ -6,6 +6,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fleetpulse.alert_rules import (
     Geofence,
@@ -14,6 +16,7 @@ from fleetpulse.alert_rules import (
     encode_rules,
     load_rules,
     parse_rules,
+    predicate,
 )
 from fleetpulse.schema import Pose, RobotReport
 
@@ -160,3 +163,30 @@ def test_at_most_a_thousand_rules() -> None:
     many = {"rules": [{"name": f"r{i}", "when": {"speed": {"above": 1}}} for i in range(1001)]}
     with pytest.raises(RulesError, match="rules: Expected `array` of length <= 1000"):
         parse_rules(many)
+
+
+@settings(max_examples=300, deadline=None, database=None, derandomize=True)
+@given(
+    battery=st.floats(0, 100),
+    speed=st.floats(0, 5),
+    status=st.sampled_from(["idle", "moving", "working", "charging", "error", "estop"]),
+    errors=st.lists(st.sampled_from(["E1", "E42", "E7"]), max_size=2),
+    x=st.floats(-10, 140),
+    distance=st.one_of(st.none(), st.floats(0, 50)),
+)
+def test_the_compiled_conditions_agree_with_holds(
+    battery: float, speed: float, status: str, errors: list[str], x: float, distance: float | None
+) -> None:
+    """The hot path runs each condition as one closure (predicate): the same answers."""
+    book = load_rules(
+        EXAMPLE
+        + """
+  - name: moving-far
+    when: {distance_m: {above: 10}, speed: {equals: 1.0}, errors: {present: false}}
+"""
+    )
+    r = report(battery=battery, speed=speed, status=status, errors=errors, pose=Pose(x, 5.0, 0.0))
+    for rule in book.rules:
+        for cond in (rule.when, rule.clear):
+            if cond is not None:
+                assert predicate(cond)(r, distance) == cond.holds(r, distance), (rule.name, r)

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from deploy.audit import ROLE_NEEDS, audit, check_file_key, check_variable, main
 from fleetpulse.settings import Settings, env_name
@@ -113,6 +114,23 @@ def test_one_typo_in_a_copy_of_the_real_config_is_found(tmp_path: Path) -> None:
     # And the dataflow, which needs it, is told it is missing.
     assert [(p.obj, p.key) for p in problems if not p.obj.startswith("ConfigMap")] == [
         ("StatefulSet/dataflow container dataflow", "FLEETPULSE_METRICS_HOST")
+    ]
+
+
+def test_the_alert_rules_in_the_configmap_are_the_example_and_are_checked(tmp_path: Path) -> None:
+    docs = yaml.safe_load_all((REPO / "deploy" / "k8s" / "base" / "config.yaml").read_text())
+    config = next(d for d in docs if d["metadata"]["name"] == "fleetpulse-config")
+    example = (REPO / "deploy" / "rules" / "example.yaml").read_text()
+    assert config["data"]["rules.yaml"] == example  # one set of example rules
+    shutil.copytree(REPO / "deploy" / "k8s" / "base", tmp_path / "base")
+    path = tmp_path / "base" / "config.yaml"
+    path.write_text(path.read_text().replace("for_s: 10", "for_s: ten"))
+    problems = [p for p in audit([tmp_path]).problems if p.key == "rules.yaml"]
+    assert [(p.obj, p.problem) for p in problems] == [
+        (
+            "ConfigMap/fleetpulse-config",
+            "rule 'battery-critical' (rules[0]): for_s: Expected `float`, got `str`",
+        )
     ]
 
 

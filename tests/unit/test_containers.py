@@ -90,9 +90,10 @@ def test_the_dataflow_is_two_processes_of_one_cluster_with_a_volume_each() -> No
     addresses = {c[c.index("-a") + 1] for c in commands}
     assert len(addresses) == 1 and addresses.pop().count(";") == 1
     volumes = [SERVICES[f"dataflow-{i}"]["volumes"] for i in (0, 1)]
+    rules = "./rules/example.yaml:/etc/fleetpulse/rules.yaml:ro"
     assert volumes == [
-        ["recovery-0:/var/lib/fleetpulse/recovery"],
-        ["recovery-1:/var/lib/fleetpulse/recovery"],
+        ["recovery-0:/var/lib/fleetpulse/recovery", rules],
+        ["recovery-1:/var/lib/fleetpulse/recovery", rules],
     ]
     for i in (0, 1):
         env = SERVICES[f"dataflow-{i}"]["environment"]
@@ -100,11 +101,23 @@ def test_the_dataflow_is_two_processes_of_one_cluster_with_a_volume_each() -> No
     assert set(SPEC["volumes"]) == {"kafka-data", "redis-data", "recovery-0", "recovery-1"}
 
 
+def test_the_rules_file_reaches_the_flow_ingest_and_the_notifier() -> None:
+    rules = "./rules/example.yaml:/etc/fleetpulse/rules.yaml:ro"
+    for name in ("dataflow-0", "dataflow-1", "webhook-server", "notifier"):
+        spec = SERVICES[name]
+        assert rules in spec["volumes"], name
+        assert spec["environment"]["FLEETPULSE_RULES_FILE"] == "/etc/fleetpulse/rules.yaml"
+    assert SERVICES["notifier"]["command"] == ["notify"]
+    assert SERVICES["notifier"]["healthcheck"]["test"] == ["CMD", "fleetpulse-health", "notify"]
+    assert "FLEETPULSE_NOTIFY_SECRETS" in SERVICES["notifier"]["environment"]
+    assert (ROOT / "deploy" / "rules" / "example.yaml").is_file()
+
+
 def test_start_order_follows_depends_on(settings: Settings) -> None:
     levels = Compose(settings).order()
     assert levels[0] == ["jaeger", "kafka", "redis"]
     assert levels[1] == ["api-server", "dashboard", "topics"]
-    assert set(levels[2]) == {"dataflow-0", "dataflow-1", "webhook-server"}
+    assert set(levels[2]) == {"dataflow-0", "dataflow-1", "webhook-server", "notifier"}
     assert "sim" not in {s for level in levels for s in level}  # profile "sim" only
     with_sim = Compose(settings, profiles=("sim",)).order()
     assert with_sim[-1] == ["sim"]
