@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 from fleetpulse.settings import load_settings
 
-__all__ = ["CONFIG", "Run", "Target", "main", "run", "targets"]
+__all__ = ["CONFIG", "Answer", "Run", "Target", "main", "run", "targets"]
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 ROOT = Path(__file__).resolve().parents[2]  # the hooks module is imported from here
@@ -56,13 +56,22 @@ class Target(NamedTuple):
     paths: str  # a regex of the document's paths to fuzz
 
 
+class Answer(NamedTuple):
+    """One request of a run and its answer."""
+
+    method: str
+    path: str  # the URL's path, without the query
+    status: int
+    body: str
+
+
 class Run(NamedTuple):
     """What one run found: its exit status, its report, and each request's answer."""
 
     target: Target
     returncode: int
     output: str
-    answers: list[tuple[str, str, int]]  # (method, URL path, status) of every request
+    answers: list[Answer]
 
 
 def targets(ingest_url: str, query_url: str, read: str, ingest: str, admin: str) -> list[Target]:
@@ -119,15 +128,15 @@ def run(target: Target, report_dir: Path, examples: int = 100, seed: int = 17) -
     return Run(target, done.returncode, done.stdout + done.stderr, _answers(har))
 
 
-def _answers(har: Path) -> list[tuple[str, str, int]]:
+def _answers(har: Path) -> list[Answer]:
     if not har.exists():
         return []
-    entries = json.loads(har.read_text())["log"]["entries"]
-    out: list[tuple[str, str, int]] = []
-    for entry in entries:
-        url = entry["request"]["url"]
-        path = "/" + url.split("://", 1)[-1].split("/", 1)[-1].split("?", 1)[0]
-        out.append((entry["request"]["method"], path, entry["response"]["status"]))
+    out: list[Answer] = []
+    for entry in json.loads(har.read_text())["log"]["entries"]:
+        request, response = entry["request"], entry["response"]
+        path = "/" + request["url"].split("://", 1)[-1].split("/", 1)[-1].split("?", 1)[0]
+        body = response.get("content", {}).get("text", "")
+        out.append(Answer(request["method"], path, response["status"], body))
     return out
 
 

@@ -10,6 +10,7 @@ each finding they made is kept as the exact request that showed it.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -22,7 +23,9 @@ import pytest
 from api.auth import hash_token, new_token
 from deploy.local.fuzz import Run, run, targets
 from deploy.local.harness import isolated
+from fleetpulse.control import RESET_ORDER, control_kind
 from fleetpulse.settings import Settings
+from tests.integration.kafka_util import consume_all
 from tests.integration.test_query_api import INGEST, READ, private_fleet
 from tests.integration.test_state_contract import alert, live, window
 from tests.integration.test_stream import api_server
@@ -37,6 +40,7 @@ SEED = 17
 class Servers(NamedTuple):
     ingest: str
     query: str
+    ingest_settings: Settings  # its topics
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +62,7 @@ def servers(
             api_server(msgspec.structs.replace(own, api_tokens=tokens), "ingest", 1) as ingest,
             api_server(fleet.settings, "query", 1) as query,
         ):
-            yield Servers(ingest, query)
+            yield Servers(ingest, query, own)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +75,7 @@ def runs(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 def answered(result: Run) -> Counter[tuple[str, int]]:
     """How often each (route, status) was answered; a robot id in a path reads {id}."""
     out: Counter[tuple[str, int]] = Counter()
-    for _method, path, status in result.answers:
+    for _method, path, status, _body in result.answers:
         parts = path.split("/")
         if len(parts) > 3 and parts[2] == "robots":
             parts[3] = "{id}" if parts[3] != "amr-7" else "amr-7"
@@ -98,7 +102,26 @@ def test_the_ingest_server_keeps_its_openapi_promise(runs: dict[str, Run]) -> No
         assert seen[path, 401] >= 1, seen
     assert seen["/v1/reports/batch", 413] >= 1, seen  # a batch over maxItems
     assert seen["/readyz", 200] >= 1 and seen["/metrics", 200] >= 1, seen
-    assert max(status for _m, _p, status in result.answers) < 500
+    assert max(a.status for a in result.answers) < 500
+
+
+def test_what_the_runs_were_told_is_durable_is_in_kafka(
+    servers: Servers, runs: dict[str, Run]
+) -> None:
+    # Every 202 of the runs is a promise (acks=all): the accepted reports and the reset
+    # commands are on the topic, exactly those.
+    reports = sum(
+        json.loads(a.body)["accepted"]
+        for a in runs["ingest"].answers
+        if a.status == 202 and a.path.startswith("/v1/reports")
+    )
+    commands = sum(a.status == 202 for a in runs["admin"].answers)
+    assert reports >= 20 and commands >= 1
+    records = consume_all(
+        servers.ingest_settings, servers.ingest_settings.topic_reports, reports + commands
+    )
+    kinds = Counter(control_kind(m.headers()) for m in records)
+    assert kinds == {None: reports, RESET_ORDER: commands}
 
 
 def test_the_admin_route_keeps_its_openapi_promise(runs: dict[str, Run]) -> None:
@@ -107,8 +130,8 @@ def test_the_admin_route_keeps_its_openapi_promise(runs: dict[str, Run]) -> None
     seen = answered(result)
     assert seen["/v1/robots/{id}/reset-order", 202] + seen["/v1/robots/amr-7/reset-order", 202]
     assert seen["/v1/robots/{id}/reset-order", 422] >= 1, seen
-    assert {p for _m, p, _s in result.answers} >= {"/v1/robots/amr-7/reset-order"}
-    assert max(status for _m, _p, status in result.answers) < 500
+    assert "/v1/robots/amr-7/reset-order" in {a.path for a in result.answers}
+    assert max(a.status for a in result.answers) < 500
 
 
 def test_the_query_server_keeps_its_openapi_promise(runs: dict[str, Run]) -> None:
@@ -121,12 +144,10 @@ def test_the_query_server_keeps_its_openapi_promise(runs: dict[str, Run]) -> Non
         assert seen[path, 200] >= 1, seen
     for path in ("/v1/robots", "/v1/alerts", "/v1/stream"):
         assert seen[path, 422] >= 1, seen
-    unknown = [
-        p for (p, status), n in seen.items() if status == 404 and p.startswith("/v1/robots/{id}")
-    ]
+    unknown = [p for p, status in seen if status == 404 and p.startswith("/v1/robots/{id}")]
     assert unknown, seen  # a robot id nobody reports as
     assert seen["/v1/robots", 401] >= 1, seen  # schemathesis' ignored_auth probes
-    assert max(status for _m, _p, status in result.answers) < 500
+    assert max(a.status for a in result.answers) < 500
 
 
 # Findings of the runs above, kept as the exact requests that showed them.
