@@ -74,6 +74,10 @@ sim *ARGS:
 token SCOPE="ingest":
     @{{py}} -m api.auth new --scope {{SCOPE}}
 
+# schemathesis, every check and both modes, over HTTP against the running ingest and query servers (e.g. `just fuzz-api --read fp_... --ingest fp_... --admin fp_...`; see --help)
+fuzz-api *ARGS:
+    {{py}} -m deploy.local.fuzz {{ARGS}}
+
 # serve the ingest routes (the webhook server) on FLEETPULSE_INGEST_PORT with granian
 serve-ingest:
     {{py}} -m api.serve ingest

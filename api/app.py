@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import msgspec
 from litestar import Litestar, Response, get
 from litestar._openapi.schema_generation import SchemaCreator
 from litestar._openapi.schema_generation.plugins.struct import StructSchemaPlugin
@@ -261,8 +262,10 @@ def create_app(
 class ClosedStructs(StructSchemaPlugin):
     """Litestar's schema of a msgspec Struct, with ``additionalProperties: false`` when the
     Struct refuses unknown fields (``forbid_unknown_fields``, as the wire structs do), so
-    a body with an extra field is not schema-valid in the document either. Made when the
-    document is, not at start-up."""
+    a body with an extra field is not schema-valid in the document either; and with the
+    constraints on a list's items (a report's ``errors``: each at most 64 characters),
+    which Litestar leaves out (schemathesis sent a longer one as schema-valid). Made when
+    the document is, not at start-up."""
 
     def is_plugin_supported_field(self, field_definition: FieldDefinition) -> bool:
         return super().is_plugin_supported_field(field_definition) and bool(
@@ -274,4 +277,23 @@ class ClosedStructs(StructSchemaPlugin):
     ) -> Schema:
         schema = super().to_openapi_schema(field_definition, schema_creator)
         schema.additional_properties = False
+        info = msgspec.inspect.type_info(field_definition.type_)
+        assert isinstance(info, msgspec.inspect.StructType)
+        for field in info.fields:
+            prop = (schema.properties or {}).get(field.encode_name)
+            kind = field.type
+            if isinstance(kind, msgspec.inspect.Metadata):
+                kind = kind.type
+            if isinstance(prop, Schema) and isinstance(kind, msgspec.inspect.ListType):
+                _constrain_items(prop, kind.item_type)
         return schema
+
+
+def _constrain_items(array: Schema, item: msgspec.inspect.Type) -> None:
+    """The string constraints of ``item`` (msgspec ``Meta``) on ``array``'s item schema."""
+    if isinstance(item, msgspec.inspect.Metadata):
+        item = item.type
+    if isinstance(item, msgspec.inspect.StrType) and isinstance(array.items, Schema):
+        array.items.max_length = item.max_length
+        array.items.min_length = item.min_length
+        array.items.pattern = item.pattern

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar, get_args, get_origin
 
 import msgspec
 from msgspec import Meta
@@ -216,15 +216,93 @@ _report_decoder = msgspec.json.Decoder(RobotReport)
 _batch_decoder = msgspec.json.Decoder(list[RobotReport])
 _encoder = msgspec.json.Encoder()
 
+# JSON has one kind of number, and JSON Schema's `integer` (what the OpenAPI documents
+# say of `boot` and `seq`) admits any number whose fraction is zero: 7.0 and 7e0 are the
+# integer 7. msgspec's strict decoder refuses a float for an `int` field (its lax mode
+# would also take "7", and a number for a datetime), so a body refused for exactly that is
+# decoded again as the same Struct whose int fields also take a whole float within the
+# same bounds (each occurrence of a repeated key still checked, as the strict decoder
+# does), then made ints. The accepted path pays nothing for it.
+_FLOAT_FOR_INT = "Expected `int`, got `float`"
+_Lax = TypeVar("_Lax")
+
+
+def _whole_floats(struct: type[msgspec.Struct]) -> tuple[type[msgspec.Struct], frozenset[str]]:
+    """``struct`` with every bounded int field ``int | whole float`` (same bounds), and
+    the names of those fields."""
+    fields: list[tuple[str, object, object]] = []
+    ints: set[str] = set()
+    for f in msgspec.structs.fields(struct):
+        kind: object = f.type
+        if get_origin(kind) is Annotated and get_args(kind)[0] is int:
+            bounds = [m for m in get_args(kind)[1:] if isinstance(m, Meta)]
+            whole = Annotated[float, Meta(multiple_of=1), *bounds]
+            kind = kind | whole
+            ints.add(f.name)
+        default = (
+            msgspec.field(default_factory=f.default_factory)
+            if f.default_factory is not msgspec.NODEFAULT
+            else f.default
+        )
+        fields.append((f.name, kind, default))
+    config = struct.__struct_config__
+    lax = msgspec.defstruct(
+        f"{struct.__name__}WholeFloats",
+        [(n, k) if d is msgspec.NODEFAULT else (n, k, d) for n, k, d in fields],
+        kw_only=True,
+        forbid_unknown_fields=config.forbid_unknown_fields,
+    )
+    return lax, frozenset(ints)
+
+
+_LaxReport, _INT_FIELDS = _whole_floats(RobotReport)
+_lax_report_decoder = msgspec.json.Decoder(_LaxReport)
+_lax_batch_decoder = msgspec.json.Decoder(list[_LaxReport])  # type: ignore[valid-type]
+
+
+# What the second decoder says of an int field, in the strict decoder's words.
+_AS_STRICT = {
+    "Expected `float` that's a multiple of 1.0": _FLOAT_FOR_INT,
+    "Expected `int | float`,": "Expected `int`,",
+}
+
+
+def _lax_decode(decoder: msgspec.json.Decoder[_Lax], data: bytes | str) -> _Lax:
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        for lax, strict in _AS_STRICT.items():
+            text = text.replace(lax, strict)
+        raise msgspec.ValidationError(text) from None
+
+
+def _from_lax(lax: msgspec.Struct) -> RobotReport:
+    values = msgspec.structs.asdict(lax)
+    for name in _INT_FIELDS:
+        values[name] = int(values[name])
+    return RobotReport(**values)
+
 
 def decode_report(data: bytes | str) -> RobotReport:
-    """Decode and validate one report; raises ``msgspec.ValidationError``/``DecodeError``."""
-    return _report_decoder.decode(data)
+    """Decode and validate one report; raises ``msgspec.ValidationError``/``DecodeError``.
+    An integer may be written with a zero fraction (``"seq": 7.0``), as JSON Schema allows."""
+    try:
+        return _report_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        if _FLOAT_FOR_INT not in str(exc):
+            raise
+    return _from_lax(_lax_decode(_lax_report_decoder, data))
 
 
 def decode_reports(data: bytes | str) -> list[RobotReport]:
     """Decode and validate a JSON array of reports (errors name the item's index)."""
-    return _batch_decoder.decode(data)
+    try:
+        return _batch_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        if _FLOAT_FOR_INT not in str(exc):
+            raise
+    return [_from_lax(lax) for lax in _lax_decode(_lax_batch_decoder, data)]
 
 
 def encode(obj: object) -> bytes:

@@ -15,11 +15,13 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
@@ -76,29 +78,31 @@ def fleet(stack: object, settings: Settings) -> Iterator[Fleet]:
 
 
 @contextmanager
-def query_server(settings: Settings, workers: int = 2) -> Iterator[str]:
-    """`python -m api.serve query` on a free port; yields its base URL."""
+def api_server(settings: Settings, role: str = "query", workers: int = 2) -> Iterator[str]:
+    """`python -m api.serve ROLE` (query or ingest) with ``settings`` on a free port;
+    yields its base URL. Its output goes to a file, shown if it does not start (a pipe
+    nobody reads blocks a chatty server once full: thousands of fuzzed requests did)."""
     port = free_port()
-    env = {
-        **os.environ,
-        **to_env(settings),
-        "FLEETPULSE_QUERY_PORT": str(port),
-        "FLEETPULSE_API_WORKERS": str(workers),
-        "FLEETPULSE_TRACE_SAMPLE_RATIO": "0",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api.serve", "query"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its workers share our process group id: stopped together
-    )
+    own = {f"{role}_port": port, "api_workers": workers, "trace_sample_ratio": 0.0}
+    env = {**os.environ, **to_env(msgspec.structs.replace(settings, **own))}
+    fd, name = tempfile.mkstemp(prefix=f"fleetpulse-{role}-", suffix=".log")
+    log = Path(name)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "api.serve", role],
+            env=env,
+            stdout=fd,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its workers share our process group id: stopped together
+        )
+    finally:
+        os.close(fd)
     base = f"http://127.0.0.1:{port}"
     try:
         try:
-            wait_http_ready(f"{base}/readyz", proc)
+            wait_http_ready(f"{base}/readyz", proc, log=log)
         except StackError as exc:
-            pytest.fail(f"query server did not become ready: {exc}")
+            pytest.fail(f"{role} server did not become ready: {exc}")
         yield base
     finally:
         proc.send_signal(signal.SIGINT)
@@ -107,8 +111,7 @@ def query_server(settings: Settings, workers: int = 2) -> Iterator[str]:
         except subprocess.TimeoutExpired:  # an open stream holds granian's graceful stop
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
-        if proc.stdout:
-            proc.stdout.close()
+        log.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -167,7 +170,7 @@ def churn(fleet: Fleet, batches: int, seed: int) -> None:
 # --- over a real server -------------------------------------------------------------------------
 def test_reconnect_with_last_event_id_misses_nothing_and_sees_nothing_twice(fleet: Fleet) -> None:
     fleet.write([live("before", 1)], alerts=[alert("before", "estop", 1)])
-    with query_server(fleet.settings) as base:
+    with api_server(fleet.settings) as base:
         writer = threading.Thread(target=churn, args=(fleet, 80, 11))
         with sse(base) as stream:
             head = next(stream)
@@ -201,7 +204,7 @@ def test_new_client_query_parameter_and_header_resume_points(fleet: Fleet) -> No
     entries = read_changes(fleet.reader, None, 100)
     ids = [i for i, _ in entries]
     assert len(ids) == 4
-    with query_server(fleet.settings, workers=1) as base:
+    with api_server(fleet.settings, workers=1) as base:
         with sse(base) as stream:
             head = next(stream)
             assert (head.id, head.event, head.data) == (ids[-1], None, None)
@@ -378,7 +381,7 @@ def test_a_resume_id_older_than_the_retained_stream_gets_a_reset_then_live_chang
     oldest = info["first-entry"][0].decode()
     assert parse_event_id(old, "id") < parse_event_id(oldest, "id")
     newest = fleet.reader.latest_change_id()
-    with query_server(fleet.settings, workers=1) as base:
+    with api_server(fleet.settings, workers=1) as base:
         with sse(base, {"Last-Event-ID": old}) as stream:
             (reset,) = events(stream, 1)
             assert (reset.id, reset.event) == (newest, "reset")
@@ -405,7 +408,7 @@ def test_a_resume_id_still_retained_gets_no_reset(short_fleet: Fleet) -> None:
     assert kept[0][0] == info["first-entry"][0].decode()
     # Resuming from the oldest entry still kept: everything after it is there.
     with (
-        query_server(fleet.settings, workers=1) as base,
+        api_server(fleet.settings, workers=1) as base,
         sse(base, {"Last-Event-ID": kept[0][0]}) as stream,
     ):
         # The first event alone first: a wrong reset would leave the rest to wait for.
