@@ -25,7 +25,7 @@ from typing import Annotated
 import anyio
 import anyio.to_thread
 import msgspec
-from litestar import get, post, put
+from litestar import HttpMethod, post, route
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Example
 from litestar.params import PathParameter
@@ -207,41 +207,18 @@ def admin_routes(
             )
         return Path(settings.rules_file)
 
-    @get(
+    # One handler for both methods: Litestar's OPTIONS answer for a path lists only the
+    # methods of the handler registered first (Allow: GET, OPTIONS with two handlers).
+    @route(
         RULES_PATH,
-        summary="The alert rules in force",
-        description="The rules file (FLEETPULSE_RULES_FILE) as the dataflow reads it, and "
-        "its digest. Needs an `admin` token.",
-        responses={
-            **error_docs(401, 403),
-            404: ResponseSpec(ErrorBody, description=rules_docs[404], generate_examples=False),
-            503: ResponseSpec(ErrorBody, description=rules_docs[503], generate_examples=False),
-        },
-    )
-    async def get_rules() -> RulesInForce:
-        """The rules file, checked."""
-        path = rules_file()
-        try:
-            book = load_rules(await anyio.Path(path).read_bytes(), str(path))
-        except OSError as exc:
-            raise ApiError(
-                503, "rules_unavailable", f"cannot read {path}: {exc.strerror}"
-            ) from None
-        except RulesError as exc:
-            raise ApiError(
-                503, "rules_unavailable", f"the file in place is not valid: {exc}"
-            ) from None
-        return RulesInForce(path=str(path), digest=book.digest, rules=book.rules)
-
-    @put(
-        RULES_PATH,
-        summary="Replace the alert rules",
-        description="The body is a whole rules document, YAML (`application/yaml`) or JSON "
-        "(`application/json`). It is checked first — 422 names the rule and the field of the "
-        "first problem — then written in place of FLEETPULSE_RULES_FILE atomically; every "
+        http_method=[HttpMethod.GET, HttpMethod.PUT],
+        summary="The alert rules: read them (GET) or replace them (PUT)",
+        description="GET: the rules file (FLEETPULSE_RULES_FILE) as the dataflow reads it, "
+        "and its digest. PUT: the body is a whole rules document, YAML (`application/yaml`) "
+        "or JSON (`application/json`); it is checked first — 422 names the rule and the "
+        "field of the first problem — then written in place of the file atomically; every "
         "dataflow process watching the file applies it within a second or so, without a "
         "restart (incidents of a removed rule close). Needs an `admin` token.",
-        request_body_description="A rules document: `rules: [...]`",
         responses={
             **error_docs(
                 400,
@@ -249,21 +226,31 @@ def admin_routes(
                 403,
                 413,
                 422,
-                s422="The rules are not valid; `detail` names the rule and field",
+                s422="PUT: the rules are not valid; `detail` names the rule and field",
             ),
             404: ResponseSpec(ErrorBody, description=rules_docs[404], generate_examples=False),
             415: ResponseSpec(
                 ErrorBody,
-                description="Content-Type is not application/json or application/yaml",
+                description="PUT: Content-Type is not application/json or application/yaml",
                 generate_examples=False,
             ),
             503: ResponseSpec(ErrorBody, description=rules_docs[503], generate_examples=False),
         },
         status_code=200,
     )
-    async def put_rules(request: AnyRequest) -> RulesInForce:
-        """Check the new rules and replace the file with them."""
+    async def rules(request: AnyRequest) -> RulesInForce:
+        """The rules file, checked (GET); the new rules checked, then the file replaced (PUT)."""
         path = rules_file()
+        if request.method == "GET":
+            try:
+                book = load_rules(await anyio.Path(path).read_bytes(), str(path))
+            except OSError as exc:
+                problem = f"cannot read {path}: {exc.strerror}"
+                raise ApiError(503, "rules_unavailable", problem) from None
+            except RulesError as exc:
+                problem = f"the file in place is not valid: {exc}"
+                raise ApiError(503, "rules_unavailable", problem) from None
+            return RulesInForce(path=str(path), digest=book.digest, rules=book.rules)
         media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if media_type != "application/json" and media_type not in _YAML_TYPES:
             raise ApiError(
@@ -292,4 +279,4 @@ def admin_routes(
         _audit("put_rules", "-", by, client, f"accepted: {len(book.rules)} rule(s), {book.digest}")
         return RulesInForce(path=str(path), digest=book.digest, rules=book.rules)
 
-    return [post_reset_order, post_retire, post_ack, get_rules, put_rules]
+    return [post_reset_order, post_retire, post_ack, rules]
