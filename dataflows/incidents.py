@@ -18,6 +18,7 @@ names its robot, rule and the report that opened it, so a replay opens the same 
 from __future__ import annotations
 
 import bisect
+import re
 import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -188,22 +189,28 @@ class Reorder(msgspec.Struct, gc=False):
     done: tuple[int, int, int] = (-(2**62), -1, -1)
 
     def add(self, report: RobotReport, ts_us: int) -> bool:
-        """Hold ``report`` for evaluation; False if it is late or held already."""
+        """Hold ``report`` for evaluation; False if it is late or held already. The lists
+        are replaced, never changed in place, so a copy of the buffer shares them."""
         key = (ts_us, report.boot, report.seq)
         if key <= self.done:
             return False
-        i = bisect.bisect_left(self.pending, key, key=lambda p: p[:3])
-        if i < len(self.pending) and self.pending[i][:3] == key:
+        pending = self.pending
+        if not pending or pending[-1][:3] < key:  # in order: the usual case
+            self.pending = [*pending, (*key, report)]
+            return True
+        i = bisect.bisect_left(pending, key, key=lambda p: p[:3])
+        if i < len(pending) and pending[i][:3] == key:
             return False
-        self.pending.insert(i, (*key, report))
+        self.pending = [*pending[:i], (*key, report), *pending[i:]]
         return True
 
     def release(self, watermark_us: float) -> list[RobotReport]:
         """The held reports at or before the watermark, oldest first."""
-        n = bisect.bisect_right(self.pending, watermark_us, key=lambda p: p[0])
-        if not n:
+        pending = self.pending
+        if not pending or pending[0][0] > watermark_us:
             return []
-        out, self.pending = self.pending[:n], self.pending[n:]
+        n = bisect.bisect_right(pending, watermark_us, key=lambda p: p[0])
+        out, self.pending = pending[:n], pending[n:]
         self.done = out[-1][:3]
         return [p[3] for p in out]
 
@@ -216,18 +223,18 @@ def evaluate(
     tracks: dict[str, Track],
     scoped: Scoped,
     reports: Sequence[RobotReport],
-    now: datetime,
+    now: float,
     distance_of: Callable[[RobotReport], float | None] | None = None,
 ) -> list[Incident]:
     """Run ``reports`` (event-time order) through the robot's rules in ``scoped``,
     updating ``tracks`` in place (a track only while its condition holds or its incident
     is open). A track of a rule not in ``scoped`` (removed, or the robot left its scope)
-    closes its incident at ``now`` (the arrival clock). Silence rules are left to
+    closes its incident at ``now`` (the arrival clock, unix s). Silence rules are left to
     :func:`silence_step`."""
     out: list[Incident] = []
     if tracks:
         for name in [n for n in tracks if n not in scoped.names]:
-            closed = rule_removed(tracks.pop(name), now)
+            closed = rule_removed(tracks.pop(name), _utc(now))
             if closed is not None:
                 out.append(closed)
     need_distance = scoped.distance and distance_of is not None
@@ -263,7 +270,6 @@ class Compiled:
 
     def __init__(self, book: RuleBook) -> None:
         self.book = book
-        self._rules = [(rule, rule.scope.matcher()) for rule in book.rules]
         self._compiled = {
             rule.name: (
                 rule,
@@ -274,7 +280,25 @@ class Compiled:
             if rule.silence_s is None
         }
         self.silences = any(rule.silence_s is not None for rule in book.rules)
+        # Scopes indexed, so a robot seen for the first time costs a few lookups and its
+        # id matched against the patterns only: rules for all, by site, by id, by pattern
+        # (each as positions in the book, to keep its order).
+        self._everyone: list[int] = []
+        self._by_site: dict[str, list[int]] = {}
+        self._by_robot: dict[str, list[int]] = {}
+        self._patterns: list[tuple[int, re.Pattern[str]]] = []
+        for i, rule in enumerate(book.rules):
+            scope = rule.scope
+            if scope.sites is None and scope.robots is None and scope.pattern is None:
+                self._everyone.append(i)
+            for site in scope.sites or ():
+                self._by_site.setdefault(site, []).append(i)
+            for robot in scope.robots or ():
+                self._by_robot.setdefault(robot, []).append(i)
+            if scope.pattern is not None:
+                self._patterns.append((i, re.compile(scope.pattern)))
         self._scoped: dict[tuple[str, str | None], Scoped] = {}
+        self._sets: dict[tuple[int, ...], Scoped] = {}  # robots with the same rules share one
 
     def scoped(self, robot_id: str, site: str | None) -> Scoped:
         """The rules whose scope holds ``robot_id`` at ``site``, in the book's order."""
@@ -283,7 +307,19 @@ class Compiled:
         if got is None:
             if len(self._scoped) >= self.MAX_CACHED:
                 self._scoped.clear()
-            rules = tuple(r for r, match in self._rules if match(robot_id, site))
+            got = self._scoped[key] = self._scope_of(robot_id, site)
+        return got
+
+    def _scope_of(self, robot_id: str, site: str | None) -> Scoped:
+        found = set(self._everyone)
+        if site is not None:
+            found.update(self._by_site.get(site, ()))
+        found.update(self._by_robot.get(robot_id, ()))
+        found.update(i for i, pattern in self._patterns if pattern.fullmatch(robot_id))
+        positions = tuple(sorted(found))
+        got = self._sets.get(positions)
+        if got is None:
+            rules = tuple(self.book.rules[i] for i in positions)
             on_reports = tuple(self._compiled[r.name] for r in rules if r.name in self._compiled)
             distance = any(
                 c is not None and c.distance_m is not None
@@ -291,7 +327,7 @@ class Compiled:
                 for c in (r.when, r.clear)
             )
             names = frozenset(r.name for r in rules)
-            got = self._scoped[key] = Scoped(rules, on_reports, names, distance)
+            got = self._sets[positions] = Scoped(rules, on_reports, names, distance)
         return got
 
 

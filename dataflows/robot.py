@@ -37,6 +37,7 @@ report's order, or the arrival time), so a replay rewrites the same alert.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -176,7 +177,6 @@ def _rules(
         st.recent = sorted([*st.recent, *ended])[-3:]
     book = compiled(rules.book)
     scoped = book.scoped(st.robot_id, st.live.report.site)
-    now = _utc(arrival)
     if book.silences and scoped.rules:
         if report is not None and before is not None:
             # A silence may have run out before a progress mark showed it, as offline.
@@ -186,16 +186,12 @@ def _rules(
         last, seen = st.live.report, st.live.last_seen
         emits.incidents += silence_step(st.tracks, scoped.rules, last, seen, arrival, report)
 
-    def distance_of(r: RobotReport) -> float | None:
-        ts = _us(r.ts)
-        before = [d for end, d in st.recent if end <= ts]
-        return before[-1] if before else None
-
+    distance_of = _distance_of(st.recent) if scoped.distance else None
     held = st.held
     if rebased and held is not None:
         # The robot's clock went back: what waits goes first, then time starts again.
         released = held.release(math.inf)
-        emits.incidents += evaluate(st.tracks, scoped, released, now, distance_of)
+        emits.incidents += evaluate(st.tracks, scoped, released, arrival, distance_of)
         held = st.held = Reorder()
     if report is not None and scoped.reports:
         if held is None:
@@ -203,20 +199,34 @@ def _rules(
         held.add(report, _us(report.ts))
     if held is not None and held.pending:
         released = held.release((st.windows.offset + arrival) * 1e6)
-        emits.incidents += evaluate(st.tracks, scoped, released, now, distance_of)
+        if released or st.tracks:
+            emits.incidents += evaluate(st.tracks, scoped, released, arrival, distance_of)
     elif st.tracks and not st.tracks.keys() <= scoped.names:  # a rule it is tracked by is gone
-        emits.incidents += evaluate(st.tracks, scoped, [], now)
+        emits.incidents += evaluate(st.tracks, scoped, [], arrival)
+
+
+def _distance_of(recent: list[tuple[int, float]]) -> Callable[[RobotReport], float | None]:
+    """The distance of the newest of ``recent`` windows that ended at or before a report."""
+
+    def distance_of(r: RobotReport) -> float | None:
+        ts = _us(r.ts)
+        before = [d for end, d in recent if end <= ts]
+        return before[-1] if before else None
+
+    return distance_of
 
 
 def rules_due(state: RobotState, rules: Rules) -> float | None:
     """Arrival time at which the robot's rules need a look: the watermark passes its
     oldest held report, or a silence rule runs out (None: neither)."""
-    due: list[float] = []
     held = state.held
-    oldest = held.next_due_us() if held is not None else None
+    oldest = held.pending[0][0] if held is not None and held.pending else None
+    book = compiled(rules.book)
+    if not book.silences:
+        return None if oldest is None else oldest / 1e6 - state.windows.offset
+    due: list[float] = []
     if oldest is not None:
         due.append(oldest / 1e6 - state.windows.offset)
-    book = compiled(rules.book)
     if book.silences:
         scoped = book.scoped(state.robot_id, state.live.report.site)
         silence = silence_due(state.tracks, scoped.rules, state.live.last_seen)
@@ -274,7 +284,7 @@ def _copy(state: RobotState) -> RobotState:
         state,
         windows=state.windows.copy(),
         tracks=dict(state.tracks),
-        held=None if held is None else Reorder(list(held.pending), held.done),
+        held=None if held is None else Reorder(held.pending, held.done),  # copy on write
     )
 
 

@@ -90,7 +90,7 @@ Finite = Annotated[float, Meta(ge=-1e12, le=1e12)]
 IncidentState = Literal["open", "closed"]
 
 
-class Incident(msgspec.Struct, frozen=True, kw_only=True):
+class Incident(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One incident of one robot under one rule; a new version at each transition."""
 
     id: str  # "<robot>:<rule>:<boot>:<seq>" of the report that opened it

@@ -1,5 +1,9 @@
 """The one schema library: msgspec Structs for the wire, Kafka values, state and API.
 
+The data Structs are ``gc=False``: immutable values that never refer back to anything,
+so they cannot be part of a reference cycle, and the garbage collector need not track
+the hundreds of thousands a dataflow process holds.
+
 ``RobotReport`` is wire contract v1 (DESIGN.md, "Wire contract"): unknown fields are
 rejected, every number is bounded (so NaN and Infinity can never pass), and the
 order of reports for one robot is ``(boot, seq)`` — clocks are never trusted for order.
@@ -63,7 +67,7 @@ Coordinate = Annotated[float, Meta(ge=-1e9, le=1e9, description="metres, finite"
 Angle = Annotated[float, Meta(ge=-1e6, le=1e6, description="radians, finite")]
 
 
-class Pose(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class Pose(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """Position on the site plane (m) and heading (rad)."""
 
     x: Coordinate
@@ -71,7 +75,7 @@ class Pose(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     theta: Angle
 
 
-class RobotReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+class RobotReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, gc=False):
     """One state report from one robot (wire contract v1)."""
 
     robot_id: RobotId
@@ -96,7 +100,7 @@ class RobotReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
         return (self.boot, self.seq)
 
 
-class LiveState(msgspec.Struct, frozen=True, kw_only=True):
+class LiveState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """What the product knows about one robot now.
 
     Times are on two clocks: ``status_since`` and the report's ``ts`` are the robot's
@@ -140,7 +144,7 @@ ALERT_KINDS: tuple[AlertKind, ...] = (
 )
 
 
-class Alert(msgspec.Struct, frozen=True, kw_only=True):
+class Alert(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A transition worth telling someone about; ``id`` is deterministic (idempotent writes)."""
 
     id: str
@@ -152,7 +156,7 @@ class Alert(msgspec.Struct, frozen=True, kw_only=True):
     detail: str = ""
 
 
-class WindowStats(msgspec.Struct, frozen=True, kw_only=True):
+class WindowStats(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One closed 1-minute event-time window of one robot."""
 
     robot_id: RobotId

@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataflows.incidents import Reorder, Track, on_sample, rule_removed
+from dataflows.incidents import Compiled, Reorder, Track, on_sample, rule_removed
 from fleetpulse.alert_rules import Incident, Rule, load_rules
 from fleetpulse.schema import Pose, RobotReport
 
@@ -142,3 +142,27 @@ def test_any_delivery_order_and_duplication_gives_the_same_incidents(
             if changed is not None:
                 got.append(changed)
     assert got == expected
+
+
+@settings(max_examples=100, deadline=None, database=None, derandomize=True)
+@given(
+    robot=st.sampled_from(["amr-1", "amr-17", "amr-170", "dock-2", "x"]),
+    site=st.sampled_from([None, "north", "south", "yard"]),
+)
+def test_each_robots_rules_are_the_ones_whose_scope_holds_it(robot: str, site: str | None) -> None:
+    """Compiled.scoped (indexed by site, id and pattern) agrees with Scope's own matcher."""
+    book = load_rules(
+        """
+rules:
+  - {name: all, when: {battery: {below: 5}}}
+  - {name: north, scope: {sites: [north, yard]}, when: {battery: {below: 5}}}
+  - {name: some, scope: {robots: [amr-1, x]}, when: {battery: {below: 5}}}
+  - {name: amrs, scope: {pattern: "amr-1[0-9]*"}, when: {battery: {below: 5}}}
+  - {name: mixed, scope: {sites: [south], pattern: "dock-.*"}, when: {silence_s: {above: 9}}}
+"""
+    )
+    scoped = Compiled(book).scoped(robot, site)
+    expected = [r.name for r in book.rules if r.scope.matcher()(robot, site)]
+    assert [r.name for r in scoped.rules] == expected
+    assert [r.name for r, _, _ in scoped.reports] == [n for n in expected if n != "mixed"]
+    assert scoped.names == frozenset(expected)
