@@ -710,10 +710,13 @@ def _acl_file(settings: Settings, project: str) -> Path:
 
 
 def compose_environ(
-    settings: Settings, tokens: Mapping[str, str], users: RedisUsers | None = None
+    settings: Settings,
+    tokens: Mapping[str, str],
+    users: RedisUsers | None = None,
+    project: str = "fleetpulse",
 ) -> dict[str, str]:
     """The compose file's variables: the port settings in effect, the token hashes, and
-    the Redis users' passwords and ACL file (``users``)."""
+    the Redis users' passwords and the ACL file of ``project`` (``users``)."""
     dev = Tokens(**tokens)
     environ = {env_name(n): str(getattr(settings, n)) for n in PORT_SETTINGS}
     environ[env_name("dataflow_metrics_port")] = str(settings.dataflow_metrics_port)
@@ -727,7 +730,7 @@ def compose_environ(
     if users is not None:
         environ.update(users.writer_env())
         environ.update(users.reader_env())
-        environ["REDIS_ACL_FILE"] = str(_acl_file(settings, "fleetpulse"))
+        environ["REDIS_ACL_FILE"] = str(_acl_file(settings, project))
     return environ
 
 

@@ -28,6 +28,7 @@ from redis.sentinel import Sentinel
 
 from fleetpulse.errors import ConfigError
 from fleetpulse.settings import Settings, env_name, masked_url
+from state.keys import Keys
 
 __all__ = [
     "READER",
@@ -107,7 +108,8 @@ def connect_reader_async(settings: Settings) -> redis.asyncio.Redis:
 
 
 def check(settings: Settings, role: Role) -> None:
-    """PING Redis once as ``role`` (:data:`WRITER` or :data:`READER`), for start-up.
+    """PING Redis once as ``role`` (:data:`WRITER` or :data:`READER`), and read whether
+    a key under ``redis_prefix`` exists, for start-up.
 
     Raises :class:`ConfigError` naming the settings to fix when Redis refuses the
     credentials, the user lacks a permission, or the TLS handshake fails; a server that
@@ -116,6 +118,8 @@ def check(settings: Settings, role: Role) -> None:
     client = connect(settings) if role == WRITER else connect_reader(settings)
     try:
         client.ping()
+        # A key under the prefix: an ACL user made for another prefix is refused here.
+        client.exists(Keys(settings.redis_prefix).summary)
     except redis.RedisError as exc:
         problem = refused(exc, settings, role)
         if problem is not None:
@@ -137,7 +141,8 @@ def refused(exc: BaseException, settings: Settings, role: Role) -> str | None:
     if isinstance(exc, redis.exceptions.NoPermissionError):
         return (
             f"Redis refused a command of the {role} ({exc}); the ACL user {user} names "
-            "lacks a permission the product needs (state/acl.py makes the users)"
+            "lacks a permission the product needs, or was made for another key prefix than "
+            f"{env_name('redis_prefix')}={settings.redis_prefix!r} (state/acl.py makes the users)"
         )
     cause = exc.__context__ or exc.__cause__
     if isinstance(exc, redis.ConnectionError) and isinstance(cause, ssl.SSLError):

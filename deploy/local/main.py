@@ -337,8 +337,9 @@ def _redis_users(stack: Stack, base: Settings) -> tuple[dict[str, str], dict[str
     reader): the stack's ACL users when its Redis has them, else none (the default user).
 
     Users set in the environment are left alone. A Redis started before the stack made
-    its users (an older stack still running) has none: said once, and the job goes on
-    as the default user.
+    its users (an older stack still running) has none, and the stack's users cover only
+    its own key prefix (a job on another FLEETPULSE_REDIS_PREFIX, as the tests run it):
+    said once, and the job goes on as the default user.
     """
     if base.redis_username or base.redis_api_username:
         return {}, {}
@@ -353,8 +354,9 @@ def _redis_users(stack: Stack, base: Settings) -> tuple[dict[str, str], dict[str
         check(with_users, READER)
     except ConfigError as exc:
         print(
-            f"note: the running Redis has not the stack's ACL users ({exc}); the job runs as "
-            "its default user. Restart the stack (just stack-down; just stack-up) to use them.",
+            f"note: the stack's ACL users cannot serve this job ({exc}); the job runs as "
+            "Redis' default user. A Redis started before the users existed: restart the "
+            "stack (just stack-down; just stack-up) to use them.",
             flush=True,
         )
         return {}, {}

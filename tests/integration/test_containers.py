@@ -16,14 +16,16 @@ import os
 import signal
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 import msgspec
 import pytest
+import redis
 
 from api.auth import new_token
-from deploy.containers import Compose, build_images, compose_environ
+from deploy.containers import Compose, _redis_users, build_images, compose_environ
 from deploy.local.harness import metric_total, wait_until
 from fleetpulse.settings import Settings
 
@@ -89,8 +91,12 @@ def test_images_and_compose_topology_round_trip_crash_and_teardown(settings: Set
     # The test's reports bring a sampled traceparent: its ingest token is trusted with it.
     s = msgspec.structs.replace(settings, **PORTS, trace_trust="ingest,admin")
     tokens = {scope: new_token() for scope in ("read", "ingest", "admin")}
+    project = f"fptest{os.getpid()}"
+    users = _redis_users(s, project)  # as `just compose-up` makes them
     compose = Compose(
-        s, project=f"fptest{os.getpid()}", environ={**compose_environ(s, tokens), **PEERS}
+        s,
+        project=project,
+        environ={**compose_environ(s, tokens, users, project), **PEERS},
     )
     metrics_ports = [s.dataflow_metrics_port, s.dataflow_metrics_port + 1]
     before = compose.podman.inventory()
@@ -122,6 +128,24 @@ def test_images_and_compose_topology_round_trip_crash_and_teardown(settings: Set
         }
         for service, user in (("webhook-server", "10001:10001"), ("kafka", "10002:10002")):
             assert compose.inspect(service)["Config"]["User"] == user
+        # Least privilege in the redis container: `default` may only PING, the reader
+        # only read, the writer only its commands on the product's keys.
+        anonymous = redis.Redis(port=s.redis_port)
+        assert anonymous.ping()
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            anonymous.get("fp:summary")
+        reader = redis.Redis(
+            port=s.redis_port, username=users.reader, password=users.reader_password
+        )
+        writer = redis.Redis(
+            port=s.redis_port, username=users.writer, password=users.writer_password
+        )
+        assert reader.exists("fp:summary") in (0, 1) and writer.exists("fp:summary") in (0, 1)
+        for refused in (lambda: reader.hset("fp:x", "a", "1"), writer.flushall, writer.config_get):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                refused()
+        for client in (anonymous, reader, writer):
+            client.close()
 
         # Reports through the ingest container, read back from the query container.
         trace_id, parent = os.urandom(16).hex(), os.urandom(8).hex()
@@ -231,6 +255,8 @@ def test_images_and_compose_topology_round_trip_crash_and_teardown(settings: Set
         ingest.close()
         query.close()
         compose.down(volumes=True)
+        for made in Path(s.stack_dir, "containers").glob(f"{project}.*"):
+            made.unlink()  # this project's users and ACL file
     assert compose.leftovers() == {"containers": [], "pods": [], "volumes": []}
     # Nothing else either: no anonymous volume, no pod of another name.
     after = compose.podman.inventory()
