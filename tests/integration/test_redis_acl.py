@@ -9,6 +9,7 @@ user; each is refused what its role does not need.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -520,4 +521,28 @@ def test_the_main_job_runs_as_default_when_the_running_redis_lacks_the_users(
     RedisUsers.kept(tmp_path / "redis-users.json")  # made, but this server has not got them
     assert _redis_users(Stack(base), base) == ({}, {})
     out = capsys.readouterr().out
-    assert "the running Redis has not the stack's ACL users" in out and "stack-down" in out
+    assert "the stack's ACL users cannot serve this job" in out and "stack-down" in out
+    assert "runs as Redis' default user" in out
+
+
+def test_the_main_job_on_another_key_prefix_runs_as_default(
+    acl_server: AclServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The stack's users cover its own key prefix only; a job on another prefix (as the
+    tests run the main job) would be refused every key, so it runs as the default user."""
+    base = load_settings(
+        {"FLEETPULSE_STACK_DIR": str(tmp_path), "FLEETPULSE_REDIS_PORT": str(acl_server.port)}
+    )
+    s = acl_server.settings()
+    # The server's users, kept where the stack keeps them, for the server's own prefix:
+    kept = RedisUsers(
+        s.redis_username, s.redis_password, s.redis_api_username, s.redis_api_password
+    )
+    (tmp_path / "redis-users.json").write_text(json.dumps(kept._asdict()))
+    same = msgspec.structs.replace(base, redis_prefix=s.redis_prefix)
+    writer, reader = _redis_users(Stack(same), same)
+    assert writer and reader  # its own prefix: the users serve it
+    other = msgspec.structs.replace(base, redis_prefix="elsewhere")
+    assert _redis_users(Stack(other), other) == ({}, {})
+    out = capsys.readouterr().out
+    assert "another key prefix" in out and "FLEETPULSE_REDIS_PREFIX='elsewhere'" in out
