@@ -88,7 +88,7 @@ def test_a_paused_flow_raises_no_offline_alerts_for_robots_still_reporting(
 
 def _recreate(admin: AdminClient, s: Settings) -> None:
     """Delete the test's topics and create them again, as a reset stack or an operator would."""
-    topics = [s.topic_reports, s.topic_dlq, s.topic_alerts]
+    topics = [s.topic_reports, s.topic_dlq, s.topic_alerts, s.topic_incidents]
     for future in admin.delete_topics(topics, operation_timeout=30).values():
         future.result(60)
     deadline = time.monotonic() + 60

@@ -126,7 +126,7 @@ def product(ha: Stack, settings: Settings, tmp: Path) -> Settings:
         dataflow_metrics_port=free_port(2),  # process 1 on the next port
     )
     # They live on the HA stack, which goes at the end: not the shared stack's to clean.
-    for made in (s.topic_reports, s.topic_dlq, s.topic_alerts):
+    for made in (s.topic_reports, s.topic_dlq, s.topic_alerts, s.topic_incidents):
         MADE_TOPICS.remove(made)
     MADE_PREFIXES.remove(s.redis_prefix)
     return s
