@@ -86,7 +86,7 @@ serve-ingest:
 serve-query:
     {{py}} -m api.serve query
 
-# export history, stats or alerts from the query server to a file, resuming on drops (e.g. `just export history --site plant-1 --format csv --out h.csv --token-file read.token`); see --help
+# export history, stats, alerts or incidents from the query server to a file, resuming on drops (e.g. `just export history --site plant-1 --format csv --out h.csv --token-file read.token`); see --help
 export KIND *ARGS:
     {{py}} -m api.export {{KIND}} {{ARGS}}
 
@@ -101,6 +101,10 @@ browser:
 # run the fleet dataflow (recovery on: FLEETPULSE_RECOVERY_DIR); ARGS go to bytewax.run, e.g. `-w 2`
 dataflow *ARGS:
     {{py}} -m bytewax.run "dataflows.fleet:build_flow()" {{ARGS}}
+
+# run the notifier: incident versions (robot.incidents) -> the rules file's webhook targets
+notify:
+    {{py}} -m dataflows.notify
 
 # dataflow benchmark: drain rate and freshness for 1 and 2 processes (writes bench/results)
 bench-dataflow *ARGS: stack-up
