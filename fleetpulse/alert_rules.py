@@ -47,6 +47,7 @@ import yaml
 from msgspec import Meta
 
 from fleetpulse.errors import ConfigError
+from fleetpulse.reload import Reload, file_stamp
 from fleetpulse.schema import ROBOT_ID_PATTERN, Pose, RobotId, RobotReport, Status
 
 __all__ = [
@@ -477,18 +478,6 @@ def encode_rules(book: RuleBook) -> bytes:
 
 log = logging.getLogger("fleetpulse.rules")
 
-Reload = Literal["applied", "invalid", "unchanged"]
-
-
-def _stamp(path: Path) -> tuple[str, int, int, int] | None:
-    """Where the file resolves to, its inode, mtime and size (None: missing)."""
-    try:
-        real = path.resolve(strict=True)
-        st = real.stat()
-    except OSError:
-        return None
-    return str(real), st.st_ino, st.st_mtime_ns, st.st_size
-
 
 class RulesFile:
     """``FLEETPULSE_RULES_FILE``: read at start (a bad file stops the start, naming the
@@ -506,7 +495,7 @@ class RulesFile:
         self._listeners: list[Callable[[RuleBook], None]] = []
         self.on_result = on_result
         self.interval_s = interval_s
-        self._stamp = _stamp(self.path)
+        self._stamp = file_stamp(self.path)
         try:
             data = self.path.read_bytes()
         except OSError as exc:
@@ -545,7 +534,7 @@ class RulesFile:
     def poll(self) -> Reload | None:
         """Look at the file once; what its change came to (None: it did not change)."""
         with self._lock:
-            stamp = _stamp(self.path)
+            stamp = file_stamp(self.path)
             if stamp == self._stamp:
                 return None
             self._stamp = stamp

@@ -39,7 +39,7 @@ import yaml
 from fleetpulse.errors import ConfigError
 from fleetpulse.settings import CONFIG_FILE, Settings, overlay_settings, shown, to_env
 
-__all__ = ["HOT_KEYS", "ActiveConfig", "ConfigWatcher", "Reload", "config_hash"]
+__all__ = ["HOT_KEYS", "ActiveConfig", "ConfigWatcher", "Reload", "config_hash", "file_stamp"]
 
 log = logging.getLogger("fleetpulse.config")
 
@@ -108,7 +108,7 @@ class ConfigWatcher:
         self.observe = observe
         self.interval_s = interval_s
         self._env = to_env(settings)
-        self._stamp = _stamp(self.path)
+        self._stamp = file_stamp(self.path)
         try:
             data = self.path.read_bytes()
         except OSError as exc:
@@ -145,7 +145,7 @@ class ConfigWatcher:
 
     def poll(self) -> Reload | None:
         """Look at the file once; what its change came to (None: it did not change)."""
-        stamp = _stamp(self.path)
+        stamp = file_stamp(self.path)
         if stamp == self._stamp:
             return None
         self._stamp = stamp
@@ -233,7 +233,7 @@ class ConfigWatcher:
                 log.exception("config watcher: polling %s failed", self.path)
 
 
-def _stamp(path: Path) -> tuple[str, int, int, int] | None:
+def file_stamp(path: Path) -> tuple[str, int, int, int] | None:
     """Where the file resolves to and its inode, mtime and size; None if it is missing.
 
     A ConfigMap update swaps ``..data``, which changes the resolved path even when the
