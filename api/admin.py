@@ -135,6 +135,11 @@ def admin_routes(
     errors = error_docs(
         400, 401, 403, 422, 503, s422="`robot_id` is not a robot id; `fields` names it"
     )
+    durable = ResponseSpec(Accepted, description="The command is durable in Kafka")
+    accepted = {
+        202: durable,
+        **errors,
+    }
 
     @post(
         RESET_ORDER_PATH,
@@ -144,10 +149,7 @@ def admin_routes(
         "reset) and whose reports are all `stale`: the dataflow forgets its newest "
         "`(boot, seq)`, so its next report applies. Needs an `admin` token. 202 once the "
         "command is durable in Kafka, in order with the robot's reports.",
-        responses={
-            202: ResponseSpec(Accepted, description="The command is durable in Kafka"),
-            **errors,
-        },
+        responses=accepted,
     )
     async def post_reset_order(request: AnyRequest, robot_id: RobotIdPath) -> Accepted:
         """Write a ``reset_order`` control record for the robot; 202 once Kafka has it."""
@@ -164,10 +166,7 @@ def admin_routes(
         "dataflow replays or re-publishes); a report after it starts a new robot. Needs an "
         "`admin` token. 202 once the command is durable in Kafka, in order with the "
         "robot's reports; Redis follows when the dataflow reaches it.",
-        responses={
-            202: ResponseSpec(Accepted, description="The command is durable in Kafka"),
-            **errors,
-        },
+        responses=accepted,
     )
     async def post_retire(request: AnyRequest, robot_id: RobotIdPath) -> Accepted:
         """Write a ``retire`` control record for the robot; 202 once Kafka has it."""
@@ -183,7 +182,7 @@ def admin_routes(
         "the incidents topic, `event: incident`). An incident that is closed, unknown or "
         "acknowledged already is left as it is. Needs an `admin` token.",
         responses={
-            202: ResponseSpec(Accepted, description="The command is durable in Kafka"),
+            202: durable,
             **error_docs(400, 401, 403, 422, 503, s422="`incident_id` is not an incident id"),
         },
     )
