@@ -221,6 +221,8 @@ def rules_due(state: RobotState, rules: Rules) -> float | None:
     oldest held report, or a silence rule runs out (None: neither)."""
     held = state.held
     oldest = held.pending[0][0] if held is not None and held.pending else None
+    if not rules.book.rules:  # no rules (the usual flow): nothing but what is held
+        return None if oldest is None else oldest / 1e6 - state.windows.offset
     book = compiled(rules.book)
     if not book.silences:
         return None if oldest is None else oldest / 1e6 - state.windows.offset
