@@ -18,22 +18,25 @@ names its robot, rule and the report that opened it, so a replay opens the same 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import re
 import threading
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 import msgspec
 
-from fleetpulse.alert_rules import Incident, Predicate, Rule, RuleBook, predicate
+from fleetpulse.alert_rules import Clauses, Incident, Rule, RuleBook
 from fleetpulse.schema import RobotReport
 
 __all__ = [
     "Compiled",
     "Incident",
     "Reorder",
+    "Sample",
     "Scoped",
+    "Settled",
     "Track",
     "acknowledge",
     "compiled",
@@ -53,45 +56,55 @@ class Track(msgspec.Struct, frozen=True, gc=False):
 
 
 def on_sample(
-    track: Track | None,
-    rule: Rule,
-    report: RobotReport,
-    distance: float | None = None,
-    opens: Predicate | None = None,
-    clears: Predicate | None = None,
+    track: Track | None, rule: Rule, report: RobotReport, distance: float | None = None
 ) -> tuple[Track, Incident | None]:
     """Take the robot's next report in event-time order under ``rule``: the new track,
     and the incident it opened or closed (None when nothing changed). ``distance``: the
-    robot's last closed window's distance before the report (``distance_m`` clauses);
-    ``opens``/``clears``: the rule's conditions compiled (:class:`Compiled`)."""
+    robot's last closed window's distance before the report (``distance_m`` clauses)."""
     track = track or Track()
+    holds = rule.opens(report, distance)
+    clears = track.open is not None and rule.clears(report, distance)
+    return _step(track, rule, report.robot_id, report.ts, report.order, holds, clears)
+
+
+def _step(
+    track: Track,
+    rule: Rule,
+    robot_id: str,
+    ts: datetime,
+    order: tuple[int, int],
+    holds: bool,
+    clears: bool,
+) -> tuple[Track, Incident | None]:
+    """:func:`on_sample` of the report at ``ts`` and ``order``, with the rule's conditions
+    already judged: ``holds`` (its ``when``) and ``clears`` (its clear condition; read
+    only while an incident is open)."""
     if track.open is not None:
-        if not (clears(report, distance) if clears else rule.clears(report, distance)):
+        if not clears:
             return track, None
         closed = msgspec.structs.replace(
-            track.open,
-            state="closed",
-            closed_at=report.ts,
-            closed_by=report.order,
-            reason="cleared",
+            track.open, state="closed", closed_at=ts, closed_by=order, reason="cleared"
         )
-        return Track(), closed
-    if not (opens(report, distance) if opens else rule.opens(report, distance)):
-        return (Track(), None) if track.since is not None else (track, None)
-    since = track.since if track.since is not None else report.ts
-    if (report.ts - since).total_seconds() < rule.for_s:
+        return _NONE, closed
+    if not holds:
+        return (_NONE, None) if track.since is not None else (track, None)
+    since = track.since if track.since is not None else ts
+    if (ts - since).total_seconds() < rule.for_s:
         return (track if track.since is not None else Track(since=since)), None
-    boot, seq = report.order
+    boot, seq = order
     incident = Incident(
-        id=f"{report.robot_id}:{rule.name}:{boot}:{seq}",
-        robot_id=report.robot_id,
+        id=f"{robot_id}:{rule.name}:{boot}:{seq}",
+        robot_id=robot_id,
         rule=rule.name,
         severity=rule.severity,
         since=since,
-        opened_at=report.ts,
-        opened_by=report.order,
+        opened_at=ts,
+        opened_by=order,
     )
     return Track(since=since, open=incident), incident
+
+
+_NONE = Track()
 
 
 def acknowledge(
@@ -177,60 +190,140 @@ def rule_removed(track: Track, at: datetime) -> Incident | None:
     return msgspec.structs.replace(track.open, state="closed", closed_at=at, reason="rule removed")
 
 
-class Reorder(msgspec.Struct, gc=False):
-    """A robot's reports not yet evaluated, in event-time order, each ``(boot, seq)`` once.
+class Sample(NamedTuple):
+    """What the rules read of a held report, compact: a tuple of plain values, which the
+    garbage collector stops tracking, and a short array in snapshots."""
 
-    ``pending`` is sorted by ``(ts µs, boot, seq)``; :meth:`release` hands out those at
-    or before the watermark. ``done`` is the newest key released: anything at or before
-    it arriving later is late (or a duplicate) and is not evaluated.
+    ts_us: int  # event time, µs since the epoch
+    boot: int
+    seq: int
+    battery: float
+    speed: float
+    status: str
+    errors: tuple[str, ...]
+    x: float
+    y: float
+
+    @classmethod
+    def of(cls, report: RobotReport, ts_us: int) -> Sample:
+        pose = report.pose
+        return cls(
+            ts_us,
+            report.boot,
+            report.seq,
+            report.battery,
+            report.speed,
+            report.status,
+            tuple(report.errors),
+            pose.x,
+            pose.y,
+        )
+
+    @property
+    def ts(self) -> datetime:
+        return _EPOCH + timedelta(microseconds=self.ts_us)
+
+
+class Reorder(msgspec.Struct, gc=False):
+    """A robot's reports not yet evaluated, as samples in event-time order, each
+    ``(boot, seq)`` once.
+
+    Samples are sorted by ``(ts µs, boot, seq)`` across ``pending`` and then ``tail``
+    (every key in ``tail`` is after every key in ``pending``); :meth:`release` hands out
+    those at or before the watermark. New samples go to the short ``tail``, which joins
+    ``pending`` when it is full, so holding a report copies a few dozen items, not the
+    whole buffer (a robot reporting 50 times a second holds hundreds). The tuples are
+    replaced, never changed, so a copy of the buffer shares them. ``done`` is the newest
+    key released: anything at or before it arriving later is late (or a duplicate) and
+    is not evaluated.
     """
 
-    pending: list[tuple[int, int, int, RobotReport]] = msgspec.field(default_factory=list)
+    pending: tuple[Sample, ...] = ()
+    tail: tuple[Sample, ...] = ()
     done: tuple[int, int, int] = (-(2**62), -1, -1)
 
+    TAIL = 64
+
     def add(self, report: RobotReport, ts_us: int) -> bool:
-        """Hold ``report`` for evaluation; False if it is late or held already. The lists
-        are replaced, never changed in place, so a copy of the buffer shares them."""
+        """Hold ``report`` for evaluation; False if it is late or held already."""
         key = (ts_us, report.boot, report.seq)
         if key <= self.done:
             return False
-        pending = self.pending
-        if not pending or pending[-1][:3] < key:  # in order: the usual case
-            self.pending = [*pending, (*key, report)]
-            return True
-        i = bisect.bisect_left(pending, key, key=lambda p: p[:3])
-        if i < len(pending) and pending[i][:3] == key:
-            return False
-        self.pending = [*pending[:i], (*key, report), *pending[i:]]
+        tail, pending = self.tail, self.pending
+        if tail and tail[-1][:3] < key:  # in order: the usual case
+            new = (*tail, Sample.of(report, ts_us))
+        elif (tail and tail[0][:3] <= key) or not pending or pending[-1][:3] < key:
+            new = _insert(tail, key, report)
+            if new is tail:
+                return False  # held already
+        else:  # before the tail: into the long part (rare)
+            new_pending = _insert(pending, key, report)
+            self.pending = new_pending
+            return new_pending is not pending
+        if len(new) > self.TAIL:
+            self.pending, self.tail = pending + new, ()
+        else:
+            self.tail = new
         return True
 
-    def release(self, watermark_us: float) -> list[RobotReport]:
-        """The held reports at or before the watermark, oldest first."""
-        pending = self.pending
-        if not pending or pending[0][0] > watermark_us:
-            return []
-        n = bisect.bisect_right(pending, watermark_us, key=lambda p: p[0])
-        out, self.pending = pending[:n], pending[n:]
+    def release(self, watermark_us: float) -> tuple[Sample, ...]:
+        """The held samples at or before the watermark, oldest first."""
+        pending, tail = self.pending, self.tail
+        first = pending[0] if pending else tail[0] if tail else None
+        if first is None or first[0] > watermark_us:
+            return ()
+        n = bisect.bisect_right(pending, watermark_us, key=_ts)
+        if n < len(pending):
+            out, self.pending = pending[:n], pending[n:]
+        else:
+            k = bisect.bisect_right(tail, watermark_us, key=_ts)
+            out, self.pending, self.tail = pending + tail[:k], (), tail[k:]
         self.done = out[-1][:3]
-        return [p[3] for p in out]
+        return out
 
     def next_due_us(self) -> int | None:
         """Event time (µs) of the oldest held report: when the watermark releases it."""
-        return self.pending[0][0] if self.pending else None
+        return self.pending[0][0] if self.pending else self.tail[0][0] if self.tail else None
+
+
+def _ts(sample: Sample) -> int:
+    return sample[0]
+
+
+def _insert(
+    samples: tuple[Sample, ...], key: tuple[int, int, int], report: RobotReport
+) -> tuple[Sample, ...]:
+    """``samples`` with the report of ``key`` in its place; ``samples`` itself if held."""
+    i = bisect.bisect_left(samples, key, key=lambda p: p[:3])
+    if i < len(samples) and samples[i][:3] == key:
+        return samples
+    return (*samples[:i], Sample.of(report, key[0]), *samples[i:])
+
+
+Settled = tuple[int, int]  # (Scoped.key, mask): the clause bits a robot's rules rest at
 
 
 def evaluate(
     tracks: dict[str, Track],
     scoped: Scoped,
-    reports: Sequence[RobotReport],
+    robot_id: str,
+    samples: Sequence[Sample],
     now: float,
-    distance_of: Callable[[RobotReport], float | None] | None = None,
-) -> list[Incident]:
-    """Run ``reports`` (event-time order) through the robot's rules in ``scoped``,
+    distance_of: Callable[[int], float | None] | None = None,
+    settled: Settled | None = None,
+) -> tuple[list[Incident], Settled | None]:
+    """Run the robot's ``samples`` (event-time order) through its rules in ``scoped``,
     updating ``tracks`` in place (a track only while its condition holds or its incident
     is open). A track of a rule not in ``scoped`` (removed, or the robot left its scope)
     closes its incident at ``now`` (the arrival clock, unix s). Silence rules are left to
-    :func:`silence_step`."""
+    :func:`silence_step`.
+
+    Also returns where the rules *rest*: the mask of clause bits after which another
+    report with the same bits changes nothing (no condition holding without an
+    incident open, no open incident whose clear condition holds), or None. A report
+    whose bits equal ``settled`` (the last call's answer) is passed over at once: most
+    reports of a robot repeat the bits of the one before.
+    """
     out: list[Incident] = []
     if tracks:
         for name in [n for n in tracks if n not in scoped.names]:
@@ -238,29 +331,58 @@ def evaluate(
             if closed is not None:
                 out.append(closed)
     need_distance = scoped.distance and distance_of is not None
-    for report in reports:
-        distance = distance_of(report) if need_distance else None  # type: ignore[misc]
-        for rule, opens, clears in scoped.reports:
+    clauses = scoped.clauses
+    key = scoped.key
+    for sample in samples:
+        ts_us, boot, seq, battery, speed, status, errors, x, y = sample
+        distance = distance_of(ts_us) if need_distance else None  # type: ignore[misc]
+        m = clauses.mask_of(battery, speed, status, errors, x, y, distance)
+        if settled is not None and settled[1] == m and settled[0] == key:
+            continue
+        calm = True  # whether the rules rest at m after this report
+        for rule, when, clear in scoped.reports:
+            holds = m & when == when
             track = tracks.get(rule.name)
-            if track is None and not opens(report, distance):
-                continue  # the usual case: nothing held, nothing holds
-            track, changed = on_sample(track, rule, report, distance, opens, clears)
-            if track.since is None and track.open is None:
-                tracks.pop(rule.name, None)
-            else:
+            clears = False
+            if track is None:
+                if not holds:
+                    continue  # the usual case: nothing held, nothing holds
+                track = _NONE
+            elif track.open is not None:
+                clears = (m & clear == clear) if clear is not None else not holds
+                if not clears:
+                    continue  # open, and stays so
+            track, changed = _step(track, rule, robot_id, sample.ts, (boot, seq), holds, clears)
+            if track.open is not None:  # opened now: does its clear condition hold too?
+                if clear is not None and m & clear == clear:
+                    calm = False
                 tracks[rule.name] = track
+            elif track.since is not None:
+                calm = False  # held, not yet for long enough
+                tracks[rule.name] = track
+            else:
+                if holds:
+                    calm = False  # closed, and its condition holds: a new run starts next
+                tracks.pop(rule.name, None)
             if changed is not None:
                 out.append(changed)
-    return out
+        settled = (key, m) if calm and key is not None else None
+    return out, settled
 
 
 class Scoped(NamedTuple):
     """The rules of one robot at one site, ready to run."""
 
     rules: tuple[Rule, ...]  # every rule in scope, silences too
-    reports: tuple[tuple[Rule, Predicate, Predicate], ...]  # rules on reports, compiled
+    # The rules on reports, with the bits their `when` and clear conditions need in the
+    # mask of `clauses` (clear None: the incident closes when `when` stops holding).
+    reports: tuple[tuple[Rule, int, int | None], ...]
     names: frozenset[str]
     distance: bool  # some rule reads the last window's distance
+    clauses: Clauses
+    # Names these rules across processes (a digest of them), for evaluate's `settled`;
+    # None when their clauses do not fit the 63 bits a snapshot keeps of a mask.
+    key: int | None
 
 
 class Compiled:
@@ -270,15 +392,6 @@ class Compiled:
 
     def __init__(self, book: RuleBook) -> None:
         self.book = book
-        self._compiled = {
-            rule.name: (
-                rule,
-                predicate(rule.when),
-                predicate(rule.clear) if rule.clear is not None else _not(predicate(rule.when)),
-            )
-            for rule in book.rules
-            if rule.silence_s is None
-        }
         self.silences = any(rule.silence_s is not None for rule in book.rules)
         # Scopes indexed, so a robot seen for the first time costs a few lookups and its
         # id matched against the patterns only: rules for all, by site, by id, by pattern
@@ -320,21 +433,24 @@ class Compiled:
         got = self._sets.get(positions)
         if got is None:
             rules = tuple(self.book.rules[i] for i in positions)
-            on_reports = tuple(self._compiled[r.name] for r in rules if r.name in self._compiled)
-            distance = any(
-                c is not None and c.distance_m is not None
-                for r, _, _ in on_reports
-                for c in (r.when, r.clear)
+            on_reports = [r for r in rules if r.silence_s is None]
+            conditions = [c for r in on_reports for c in (r.when, r.clear) if c is not None]
+            clauses = Clauses(conditions)
+            compiled = tuple(
+                (r, clauses.need(r.when), None if r.clear is None else clauses.need(r.clear))
+                for r in on_reports
             )
+            distance = any(c.distance_m is not None for c in conditions)
             names = frozenset(r.name for r in rules)
-            got = self._sets[positions] = Scoped(rules, on_reports, names, distance)
+            key = None
+            if clauses.size <= 63:
+                digest = hashlib.blake2b(msgspec.msgpack.encode(rules), digest_size=8).digest()
+                key = int.from_bytes(digest) >> 1
+            got = self._sets[positions] = Scoped(rules, compiled, names, distance, clauses, key)
         return got
 
 
-def _not(p: Predicate) -> Predicate:
-    return lambda r, d: not p(r, d)
-
-
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _lock = threading.Lock()
 _current: Compiled = Compiled(RuleBook())
 

@@ -98,6 +98,7 @@ class RobotState(msgspec.Struct, kw_only=True, gc=False):
     tracks: dict[str, Track] = msgspec.field(default_factory=dict)
     held: Reorder | None = None
     recent: list[tuple[int, float]] = msgspec.field(default_factory=list)  # (end µs, distance)
+    settled: tuple[int, int] | None = None  # where the rules rest (incidents.evaluate)
     # Totals over the state's life (Emits carries the per-step numbers).
     applied: int = 0
     stale: int = 0
@@ -176,7 +177,8 @@ def _rules(
         ended = [(_us(w.window_end), w.distance_m) for w in emits.windows]
         st.recent = sorted([*st.recent, *ended])[-3:]
     book = compiled(rules.book)
-    scoped = book.scoped(st.robot_id, st.live.report.site)
+    robot = st.robot_id
+    scoped = book.scoped(robot, st.live.report.site)
     if book.silences and scoped.rules:
         if report is not None and before is not None:
             # A silence may have run out before a progress mark showed it, as offline.
@@ -191,25 +193,32 @@ def _rules(
     if rebased and held is not None:
         # The robot's clock went back: what waits goes first, then time starts again.
         released = held.release(math.inf)
-        emits.incidents += evaluate(st.tracks, scoped, released, arrival, distance_of)
+        found, st.settled = evaluate(
+            st.tracks, scoped, robot, released, arrival, distance_of, st.settled
+        )
+        emits.incidents += found
         held = st.held = Reorder()
     if report is not None and scoped.reports:
         if held is None:
             held = st.held = Reorder()
         held.add(report, _us(report.ts))
-    if held is not None and held.pending:
+    if held is not None and (held.pending or held.tail):
         released = held.release((st.windows.offset + arrival) * 1e6)
         if released or st.tracks:
-            emits.incidents += evaluate(st.tracks, scoped, released, arrival, distance_of)
+            found, st.settled = evaluate(
+                st.tracks, scoped, robot, released, arrival, distance_of, st.settled
+            )
+            emits.incidents += found
     elif st.tracks and not st.tracks.keys() <= scoped.names:  # a rule it is tracked by is gone
-        emits.incidents += evaluate(st.tracks, scoped, [], arrival)
+        found, st.settled = evaluate(st.tracks, scoped, robot, (), arrival, None, st.settled)
+        emits.incidents += found
 
 
-def _distance_of(recent: list[tuple[int, float]]) -> Callable[[RobotReport], float | None]:
-    """The distance of the newest of ``recent`` windows that ended at or before a report."""
+def _distance_of(recent: list[tuple[int, float]]) -> Callable[[int], float | None]:
+    """The distance of the newest of ``recent`` windows that ended at or before a report
+    (by its event time in µs)."""
 
-    def distance_of(r: RobotReport) -> float | None:
-        ts = _us(r.ts)
+    def distance_of(ts: int) -> float | None:
         before = [d for end, d in recent if end <= ts]
         return before[-1] if before else None
 
@@ -220,7 +229,7 @@ def rules_due(state: RobotState, rules: Rules) -> float | None:
     """Arrival time at which the robot's rules need a look: the watermark passes its
     oldest held report, or a silence rule runs out (None: neither)."""
     held = state.held
-    oldest = held.pending[0][0] if held is not None and held.pending else None
+    oldest = held.next_due_us() if held is not None else None
     if not rules.book.rules:  # no rules (the usual flow): nothing but what is held
         return None if oldest is None else oldest / 1e6 - state.windows.offset
     book = compiled(rules.book)
@@ -286,7 +295,7 @@ def _copy(state: RobotState) -> RobotState:
         state,
         windows=state.windows.copy(),
         tracks=dict(state.tracks),
-        held=None if held is None else Reorder(held.pending, held.done),  # copy on write
+        held=None if held is None else Reorder(held.pending, held.tail, held.done),  # copy on write
     )
 
 

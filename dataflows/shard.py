@@ -63,8 +63,9 @@ log = logging.getLogger("fleetpulse.dataflow")
 # The version of ShardState's layout. Bump it when a persisted field is removed or
 # changes meaning: snapshots of another format are then not loaded (the flow starts
 # clean and replays the retained log, which the idempotent sink makes safe).
-# 1: open windows as lists of points; 2: as running statistics (windows.Window).
-SHARD_FORMAT = 2
+# 1: open windows as lists of points; 2: as running statistics (windows.Window);
+# 3: reports held for the alert rules as compact samples (incidents.Sample).
+SHARD_FORMAT = 3
 
 Item = Raw | Progress | DeadLetter | Control | Republish
 

@@ -30,6 +30,7 @@ checks it.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import math
@@ -53,6 +54,7 @@ from fleetpulse.schema import ROBOT_ID_PATTERN, Pose, RobotId, RobotReport, Stat
 __all__ = [
     "MAX_RULES",
     "RULE_NAME_PATTERN",
+    "Clauses",
     "Condition",
     "Errors",
     "Geofence",
@@ -69,7 +71,6 @@ __all__ = [
     "encode_rules",
     "load_rules",
     "parse_rules",
-    "predicate",
     "write_atomically",
 ]
 
@@ -240,45 +241,159 @@ class Condition(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         )
 
 
-Predicate = Callable[[RobotReport, "float | None"], bool]
+class Clauses:
+    """The clauses of some conditions, each distinct one a bit of a mask (the hot path's
+    form of :meth:`Condition.holds`).
 
+    :meth:`mask` evaluates every clause once per report: a numeric field's bounds are
+    sorted, so one bisection finds all the ``below`` (or ``above``) bounds that hold; a
+    status or an error code is one dict lookup; a polygon is tested only when the point
+    is in its bounding box. A condition holds when all its bits are set::
 
-def predicate(cond: Condition) -> Predicate:
-    """``cond.holds`` as one closure over its clauses' bounds (the hot path's form)."""
-    tests: list[Predicate] = []
-    if (b := cond.battery) is not None:
-        tests.append(_number(b, lambda r, d: r.battery))
-    if (sp := cond.speed) is not None:
-        tests.append(_number(sp, lambda r, d: r.speed))
-    if (dm := cond.distance_m) is not None:
-        tests.append(_number(dm, lambda r, d: d))
-    if (st := cond.status) is not None:
-        wanted = frozenset(st.in_ or ())
-        unwanted = frozenset(st.not_in or ())
-        if st.in_ is not None:
-            tests.append(lambda r, d: r.status in wanted)
+        need = clauses.need(cond)
+        holds = clauses.mask(report, distance) & need == need
+    """
+
+    def __init__(self, conditions: Sequence[Condition]) -> None:
+        self._bit: dict[bytes, int] = {}
+        numbers: dict[str, list[tuple[Number, int]]] = {}
+        self._status: list[tuple[frozenset[str], bool, int]] = []  # (set, in, bit)
+        self._present = self._absent = 0  # errors present: true / false
+        self._codes: dict[str, int] = {}  # error code -> bits of the clauses naming it
+        # (x min, x max, y min, y max, polygon, bit if inside, bit if outside)
+        self._fences: list[tuple[float, float, float, float, list[Point], int, int]] = []
+        for cond in conditions:
+            for name, clause in cond.clauses():
+                if name == "silence_s":
+                    continue  # judged on the arrival clock, not on a report
+                key = msgspec.json.encode((name, clause))
+                if key in self._bit:
+                    continue
+                bit = self._bit[key] = 1 << len(self._bit)
+                if isinstance(clause, Number):
+                    numbers.setdefault(name, []).append((clause, bit))
+                elif isinstance(clause, StatusSet):
+                    inside = clause.in_ is not None
+                    self._status.append((frozenset(clause.in_ or clause.not_in or ()), inside, bit))
+                elif isinstance(clause, Errors):
+                    if clause.codes is not None:
+                        for code in clause.codes:
+                            self._codes[code] = self._codes.get(code, 0) | bit
+                    elif clause.present:
+                        self._present |= bit
+                    else:
+                        self._absent |= bit
+                else:
+                    self._fence(clause, bit)
+        self._battery = _Bounds(numbers.get("battery", []))
+        self._speed = _Bounds(numbers.get("speed", []))
+        self._distance = _Bounds(numbers.get("distance_m", []))
+        self._by_status: dict[str, int] = {}
+        self._outside = 0  # every "outside" bit: holds unless the point is inside
+        for *_, outside in self._fences:
+            self._outside |= outside
+
+    def _fence(self, clause: Geofence, bit: int) -> None:
+        polygon = clause.inside if clause.inside is not None else clause.outside or []
+        inside, outside = (bit, 0) if clause.inside is not None else (0, bit)
+        for i, (*box, points, was_in, was_out) in enumerate(self._fences):
+            if points == polygon:  # the same polygon inside and outside: one test
+                self._fences[i] = (*box, points, was_in | inside, was_out | outside)  # type: ignore[assignment]
+                return
+        xs = [p[0] for p in polygon]
+        ys = [p[1] for p in polygon]
+        self._fences.append((min(xs), max(xs), min(ys), max(ys), polygon, inside, outside))
+
+    @property
+    def size(self) -> int:
+        """How many bits a mask has: the distinct clauses."""
+        return len(self._bit)
+
+    def need(self, cond: Condition) -> int:
+        """The bits that must all be set for ``cond`` to hold."""
+        need = 0
+        for name, clause in cond.clauses():
+            if name != "silence_s":
+                need |= self._bit[msgspec.json.encode((name, clause))]
+        return need
+
+    def mask(self, report: RobotReport, distance: float | None = None) -> int:
+        """The bits of the clauses that hold for ``report`` (``distance``: the last closed
+        window's distance before it, for ``distance_m``; None: those clauses do not hold)."""
+        pose = report.pose
+        return self.mask_of(
+            report.battery, report.speed, report.status, report.errors, pose.x, pose.y, distance
+        )
+
+    def mask_of(
+        self,
+        battery: float,
+        speed: float,
+        status: str,
+        errors: Sequence[str],
+        x: float,
+        y: float,
+        distance: float | None = None,
+    ) -> int:
+        """:meth:`mask` of a report's fields."""
+        m = self._battery.bits(battery) | self._speed.bits(speed)
+        if distance is not None:
+            m |= self._distance.bits(distance)
+        if self._status:
+            bits = self._by_status.get(status)
+            if bits is None:
+                bits = self._by_status[status] = sum(
+                    bit for wanted, inside, bit in self._status if (status in wanted) == inside
+                )
+            m |= bits
+        if errors:
+            m |= self._present
+            if self._codes:
+                for code in errors:
+                    m |= self._codes.get(code, 0)
         else:
-            tests.append(lambda r, d: r.status not in unwanted)
-    if (er := cond.errors) is not None:
-        errors = er
-        tests.append(lambda r, d: errors.holds(r.errors))
-    if (po := cond.pose) is not None:
-        fence = po
-        tests.append(lambda r, d: fence.holds(r.pose))
-    if len(tests) == 1:
-        return tests[0]
-    return lambda r, d: all(t(r, d) for t in tests)
+            m |= self._absent
+        if self._fences:
+            m |= self._outside
+            for x0, x1, y0, y1, polygon, inside, outside in self._fences:
+                if x0 <= x <= x1 and y0 <= y <= y1 and _inside(polygon, x, y):
+                    m = (m | inside) & ~outside
+        return m
 
 
-def _number(
-    clause: Number, value: Callable[[RobotReport, float | None], float | None]
-) -> Predicate:
-    below, above, equals = clause.below, clause.above, clause.equals
-    if below is not None:
-        return lambda r, d: (v := value(r, d)) is not None and v < below
-    if above is not None:
-        return lambda r, d: (v := value(r, d)) is not None and v > above
-    return lambda r, d: (v := value(r, d)) is not None and v == equals
+class _Bounds:
+    """Clauses on one number, sorted by bound: the bits that hold for a value at once."""
+
+    __slots__ = ("_above", "_above_bits", "_below", "_below_bits", "_equals", "any")
+
+    def __init__(self, clauses: Sequence[tuple[Number, int]]) -> None:
+        below = sorted((c.below, bit) for c, bit in clauses if c.below is not None)
+        above = sorted((c.above, bit) for c, bit in clauses if c.above is not None)
+        self._below = [b for b, _ in below]
+        # value < bound holds for the bounds from bisect_right(value) on: suffix masks
+        self._below_bits = [0] * (len(below) + 1)
+        for i in range(len(below) - 1, -1, -1):
+            self._below_bits[i] = self._below_bits[i + 1] | below[i][1]
+        self._above = [b for b, _ in above]
+        # value > bound holds for the bounds before bisect_left(value): prefix masks
+        self._above_bits = [0] * (len(above) + 1)
+        for i, (_, bit) in enumerate(above):
+            self._above_bits[i + 1] = self._above_bits[i] | bit
+        self._equals: dict[float, int] = {}
+        for c, bit in clauses:
+            if c.equals is not None:
+                self._equals[c.equals] = self._equals.get(c.equals, 0) | bit
+        self.any = bool(clauses)
+
+    def bits(self, value: float) -> int:
+        if not self.any:
+            return 0
+        m = self._below_bits[bisect.bisect_right(self._below, value)] if self._below else 0
+        if self._above:
+            m |= self._above_bits[bisect.bisect_left(self._above, value)]
+        if self._equals:
+            m |= self._equals.get(value, 0)
+        return m
 
 
 class Scope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -10,13 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fleetpulse.alert_rules import (
+    Clauses,
+    Condition,
+    Errors,
     Geofence,
+    Number,
     RuleBook,
     RulesError,
+    StatusSet,
     encode_rules,
     load_rules,
     parse_rules,
-    predicate,
 )
 from fleetpulse.schema import Pose, RobotReport
 
@@ -177,7 +181,8 @@ def test_at_most_a_thousand_rules() -> None:
 def test_the_compiled_conditions_agree_with_holds(
     battery: float, speed: float, status: str, errors: list[str], x: float, distance: float | None
 ) -> None:
-    """The hot path runs each condition as one closure (predicate): the same answers."""
+    """The hot path judges every condition from one mask of clause bits (Clauses), each
+    distinct clause evaluated once: the same answers as Condition.holds."""
     book = load_rules(
         EXAMPLE
         + """
@@ -186,7 +191,80 @@ def test_the_compiled_conditions_agree_with_holds(
 """
     )
     r = report(battery=battery, speed=speed, status=status, errors=errors, pose=Pose(x, 5.0, 0.0))
-    for rule in book.rules:
-        for cond in (rule.when, rule.clear):
-            if cond is not None:
-                assert predicate(cond)(r, distance) == cond.holds(r, distance), (rule.name, r)
+    conditions = [c for rule in book.rules for c in (rule.when, rule.clear) if c is not None]
+    clauses = Clauses(conditions)
+    m = clauses.mask(r, distance)
+    for cond in conditions:
+        need = clauses.need(cond)
+        assert (m & need == need) == cond.holds(r, distance), (cond, r)
+
+
+_BOUNDS = st.sampled_from([0.0, 10.0, 15.0, 20.0, 50.0, 99.5, 100.0])
+_POLYGONS = st.sampled_from(
+    [
+        [(0.0, 0.0), (10.0, 0.0), (10.0, 10.0), (0.0, 10.0)],
+        [(5.0, 5.0), (20.0, 5.0), (12.0, 15.0)],  # overlaps the square
+        [(0.0, 0.0), (30.0, 0.0), (30.0, 30.0), (15.0, 5.0), (0.0, 30.0)],  # concave
+    ]
+)
+
+
+def _number() -> st.SearchStrategy[Number]:
+    return st.one_of(
+        st.builds(Number, below=_BOUNDS),
+        st.builds(Number, above=_BOUNDS),
+        st.builds(Number, equals=_BOUNDS),
+    )
+
+
+_STATUSES = ["idle", "moving", "working", "charging", "error", "estop"]
+_CONDITIONS = st.builds(
+    Condition,
+    battery=st.one_of(st.none(), _number()),
+    speed=st.one_of(st.none(), _number()),
+    distance_m=st.one_of(st.none(), _number()),
+    status=st.one_of(
+        st.none(),
+        st.builds(StatusSet, in_=st.lists(st.sampled_from(_STATUSES), min_size=1, max_size=3)),
+        st.builds(StatusSet, not_in=st.lists(st.sampled_from(_STATUSES), min_size=1, max_size=3)),
+    ),
+    errors=st.one_of(
+        st.none(),
+        st.builds(Errors, present=st.booleans()),
+        st.builds(Errors, codes=st.lists(st.sampled_from(["E1", "E2", "E3"]), min_size=1)),
+    ),
+    pose=st.one_of(
+        st.none(), st.builds(Geofence, inside=_POLYGONS), st.builds(Geofence, outside=_POLYGONS)
+    ),
+)
+
+
+@settings(max_examples=400, deadline=None, database=None, derandomize=True)
+@given(
+    conditions=st.lists(_CONDITIONS, min_size=1, max_size=12),
+    battery=st.one_of(_BOUNDS, st.floats(0, 100)),
+    speed=st.one_of(_BOUNDS, st.floats(0, 100)),
+    distance=st.one_of(st.none(), _BOUNDS, st.floats(0, 100)),
+    status=st.sampled_from(_STATUSES),
+    errors=st.lists(st.sampled_from(["E1", "E2", "E3", "E4"]), max_size=3),
+    x=st.one_of(st.sampled_from([0.0, 5.0, 10.0, 15.0, 30.0]), st.floats(-5, 35)),
+    y=st.one_of(st.sampled_from([0.0, 5.0, 10.0, 15.0, 30.0]), st.floats(-5, 35)),
+)
+def test_clause_bits_agree_with_holds_for_any_conditions(
+    conditions: list[Condition],
+    battery: float,
+    speed: float,
+    distance: float | None,
+    status: str,
+    errors: list[str],
+    x: float,
+    y: float,
+) -> None:
+    """Shared clauses, equal bounds, bounds hit exactly, a polygon used both inside and
+    outside, overlapping and concave polygons: the mask agrees with holds everywhere."""
+    r = report(battery=battery, speed=speed, status=status, errors=errors, pose=Pose(x, y, 0.0))
+    clauses = Clauses(conditions)
+    m = clauses.mask(r, distance)
+    for cond in conditions:
+        need = clauses.need(cond)
+        assert (m & need == need) == cond.holds(r, distance), (cond, r, distance)

@@ -8,8 +8,16 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataflows.incidents import Compiled, Reorder, Track, on_sample, rule_removed
-from fleetpulse.alert_rules import Incident, Rule, load_rules
+from dataflows.incidents import (
+    Compiled,
+    Reorder,
+    Sample,
+    Track,
+    evaluate,
+    on_sample,
+    rule_removed,
+)
+from fleetpulse.alert_rules import Incident, Rule, RuleBook, load_rules
 from fleetpulse.schema import Pose, RobotReport
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -39,6 +47,12 @@ def rep(seq: int, at: float, **over: Any) -> RobotReport:
         **over,
     }
     return RobotReport(**body)
+
+
+def us(r: RobotReport | datetime) -> int:
+    """Event time in µs since the epoch, as the flow holds it."""
+    ts = r if isinstance(r, datetime) else r.ts
+    return (ts - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
 
 
 def run(rule: Rule, reports: list[RobotReport]) -> list[Incident]:
@@ -99,48 +113,68 @@ def test_a_removed_rule_closes_its_open_incident() -> None:
 
 def test_reorder_releases_in_event_time_order_once_each() -> None:
     buf = Reorder()
-    us = lambda r: int((r.ts - T0).total_seconds() * 1e6)  # noqa: E731
     a, b, c = rep(1, 1), rep(2, 2), rep(3, 3)
     assert [buf.add(r, us(r)) for r in (c, a, a, b)] == [True, True, False, True]
-    assert buf.next_due_us() == 1_000_000
-    assert buf.release(2_500_000) == [a, b]
+    assert buf.next_due_us() == us(a)
+    assert [(s.seq, s.ts) for s in buf.release(us(b) + 500_000)] == [(1, a.ts), (2, b.ts)]
     assert not buf.add(a, us(a))  # behind what was released: late
-    assert buf.release(10_000_000) == [c] and buf.release(10**12) == []
+    assert [s.seq for s in buf.release(us(c) + 1)] == [3] and buf.release(10**18) == ()
+
+
+def test_a_sample_keeps_what_the_rules_read() -> None:
+    r = rep(7, 1.5, battery=12.5, speed=0.7, status="error", errors=["E1"], pose=Pose(3, 4, 0))
+    sample = Sample.of(r, us(r))
+    assert tuple(sample) == (us(r), 0, 7, 12.5, 0.7, "error", ("E1",), 3.0, 4.0)
+    assert sample.ts == T0 + timedelta(seconds=1.5)
 
 
 @settings(max_examples=200, deadline=None, database=None, derandomize=True)
 @given(
     levels=st.lists(st.sampled_from([5.0, 15.0, 25.0, 35.0]), min_size=1, max_size=30),
+    statuses=st.lists(st.sampled_from(["moving", "moving", "error"]), min_size=30, max_size=30),
     gaps=st.lists(st.sampled_from([0.5, 1.0, 4.0, 9.0]), min_size=30, max_size=30),
     order=st.randoms(use_true_random=False),
     dupes=st.lists(st.integers(0, 29), max_size=10),
     cuts=st.lists(st.floats(0, 400), max_size=5),
 )
 def test_any_delivery_order_and_duplication_gives_the_same_incidents(
-    levels: list[float], gaps: list[float], order: Any, dupes: list[int], cuts: list[float]
+    levels: list[float],
+    statuses: list[str],
+    gaps: list[float],
+    order: Any,
+    dupes: list[int],
+    cuts: list[float],
 ) -> None:
-    """Reports delivered in any order, some twice, released by the watermark at any
-    points: the same incidents as the reports in event-time order, each once."""
+    """Reports delivered in any order, some twice, held as samples and released by the
+    watermark at any points, run by the hot path (clause bits, resting bits): the same
+    incidents as each rule's reference semantics on the reports in event-time order."""
     at, reports = 0.0, []
     for i, level in enumerate(levels):
-        reports.append(rep(i + 1, at, battery=level))
+        reports.append(rep(i + 1, at, battery=level, status=statuses[i]))
         at += gaps[i]
-    expected = run(LOW, reports)
+    expected = []
+    tracks: dict[str, Track | None] = {}
+    for r in reports:
+        for rule in RULES:
+            tracks[rule.name], changed = on_sample(tracks.get(rule.name), rule, r)
+            if changed is not None:
+                expected.append(changed)
 
     delivered = reports + [reports[d] for d in dupes if d < len(reports)]
     order.shuffle(delivered)
     buf = Reorder()
-    track: Track | None = None
+    scoped = Compiled(RuleBook(rules=RULES)).scoped("amr-1", None)
+    state: dict[str, Track] = {}
+    settled = None
     got: list[Incident] = []
     # Everything arrives before the watermark passes it (lateness covers the shuffle);
     # the watermark then moves in steps to the end.
     for r in delivered:
-        buf.add(r, int((r.ts - T0).total_seconds() * 1e6))
+        buf.add(r, us(r))
     for cut in [*sorted(cuts), 1e9]:
-        for r in buf.release(cut * 1e6):
-            track, changed = on_sample(track, LOW, r)
-            if changed is not None:
-                got.append(changed)
+        released = buf.release(us(T0) + cut * 1e6)
+        found, settled = evaluate(state, scoped, "amr-1", released, 0.0, None, settled)
+        got += found
     assert got == expected
 
 
@@ -166,3 +200,48 @@ rules:
     assert [r.name for r in scoped.rules] == expected
     assert [r.name for r, _, _ in scoped.reports] == [n for n in expected if n != "mixed"]
     assert scoped.names == frozenset(expected)
+
+
+@settings(max_examples=300, deadline=None, database=None, derandomize=True)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("add"), st.integers(0, 120), st.integers(0, 2)),
+            st.tuples(st.just("release"), st.integers(0, 130), st.just(0)),
+        ),
+        max_size=300,
+    ),
+    tail=st.sampled_from([1, 2, 5, 64]),
+)
+def test_the_reorder_buffer_is_a_sorted_set_released_by_the_watermark(
+    steps: list[tuple[str, int, int]], tail: int
+) -> None:
+    """Against a plain sorted set: holding keeps each (ts, boot, seq) once, in order,
+    whatever the arrival order and however the samples split between pending and tail;
+    a release hands out exactly those at or before the watermark, later ones stay; a
+    key at or before the last released is refused."""
+    buf = Reorder()
+    Reorder.TAIL = tail
+    try:
+        held: set[tuple[int, int, int]] = set()
+        done = (-(2**62), -1, -1)
+        for op, a, b in steps:
+            if op == "add":
+                r = rep(a, a * 0.5, boot=b)
+                key = (us(r), b, a)
+                assert buf.add(r, us(r)) == (key > done and key not in held)
+                if key > done:
+                    held.add(key)
+            else:
+                cut = us(T0) + a * 500_000
+                out = [s[:3] for s in buf.release(cut)]
+                expected = sorted(k for k in held if k[0] <= cut)
+                assert out == expected
+                held -= set(expected)
+                if expected:
+                    done = expected[-1]
+            keys = [s[:3] for s in (*buf.pending, *buf.tail)]
+            assert keys == sorted(held)
+            assert len(buf.tail) <= tail
+    finally:
+        Reorder.TAIL = 64
