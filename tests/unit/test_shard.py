@@ -1051,3 +1051,18 @@ def test_reports_from_the_whole_schema_domain_never_make_the_logic_fail(
     # A robot is held only while it is within the limit, and a retired one is gone.
     if rules.max_robots_per_shard:
         assert len(restored.robots) <= rules.max_robots_per_shard
+
+
+def test_the_dataflow_process_collects_young_objects_less_often() -> None:
+    """The flow's entry sets the collector's thresholds (dataflows.fleet.tune_gc): young
+    objects every 50,000 allocations, the older generations at their usual ratios."""
+    import gc
+
+    from dataflows.fleet import GC_THRESHOLD, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLD == (50_000, 20, 100)
+    finally:
+        gc.set_threshold(*before)
