@@ -48,7 +48,7 @@ import yaml
 from msgspec import Meta
 
 from fleetpulse.errors import ConfigError
-from fleetpulse.reload import Reload, file_stamp
+from fleetpulse.reload import FileWatcher, Reload, file_stamp
 from fleetpulse.schema import ROBOT_ID_PATTERN, Pose, RobotId, RobotReport, Status
 
 __all__ = [
@@ -594,7 +594,7 @@ def encode_rules(book: RuleBook) -> bytes:
 log = logging.getLogger("fleetpulse.rules")
 
 
-class RulesFile:
+class RulesFile(FileWatcher[RuleBook]):
     """``FLEETPULSE_RULES_FILE``: read at start (a bad file stops the start, naming the
     problem), then looked at about once a second; a good change replaces the rules
     whole, a bad one is logged and the last good rules stay.
@@ -606,10 +606,8 @@ class RulesFile:
         on_result: Callable[[Reload], None] | None = None,
         interval_s: float = 1.0,
     ) -> None:
-        self.path = Path(path)
-        self._listeners: list[Callable[[RuleBook], None]] = []
+        super().__init__(Path(path), interval_s, "fleetpulse-rules")
         self.on_result = on_result
-        self.interval_s = interval_s
         self._stamp = file_stamp(self.path)
         try:
             data = self.path.read_bytes()
@@ -620,31 +618,7 @@ class RulesFile:
             ) from None
         self._digest = hashlib.sha256(data).digest()
         self.current = load_rules(data, str(self.path))
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-
-    def subscribe(self, listener: Callable[[RuleBook], None]) -> None:
-        """Call ``listener(rules)`` from the watcher's thread whenever new rules apply."""
-        self._listeners.append(listener)
-
-    def start(self) -> RulesFile:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="fleetpulse-rules", daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.poll()
-            except Exception:  # the watcher must outlive any surprise
-                log.exception("watching %s failed; trying again", self.path)
 
     def poll(self) -> Reload | None:
         """Look at the file once; what its change came to (None: it did not change)."""
@@ -678,8 +652,7 @@ class RulesFile:
             len(before.rules),
             before.digest,
         )
-        for listener in self._listeners:
-            listener(book)
+        self._applied(book)
         return self._done("applied", "")
 
     def _done(self, result: Reload, problem: str) -> Reload:

@@ -31,7 +31,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, Self, TypeVar
 
 import msgspec
 import yaml
@@ -39,9 +39,19 @@ import yaml
 from fleetpulse.errors import ConfigError
 from fleetpulse.settings import CONFIG_FILE, Settings, overlay_settings, shown, to_env
 
-__all__ = ["HOT_KEYS", "ActiveConfig", "ConfigWatcher", "Reload", "config_hash", "file_stamp"]
+__all__ = [
+    "HOT_KEYS",
+    "ActiveConfig",
+    "ConfigWatcher",
+    "FileWatcher",
+    "Reload",
+    "config_hash",
+    "file_stamp",
+]
 
 log = logging.getLogger("fleetpulse.config")
+
+T = TypeVar("T")
 
 # Settings that take effect while running. Everything else is read once at start:
 # window_s and shards because open windows and the keyed state are laid out by them,
@@ -83,7 +93,52 @@ def _no_check(_: Settings) -> None:
     return None
 
 
-class ConfigWatcher:
+class FileWatcher(Generic[T]):
+    """A file looked at every ``interval_s`` in a daemon thread (:meth:`start`); what a
+    good change applies goes to every :meth:`subscribe` callback. Subclasses read the
+    file at start and implement :meth:`poll`."""
+
+    def __init__(self, path: Path, interval_s: float, thread_name: str) -> None:
+        self.path = path
+        self.interval_s = interval_s
+        self._thread_name = thread_name
+        self._listeners: list[Callable[[T], None]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def subscribe(self, listener: Callable[[T], None]) -> None:
+        """Call ``listener(value)`` from the watcher's thread whenever a change applies."""
+        self._listeners.append(listener)
+
+    def start(self) -> Self:
+        """Poll in a daemon thread until :meth:`stop`."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def poll(self) -> Reload | None:
+        """Look at the file once; what its change came to (None: it did not change)."""
+        raise NotImplementedError
+
+    def _applied(self, value: T) -> None:
+        for listener in self._listeners:
+            listener(value)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.poll()
+            except Exception:  # the watcher must outlive any surprise; say it and go on
+                log.exception("watching %s failed; trying again", self.path)
+
+
+class ConfigWatcher(FileWatcher[ActiveConfig]):
     """Watches ``settings.config_dir`` and keeps :attr:`current` up to date.
 
     ``settings`` are the process's settings from the environment alone; the file goes
@@ -103,10 +158,9 @@ class ConfigWatcher:
     ) -> None:
         if not settings.config_dir:
             raise ConfigError("FLEETPULSE_CONFIG_DIR is empty: there is no config file to watch")
-        self.path = Path(settings.config_dir) / CONFIG_FILE
+        super().__init__(Path(settings.config_dir) / CONFIG_FILE, interval_s, "fleetpulse-config")
         self.check = check
         self.observe = observe
-        self.interval_s = interval_s
         self._env = to_env(settings)
         self._stamp = file_stamp(self.path)
         try:
@@ -121,27 +175,8 @@ class ConfigWatcher:
         self.check(started)
         self.started = started
         self.current = ActiveConfig(settings=started, hash=config_hash(started))
-        self._listeners: list[Callable[[ActiveConfig], None]] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         if observe is not None:
             observe(None, self.current)
-
-    def subscribe(self, listener: Callable[[ActiveConfig], None]) -> None:
-        """Call ``listener(active)`` from the watcher's thread whenever a config applies."""
-        self._listeners.append(listener)
-
-    def start(self) -> ConfigWatcher:
-        """Poll in a daemon thread until :meth:`stop`."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="fleetpulse-config", daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
 
     def poll(self) -> Reload | None:
         """Look at the file once; what its change came to (None: it did not change)."""
@@ -199,8 +234,7 @@ class ConfigWatcher:
                 for k in changed
             ),
         )
-        for listener in self._listeners:
-            listener(self.current)
+        self._applied(self.current)
         return self._done("applied", "")
 
     def _done(self, result: Reload, why: str) -> Reload:
@@ -224,13 +258,6 @@ class ConfigWatcher:
                 f"not be a {type(values).__name__}"
             )
         return overlay_settings(self._env, values, str(self.path))
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.poll()
-            except Exception:  # the watcher must outlive any surprise; say it and go on
-                log.exception("config watcher: polling %s failed", self.path)
 
 
 def file_stamp(path: Path) -> tuple[str, int, int, int] | None:
