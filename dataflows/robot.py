@@ -37,13 +37,15 @@ report's order, or the arrival time), so a replay rewrites the same alert.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import msgspec
 
 from dataflows.incidents import (
     Reorder,
+    Sample,
+    Scoped,
     Track,
     compiled,
     evaluate,
@@ -177,8 +179,7 @@ def _rules(
         ended = [(_us(w.window_end), w.distance_m) for w in emits.windows]
         st.recent = sorted([*st.recent, *ended])[-3:]
     book = compiled(rules.book)
-    robot = st.robot_id
-    scoped = book.scoped(robot, st.live.report.site)
+    scoped = book.scoped(st.robot_id, st.live.report.site)
     if book.silences and scoped.rules:
         if report is not None and before is not None:
             # A silence may have run out before a progress mark showed it, as offline.
@@ -192,11 +193,7 @@ def _rules(
     held = st.held
     if rebased and held is not None:
         # The robot's clock went back: what waits goes first, then time starts again.
-        released = held.release(math.inf)
-        found, st.settled = evaluate(
-            st.tracks, scoped, robot, released, arrival, distance_of, st.settled
-        )
-        emits.incidents += found
+        _evaluate(st, scoped, held.release(math.inf), arrival, distance_of, emits)
         held = st.held = Reorder()
     if report is not None and scoped.reports:
         if held is None:
@@ -205,13 +202,23 @@ def _rules(
     if held is not None and (held.pending or held.tail):
         released = held.release((st.windows.offset + arrival) * 1e6)
         if released or st.tracks:
-            found, st.settled = evaluate(
-                st.tracks, scoped, robot, released, arrival, distance_of, st.settled
-            )
-            emits.incidents += found
+            _evaluate(st, scoped, released, arrival, distance_of, emits)
     elif st.tracks and not st.tracks.keys() <= scoped.names:  # a rule it is tracked by is gone
-        found, st.settled = evaluate(st.tracks, scoped, robot, (), arrival, None, st.settled)
-        emits.incidents += found
+        _evaluate(st, scoped, (), arrival, None, emits)
+
+
+def _evaluate(
+    st: RobotState,
+    scoped: Scoped,
+    samples: Sequence[Sample],
+    arrival: float,
+    distance_of: Callable[[int], float | None] | None,
+    emits: Emits,
+) -> None:
+    found, st.settled = evaluate(
+        st.tracks, scoped, st.robot_id, samples, arrival, distance_of, st.settled
+    )
+    emits.incidents += found
 
 
 def _distance_of(recent: list[tuple[int, float]]) -> Callable[[int], float | None]:
@@ -230,20 +237,15 @@ def rules_due(state: RobotState, rules: Rules) -> float | None:
     oldest held report, or a silence rule runs out (None: neither)."""
     held = state.held
     oldest = held.next_due_us() if held is not None else None
-    if not rules.book.rules:  # no rules (the usual flow): nothing but what is held
-        return None if oldest is None else oldest / 1e6 - state.windows.offset
-    book = compiled(rules.book)
-    if not book.silences:
-        return None if oldest is None else oldest / 1e6 - state.windows.offset
-    due: list[float] = []
-    if oldest is not None:
-        due.append(oldest / 1e6 - state.windows.offset)
-    if book.silences:
-        scoped = book.scoped(state.robot_id, state.live.report.site)
-        silence = silence_due(state.tracks, scoped.rules, state.live.last_seen)
-        if silence is not None:
-            due.append(silence)
-    return min(due) if due else None
+    due = None if oldest is None else oldest / 1e6 - state.windows.offset
+    # No rules (the usual flow), or none on silence: nothing but what is held.
+    if not rules.book.rules or not (book := compiled(rules.book)).silences:
+        return due
+    scoped = book.scoped(state.robot_id, state.live.report.site)
+    silence = silence_due(state.tracks, scoped.rules, state.live.last_seen)
+    if silence is None or (due is not None and due <= silence):
+        return due
+    return silence
 
 
 def on_progress(state: RobotState, progress: float, rules: Rules) -> tuple[RobotState, Emits]:
