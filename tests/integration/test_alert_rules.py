@@ -15,25 +15,22 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
-import httpx
 import msgspec
 import pytest
 from litestar.testing import TestClient
 
 from api.app import create_app
 from api.auth import hash_token, new_token, token_fingerprint
-from bench.common import serve_api
-from deploy.local.harness import FlowProcess, isolated, report, wait_until
+from deploy.local.harness import isolated, report
 from deploy.local.procs import free_port
 from deploy.local.stack import Stack
 from fleetpulse.alert_rules import Incident
-from fleetpulse.settings import Settings, to_env
-from state.connect import connect
+from fleetpulse.settings import Settings
 from state.keys import Keys
-from state.reader import IncidentChanged, RedisStateReader, decode_change
+from state.reader import IncidentChanged, decode_change
 from tests.integration.kafka_util import consume_all
+from tests.integration.rig import FlowRig
 
 INGEST, ADMIN, READ = new_token(), new_token(), new_token()
 TOKENS = f"ingest:{hash_token(INGEST)},admin:{hash_token(ADMIN)},read:{hash_token(READ)}"
@@ -48,33 +45,11 @@ rules:
 """
 
 
-class Rig:
-    """An ingest server and a dataflow with a rules file, on isolated topics and prefix."""
+class Rig(FlowRig):
+    """The rig with this file's tokens (the rules file is in its settings)."""
 
     def __init__(self, s: Settings, tmp: Path) -> None:
-        self.s, self.tmp = s, tmp
-        self.reader = RedisStateReader(connect(s), s)
-        self.redis = connect(s)
-        self.server = serve_api("ingest", to_env(s), s.ingest_port)
-        self.flow = FlowProcess(s, tmp / "flow.log")
-        self.api = httpx.Client(base_url=f"http://127.0.0.1:{s.ingest_port}", timeout=10)
-
-    def post(self, body: dict[str, Any]) -> None:
-        r = self.api.post("/v1/reports", json=body, headers={"Authorization": f"Bearer {INGEST}"})
-        assert r.status_code == 202, r.text
-
-    def admin(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {ADMIN}", **kw.pop("headers", {})}
-        return self.api.request(method, path, headers=headers, **kw)
-
-    def wait(self, what: str, check: Any, timeout_s: float = 60) -> Any:
-        return wait_until(what, check, timeout_s, [self.flow])
-
-    def close(self) -> None:
-        self.api.close()
-        self.flow.stop()
-        self.server.terminate()
-        self.server.communicate(timeout=10)
+        super().__init__(s, tmp, INGEST, ADMIN)
 
 
 def rig_settings(settings: Settings, tmp: Path, rules: str) -> Settings:

@@ -20,16 +20,16 @@ import httpx
 import pytest
 
 from api.auth import hash_token, new_token, token_fingerprint
-from bench.common import serve_api
-from deploy.local.harness import FlowProcess, Reporter, isolated, metric_total, report, wait_until
+from deploy.local.harness import FlowProcess, Reporter, isolated, metric_total, report
 from deploy.local.procs import free_port
 from deploy.local.stack import Stack
-from fleetpulse.settings import Settings, to_env
+from fleetpulse.settings import Settings
 from state.connect import connect
 from state.keys import Keys
 from state.projection import Projection
 from state.reader import RedisStateReader, RobotRetired, decode_change
 from tests.integration.kafka_util import consume_all
+from tests.integration.rig import FlowRig
 
 INGEST, ADMIN = new_token(), new_token()
 TOKENS = f"ingest:{hash_token(INGEST)},admin:{hash_token(ADMIN)}"
@@ -67,20 +67,11 @@ def counters_match_the_listing(reader: RedisStateReader) -> dict[str, int]:
     return dict(by_status)
 
 
-class Fleet:
-    """An ingest server and a dataflow on isolated topics and prefix."""
+class Fleet(FlowRig):
+    """The rig with this file's tokens, and what retirement tests look at."""
 
     def __init__(self, s: Settings, tmp: Path) -> None:
-        self.s, self.tmp = s, tmp
-        self.reader = RedisStateReader(connect(s), s)
-        self.redis = connect(s)
-        self.server = serve_api("ingest", to_env(s), s.ingest_port)
-        self.flow = FlowProcess(s, tmp / "flow.log")
-        self.api = httpx.Client(base_url=f"http://127.0.0.1:{s.ingest_port}", timeout=10)
-
-    def post(self, body: dict[str, Any]) -> None:
-        r = self.api.post("/v1/reports", json=body, headers={"Authorization": f"Bearer {INGEST}"})
-        assert r.status_code == 202, r.text
+        super().__init__(s, tmp, INGEST, ADMIN)
 
     def retire(self, robot: str, token: str = ADMIN) -> httpx.Response:
         return self.api.post(
@@ -91,9 +82,6 @@ class Fleet:
         self.flow.kill9()
         self.flow = FlowProcess(self.s, self.tmp / "flow.log")
 
-    def wait(self, what: str, check: Any, timeout_s: float = 60) -> Any:
-        return wait_until(what, check, timeout_s, [self.flow])
-
     def left_of(self, robot: str) -> dict[str, Any]:
         """Every key of the robot still in Redis, with its type and (for a hash) fields."""
         keys = Keys(self.s.redis_prefix)
@@ -103,12 +91,6 @@ class Fleet:
             kind = self.redis.type(key).decode()
             left[name] = sorted(self.redis.hkeys(key)) if kind == "hash" else kind
         return left
-
-    def close(self) -> None:
-        self.api.close()
-        self.flow.stop()
-        self.server.terminate()
-        self.server.communicate(timeout=10)
 
 
 @pytest.fixture
