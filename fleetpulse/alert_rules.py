@@ -48,7 +48,7 @@ import yaml
 from msgspec import Meta
 
 from fleetpulse.errors import ConfigError
-from fleetpulse.reload import FileWatcher, Reload, file_stamp
+from fleetpulse.reload import FileWatcher, Reload
 from fleetpulse.schema import ROBOT_ID_PATTERN, Pose, RobotId, RobotReport, Status
 
 __all__ = [
@@ -608,34 +608,21 @@ class RulesFile(FileWatcher[RuleBook]):
     ) -> None:
         super().__init__(Path(path), interval_s, "fleetpulse-rules")
         self.on_result = on_result
-        self._stamp = file_stamp(self.path)
-        try:
-            data = self.path.read_bytes()
-        except OSError as exc:
-            raise RulesError(
-                f"FLEETPULSE_RULES_FILE={path!r}: cannot read it ({exc.strerror}); give a "
+        data = self._read_first(
+            lambda why: RulesError(
+                f"FLEETPULSE_RULES_FILE={path!r}: cannot read it ({why}); give a "
                 "YAML or JSON rules file, or leave the variable empty for no rules"
-            ) from None
-        self._digest = hashlib.sha256(data).digest()
+            )
+        )
         self.current = load_rules(data, str(self.path))
         self._lock = threading.Lock()
 
     def poll(self) -> Reload | None:
         """Look at the file once; what its change came to (None: it did not change)."""
         with self._lock:
-            stamp = file_stamp(self.path)
-            if stamp == self._stamp:
-                return None
-            self._stamp = stamp
-            try:
-                data = self.path.read_bytes()
-            except OSError as exc:
-                self._digest = b""
-                return self._done("invalid", f"cannot read {self.path}: {exc.strerror}")
-            digest = hashlib.sha256(data).digest()
-            if digest == self._digest:
-                return None
-            self._digest = digest
+            data = self._read_changed()
+            if not isinstance(data, bytes):
+                return data
             try:
                 book = load_rules(data, str(self.path))
             except RulesError as exc:

@@ -46,7 +46,6 @@ __all__ = [
     "FileWatcher",
     "Reload",
     "config_hash",
-    "file_stamp",
 ]
 
 log = logging.getLogger("fleetpulse.config")
@@ -126,6 +125,39 @@ class FileWatcher(Generic[T]):
         """Look at the file once; what its change came to (None: it did not change)."""
         raise NotImplementedError
 
+    def _done(self, result: Reload, why: str) -> Reload:
+        """Say what a change came to (``why``: the problem of an invalid one)."""
+        raise NotImplementedError
+
+    def _read_first(self, cannot: Callable[[str], Exception]) -> bytes:
+        """The file's bytes at start; raises ``cannot(reason)`` when it cannot be read."""
+        self._stamp = _file_stamp(self.path)
+        try:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            raise cannot(exc.strerror or str(exc)) from None
+        self._digest = hashlib.sha256(data).digest()
+        return data
+
+    def _read_changed(self) -> bytes | Reload | None:
+        """The file's bytes when they changed since the last look; None when they did not
+        (the same stamp, or the same bytes again: re-mounted, touched); "invalid" when the
+        file cannot be read (said through :meth:`_done`)."""
+        stamp = _file_stamp(self.path)
+        if stamp == self._stamp:
+            return None
+        self._stamp = stamp
+        try:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            self._digest = b""
+            return self._done("invalid", f"cannot read {self.path}: {exc.strerror}")
+        digest = hashlib.sha256(data).digest()
+        if digest == self._digest:
+            return None
+        self._digest = digest
+        return data
+
     def _applied(self, value: T) -> None:
         for listener in self._listeners:
             listener(value)
@@ -162,15 +194,12 @@ class ConfigWatcher(FileWatcher[ActiveConfig]):
         self.check = check
         self.observe = observe
         self._env = to_env(settings)
-        self._stamp = file_stamp(self.path)
-        try:
-            data = self.path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(
+        data = self._read_first(
+            lambda why: ConfigError(
                 f"FLEETPULSE_CONFIG_DIR={settings.config_dir!r}: cannot read {self.path}: "
-                f"{exc.strerror}; mount the ConfigMap as a directory holding {CONFIG_FILE}"
-            ) from None
-        self._digest = hashlib.sha256(data).digest()
+                f"{why}; mount the ConfigMap as a directory holding {CONFIG_FILE}"
+            )
+        )
         started = self._settings(data)
         self.check(started)
         self.started = started
@@ -180,19 +209,9 @@ class ConfigWatcher(FileWatcher[ActiveConfig]):
 
     def poll(self) -> Reload | None:
         """Look at the file once; what its change came to (None: it did not change)."""
-        stamp = file_stamp(self.path)
-        if stamp == self._stamp:
-            return None
-        self._stamp = stamp
-        try:
-            data = self.path.read_bytes()
-        except OSError as exc:
-            self._digest = b""
-            return self._done("invalid", f"cannot read {self.path}: {exc.strerror}")
-        digest = hashlib.sha256(data).digest()
-        if digest == self._digest:
-            return None  # the same bytes again (re-mounted, touched): nothing to do
-        self._digest = digest
+        data = self._read_changed()
+        if not isinstance(data, bytes):
+            return data
         try:
             wanted = self._settings(data)
             self.check(wanted)
@@ -260,7 +279,7 @@ class ConfigWatcher(FileWatcher[ActiveConfig]):
         return overlay_settings(self._env, values, str(self.path))
 
 
-def file_stamp(path: Path) -> tuple[str, int, int, int] | None:
+def _file_stamp(path: Path) -> tuple[str, int, int, int] | None:
     """Where the file resolves to and its inode, mtime and size; None if it is missing.
 
     A ConfigMap update swaps ``..data``, which changes the resolved path even when the
