@@ -9,6 +9,7 @@ import httpx
 
 from bench.common import serve_api
 from deploy.local.harness import FlowProcess, wait_until
+from fleetpulse.schema import LiveState
 from fleetpulse.settings import Settings, to_env
 from state.connect import connect
 from state.reader import RedisStateReader
@@ -45,3 +46,14 @@ class FlowRig:
         self.flow.stop()
         self.server.terminate()
         self.server.communicate(timeout=10)
+
+
+def all_robots(reader: RedisStateReader) -> list[LiveState]:
+    """Every robot's live state, page by page through the listing."""
+    robots: list[LiveState] = []
+    cursor = None
+    while True:
+        page, cursor = reader.list_robots(cursor=cursor, limit=500)
+        robots += page
+        if cursor is None:
+            return robots

@@ -55,6 +55,7 @@ from fleetpulse.settings import Settings, load_settings, to_env
 from state.connect import connect, connect_reader
 from state.projection import Projection
 from state.reader import RedisStateReader
+from tests.integration.rig import all_robots
 
 # Ports of the HA stack under test (the layout adds +10/+20, +1, +11..13 to these),
 # not the defaults (29092.., 56379..) so a developer's HA stack may run meanwhile; the
@@ -496,13 +497,7 @@ def test_active_controller_killed(ha: Stack, settings: Settings, tmp_path: Path)
 
 
 def summary_matches_listing(reader: RedisStateReader) -> None:
-    robots: list[Any] = []
-    cursor = None
-    while True:
-        page, cursor = reader.list_robots(cursor=cursor, limit=500)
-        robots += page
-        if cursor is None:
-            break
+    robots = all_robots(reader)
     summary = reader.summary()
     assert summary.total == len(robots)
     assert summary.online == sum(r.online for r in robots)

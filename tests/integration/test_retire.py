@@ -29,7 +29,7 @@ from state.keys import Keys
 from state.projection import Projection
 from state.reader import RedisStateReader, RobotRetired, decode_change
 from tests.integration.kafka_util import consume_all
-from tests.integration.rig import FlowRig
+from tests.integration.rig import FlowRig, all_robots
 
 INGEST, ADMIN = new_token(), new_token()
 TOKENS = f"ingest:{hash_token(INGEST)},admin:{hash_token(ADMIN)}"
@@ -42,13 +42,7 @@ def _now(robot: str, seq: int, **over: Any) -> dict[str, Any]:
 def counters_match_the_listing(reader: RedisStateReader) -> dict[str, int]:
     """Assert every summary counter equals the count of what the listing shows; the
     listing by status (the counters a retirement takes back most)."""
-    listed = []
-    cursor = None
-    while True:
-        page, cursor = reader.list_robots(cursor=cursor, limit=500)
-        listed += page
-        if cursor is None:
-            break
+    listed = all_robots(reader)
     summary = reader.summary()
     by_status = collections.Counter(st.report.status for st in listed)
     by_site = collections.Counter(st.report.site for st in listed if st.report.site)
