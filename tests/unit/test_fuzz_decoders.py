@@ -39,10 +39,10 @@ from api.app import create_app
 from api.auth import hash_token, new_token
 from dataflows.classify import classify
 from dataflows.records import DeadLetter
-from dataflows.rules import Rules
 from fleetpulse.control import Control, decode_control, encode_control
 from fleetpulse.schema import STATUSES, RobotReport, decode_report, decode_reports, encode
 from fleetpulse.settings import Settings
+from tests.unit.test_shard import RULES  # the shard tests' thresholds
 
 DECODE_ERRORS = (msgspec.ValidationError, msgspec.DecodeError)
 
@@ -356,15 +356,6 @@ def test_the_control_decoder_refuses_only_with_its_errors(body: bytes) -> None:
 
 # -- the dataflow's classify -----------------------------------------------------------
 
-RULES = Rules(
-    offline_after_s=30.0,
-    low_battery_pct=20.0,
-    battery_ok_pct=25.0,
-    window_s=60,
-    allowed_lateness_s=10.0,
-    max_future_s=300.0,
-    max_age_s=604_800.0,
-)
 ARRIVALS = st.sampled_from(
     [int(NOW.timestamp() * 1000), 0, -62_135_596_800_000, 253_402_300_799_000]
 )
