@@ -26,8 +26,8 @@ from deploy.local.harness import isolated
 from fleetpulse.control import ACK, RESET_ORDER, RETIRE, control_kind
 from fleetpulse.settings import Settings
 from tests.integration.kafka_util import consume_all
+from tests.integration.test_openapi import seed
 from tests.integration.test_query_api import INGEST, READ, private_fleet
-from tests.integration.test_state_contract import alert, live, window
 from tests.integration.test_stream import api_server
 
 pytestmark = pytest.mark.integration
@@ -52,12 +52,7 @@ def servers(
     own = isolated(settings, tmp_path_factory.mktemp("fuzz"), partitions=1)
     tokens = f"admin:{hash_token(ADMIN)},ingest:{hash_token(INGEST)}"
     with private_fleet(settings) as fleet:
-        fleet.write(
-            [live("amr-7", 3, site="plant-1", status="charging", battery=12.0)]
-            + [live(f"amr-{i}", i, site="plant-1") for i in range(10)],
-            alerts=[alert("amr-7", "low_battery", 3), alert("amr-3", "error", 3)],
-        )
-        fleet.writer.write([], [window("amr-7", m) for m in range(3)], [])
+        seed(fleet)
         with (
             api_server(msgspec.structs.replace(own, api_tokens=tokens), "ingest", 1) as ingest,
             api_server(fleet.settings, "query", 1) as query,

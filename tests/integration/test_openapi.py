@@ -26,7 +26,7 @@ from api.app import create_app
 from api.auth import hash_token, new_token
 from deploy.local.harness import isolated
 from fleetpulse.settings import Settings
-from tests.integration.test_query_api import READ, private_fleet
+from tests.integration.test_query_api import READ, Fleet, private_fleet
 from tests.integration.test_state_contract import alert, live, window
 
 pytestmark = pytest.mark.integration
@@ -55,16 +55,22 @@ QUERY_OPERATIONS = {
 }
 
 
+def seed(fleet: Fleet) -> None:
+    """What the schema runs read: 11 robots at plant-1 (amr-7 low and charging), two
+    alerts, three of amr-7's windows."""
+    fleet.write(
+        [live("amr-7", 3, site="plant-1", status="charging", battery=12.0)]
+        + [live(f"amr-{i}", i, site="plant-1") for i in range(10)],
+        alerts=[alert("amr-7", "low_battery", 3), alert("amr-3", "error", 3)],
+    )
+    fleet.writer.write([], [window("amr-7", m) for m in range(3)], [])
+
+
 @pytest.fixture(scope="module")
 def api_schema(stack: object, settings: Settings) -> Iterator[Any]:
     """The app's own OpenAPI document, loaded by schemathesis, on a seeded fleet."""
     with private_fleet(settings) as fleet:
-        fleet.write(
-            [live("amr-7", 3, site="plant-1", status="charging", battery=12.0)]
-            + [live(f"amr-{i}", i, site="plant-1") for i in range(10)],
-            alerts=[alert("amr-7", "low_battery", 3), alert("amr-3", "error", 3)],
-        )
-        fleet.writer.write([], [window("amr-7", m) for m in range(3)], [])
+        seed(fleet)
         app = create_app(fleet.settings, ingest=False)
         try:
             yield schemathesis.openapi.from_asgi("/schema/openapi.json", app)
