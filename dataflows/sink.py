@@ -23,7 +23,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from operator import attrgetter
 from typing import Any, TypeVar
 
 import redis
@@ -100,16 +99,14 @@ def _after_retirements(
     for r in out.retired:
         cut[r.robot_id] = r  # the last retirement of a robot covers the earlier ones
 
-    def kept(robot: str, i: int, at: Callable[[Retired], int]) -> bool:
+    def kept(robot: str, i: int, field: str) -> bool:
         r = cut.get(robot)
-        return r is None or i >= at(r)
+        return r is None or i >= getattr(r, field)
 
-    before = attrgetter("states"), attrgetter("windows"), attrgetter("alerts")
-    states = [st for i, st in enumerate(out.states) if kept(st.report.robot_id, i, before[0])]
-    windows = [w for i, w in enumerate(out.windows) if kept(w.robot_id, i, before[1])]
-    alerts = [a for i, a in enumerate(out.alerts) if kept(a.robot_id, i, before[2])]
-    at = attrgetter("incidents")
-    incidents = [x for i, x in enumerate(out.incidents) if kept(x.robot_id, i, at)]
+    states = [st for i, st in enumerate(out.states) if kept(st.report.robot_id, i, "states")]
+    windows = [w for i, w in enumerate(out.windows) if kept(w.robot_id, i, "windows")]
+    alerts = [a for i, a in enumerate(out.alerts) if kept(a.robot_id, i, "alerts")]
+    incidents = [x for i, x in enumerate(out.incidents) if kept(x.robot_id, i, "incidents")]
     return states, windows, alerts, incidents
 
 
@@ -226,7 +223,7 @@ class _FleetSinkPartition(StatelessSinkPartition[tuple[str, Out]]):
         messages = self._kafka_messages(alerts, dead, incidents)
         if messages:
             _retry(
-                "sending alerts and dead letters to Kafka",
+                "sending alerts, incidents and dead letters to Kafka",
                 lambda: self.kafka.send(messages),
                 (DeliveryFailed,),
             )
