@@ -12,8 +12,8 @@ the workload's four sites or an id pattern, so a robot is in the scope of about 
 The workload's batteries cycle from 100 % to 20 %, so incidents open and close all
 the time (each version written to Redis and the incidents topic). Drain rounds
 interleave the two flows (1 process each, recovery on); freshness rounds, interleaved
-too, run the ingest server and 2 dataflow processes as users do. Ratios are "with rules
-/ without", of the medians.
+too, run the ingest server and 2 dataflow processes as users do. Both trace at the
+default ratio. Ratios are "with rules / without", of the medians.
 """
 
 from __future__ import annotations
@@ -87,9 +87,7 @@ def main() -> int:
     args = parser.parse_args()
     settings = load_settings()
     Stack(settings).up()
-    settings = msgspec.structs.replace(
-        settings, offline_after_s=3600.0, dataflow_metrics_port=0, trace_sample_ratio=0.0
-    )
+    settings = msgspec.structs.replace(settings, offline_after_s=3600.0, dataflow_metrics_port=0)
     book = rule_book(args.rules)
     drains: dict[str, list[dict[str, Any]]] = {"no rules": [], f"{args.rules} rules": []}
     fresh: dict[str, list[dict[str, Any]]] = {"no rules": [], f"{args.rules} rules": []}
@@ -98,7 +96,9 @@ def main() -> int:
             tmp = Path(tmpdir)
             rules_file = tmp / "rules.yaml"
             rules_file.write_bytes(encode_rules(book))
-            shape = Shape(robots=args.robots, reports=args.reports, sampled=0.0)
+            shape = Shape(
+                robots=args.robots, reports=args.reports, sampled=settings.trace_sample_ratio
+            )
             base = isolated(settings, tmp, snapshot_interval_s=defaults.snapshot_interval_s)
             progress(f"filling {shape.describe()} into {base.topic_reports}")
             total = fill(base, shape)
@@ -131,7 +131,8 @@ def main() -> int:
         f"{args.rules} rules (a robot in the scope of ~30) over {args.robots:,} robots; drain: "
         f"{total:,} messages, 1 dataflow process, median of {args.repeat} interleaved "
         f"round(s); freshness: {args.rate:,} reports/s through HTTP for {args.seconds:g} s, 2 "
-        f"dataflow processes, median of {args.repeat} interleaved round(s).\n\n"
+        f"dataflow processes, median of {args.repeat} interleaved round(s); tracing at the "
+        f"default ratio ({settings.trace_sample_ratio:g}), recovery on.\n\n"
         "| measure | no rules | with rules | ratio |\n| --- | --- | --- | --- |\n"
         f"| drain, messages/s (start-up included) | {rate[base_label]:,.0f} | "
         f"{rate[rules_label]:,.0f} | {rate[rules_label] / rate[base_label]:.2f} |\n"
