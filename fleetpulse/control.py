@@ -5,19 +5,21 @@ dataflow meets it in order with the robot's reports: everything before it was
 applied under the old rules, everything after it under the new. It is told apart
 from a report by its header, never by trying to decode the value:
 
-    header  fleetpulse_control = b"reset_order"      (CONTROL_HEADER, RESET_ORDER; or RETIRE)
+    header  fleetpulse_control = b"reset_order"      (CONTROL_HEADER, RESET_ORDER; RETIRE, ACK)
     key     the robot id
     value   {"control": "reset_order", "robot_id": "amr-7",
              "by": "<first 12 hex of the token's SHA-256>",
              "requested_at": "2026-11-30T09:43:55.123Z"}
 
-Kinds: ``reset_order`` (forget the robot's newest ``(boot, seq)``) and ``retire``
-(forget the robot: its state in the dataflow, and in Redis its keys, index entries and
-summary counts). Written by ingest (``POST /v1/robots/{robot_id}/reset-order`` and
-``.../retire``, admin scope), read by the dataflow. This module is the one definition of
-the format; the value is a contract kept in Kafka for the topic's retention, so a new
-field must come with a default (old records still decode) and a new kind of control is a
-new ``control`` value, which an older reader must send to the DLQ rather than guess at.
+Kinds: ``reset_order`` (forget the robot's newest ``(boot, seq)``), ``retire`` (forget
+the robot: its state in the dataflow, and in Redis its keys, index entries and summary
+counts) and ``ack`` (an operator acknowledged the robot's open incident ``incident``).
+Written by ingest (``POST /v1/robots/{robot_id}/reset-order``, ``.../retire`` and
+``POST /v1/incidents/{id}/ack``, admin scope), read by the dataflow. This module is the
+one definition of the format; the value is a contract kept in Kafka for the topic's
+retention, so a new field must come with a default (old records still decode) and a new
+kind of control is a new ``control`` value, which an older reader must send to the DLQ
+rather than guess at.
 """
 
 from __future__ import annotations
@@ -78,21 +80,25 @@ class Control(
 def reset_order(robot_id: str, by: str, now: datetime | None = None) -> Control:
     """A ``reset_order`` command: forget the robot's newest ``(boot, seq)`` so that its
     next report applies whatever its order (for a robot whose counters went backwards)."""
-    at = (now or datetime.now(UTC)).astimezone(UTC)
-    return Control(control="reset_order", robot_id=robot_id, by=by, requested_at=at)
+    return _command("reset_order", robot_id, by, now)
 
 
 def retire(robot_id: str, by: str, now: datetime | None = None) -> Control:
     """A ``retire`` command: forget the robot everywhere (a report of it later makes it
     a new robot)."""
-    at = (now or datetime.now(UTC)).astimezone(UTC)
-    return Control(control="retire", robot_id=robot_id, by=by, requested_at=at)
+    return _command("retire", robot_id, by, now)
 
 
 def ack(robot_id: str, incident: str, by: str, now: datetime | None = None) -> Control:
     """An ``ack`` command: an operator acknowledged the robot's open ``incident``."""
+    return _command("ack", robot_id, by, now, incident)
+
+
+def _command(
+    kind: ControlKind, robot_id: str, by: str, now: datetime | None, incident: str = ""
+) -> Control:
     at = (now or datetime.now(UTC)).astimezone(UTC)
-    return Control(control="ack", robot_id=robot_id, by=by, requested_at=at, incident=incident)
+    return Control(control=kind, robot_id=robot_id, by=by, requested_at=at, incident=incident)
 
 
 _encoder = msgspec.json.Encoder()
