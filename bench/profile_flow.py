@@ -1,9 +1,12 @@
 """Where the dataflow's time goes: py-spy over one process draining a pre-filled topic.
 
     python -m bench.profile_flow [--robots 10000] [--reports 220000] [--sampled 0]
+        [--rules 100] [--idle]
 
 Writes bench/results/profile-dataflow.txt: the share of samples (inclusive) of the
-busiest functions, and of the functions on top of the stack (self time).
+busiest functions, and of the functions on top of the stack (self time). ``--rules N``
+runs the flow with the alert-rules benchmark's N rules (:func:`bench.rules.rule_book`);
+``--idle`` counts time spent waiting too (a Kafka flush, a Redis round trip).
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import msgspec
 from bytewax.recovery import init_db_dir
 
 from bench.common import BENCH, progress
+from bench.rules import rule_book
 from bench.workload import Shape, fill, final_orders
 from deploy.local.harness import FLOW, isolated, remove_made
 from deploy.local.stack import Stack
+from fleetpulse.alert_rules import encode_rules
 from fleetpulse.settings import Settings, load_settings, to_env
 from state.connect import connect
 from state.reader import RedisStateReader
@@ -75,6 +80,8 @@ def main() -> int:
         "--sampled", type=float, default=Settings().trace_sample_ratio,
         help="share of traced reports (default: the default trace ratio)",
     )  # fmt: skip
+    parser.add_argument("--rules", type=int, default=0, help="alert rules (0: none)")
+    parser.add_argument("--idle", action="store_true", help="sample waiting threads too")
     parser.add_argument("--out", default="profile-dataflow.txt")
     args = parser.parse_args()
     settings = load_settings()
@@ -91,6 +98,10 @@ def main() -> int:
             )
             progress(f"filling: {shape.describe()}")
             fill(s, shape)
+            if args.rules:
+                rules_file = tmp / "rules.yaml"
+                rules_file.write_bytes(encode_rules(rule_book(args.rules)))
+                s = msgspec.structs.replace(s, rules_file=str(rules_file))
             # Recovery set up as build_flow would, so py-spy follows one process (no re-exec).
             recovery = Path(s.recovery_dir)
             recovery.mkdir(parents=True)
@@ -104,7 +115,8 @@ def main() -> int:
             }
             raw = tmp / "raw.txt"
             spy = str(Path(sys.executable).parent / "py-spy")
-            cmd = [spy, "record", "-r", "200", "--format", "raw", "-o", str(raw), "--",
+            cmd = [spy, "record", "-r", "200", "--format", "raw", "-o", str(raw),
+                   *(["--idle"] if args.idle else []), "--",
                    sys.executable, "-m", "bytewax.run", FLOW]  # fmt: skip
             progress("draining under py-spy")
             proc = subprocess.Popen(
@@ -124,7 +136,9 @@ def main() -> int:
     out = BENCH / "results" / args.out
     out.write_text(
         f"# python -m bench.profile_flow {' '.join(sys.argv[1:])}\n"
-        f"# {shape.describe()}; one dataflow process, recovery on, py-spy at 200 Hz\n{text}"
+        f"# {shape.describe()}; one dataflow process, recovery on, py-spy at 200 Hz"
+        f"{'; ' + str(args.rules) + ' alert rules' if args.rules else ''}"
+        f"{'; waiting counted' if args.idle else ''}\n{text}"
     )
     print(text)
     progress(f"wrote {out}")
