@@ -59,6 +59,7 @@ from fleetpulse.alert_rules import Incident
 from fleetpulse.schema import Alert, AlertKind, LiveState, RobotReport, WindowStats
 
 __all__ = [
+    "HOLD_GRACE_S",
     "Emits",
     "RobotState",
     "offline_at",
@@ -67,6 +68,11 @@ __all__ = [
     "on_report",
     "rules_due",
 ]
+
+# A robot that keeps reporting has its held reports released by its next report (its
+# watermark moves on); the timer is for one that went quiet, so it waits this much past
+# the watermark. Waking every robot as each held report came due doubled its steps.
+HOLD_GRACE_S = 1.0
 
 
 class Emits(msgspec.Struct, kw_only=True):
@@ -237,7 +243,7 @@ def rules_due(state: RobotState, rules: Rules) -> float | None:
     oldest held report, or a silence rule runs out (None: neither)."""
     held = state.held
     oldest = held.next_due_us() if held is not None else None
-    due = None if oldest is None else oldest / 1e6 - state.windows.offset
+    due = None if oldest is None else oldest / 1e6 - state.windows.offset + HOLD_GRACE_S
     # No rules (the usual flow), or none on silence: nothing but what is held.
     if not rules.book.rules or not (book := compiled(rules.book)).silences:
         return due

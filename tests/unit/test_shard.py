@@ -21,8 +21,16 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import dataflows.shard
+from dataflows.incidents import Reorder
 from dataflows.records import Control, DeadLetter, Out, Raw, Republish, Retired
-from dataflows.robot import RobotState, on_control, on_progress, on_report
+from dataflows.robot import (
+    HOLD_GRACE_S,
+    RobotState,
+    on_control,
+    on_progress,
+    on_report,
+    rules_due,
+)
 from dataflows.rules import LiveRules, Rules
 from dataflows.shard import (
     SHARD_FORMAT,
@@ -471,6 +479,30 @@ def test_a_rule_held_for_its_duration_opens_an_incident_once_the_watermark_passe
     out = step(logic, (0, T0_MS + 31_000))
     assert incidents_of([out]) == [("amr-1:low:0:10", "closed", "cleared")]
     assert logic.robots["amr-1"].tracks == {}
+
+
+def test_held_reports_go_with_the_next_report_and_wake_a_robot_only_once_it_is_quiet() -> None:
+    # A robot reporting once a second: each report releases what its watermark (10 s
+    # behind) passed, so the timer for the oldest held report is set HOLD_GRACE_S past
+    # its due time, after the next report; a progress visit for each held report would
+    # double the steps of every robot.
+    logic = shard(rules=WITH_RULES)
+    for s in range(15):
+        step(logic, raw("amr-1", s, T0_MS + s * 1000, battery=15.0))
+        held = logic.robots["amr-1"].held
+        assert held is not None
+        oldest = max(0, s - 9)  # ts at or before s - 10 went with this report
+        assert held.next_due_us() == (T0_S + oldest) * 1_000_000
+        due = rules_due(logic.robots["amr-1"], logic.rules)
+        assert due == T0_S + oldest + 10.0 + HOLD_GRACE_S
+        assert due > T0_S + s + 1  # the next report comes first
+        assert logic.timers.due(0, T0_S + s + 1, logic.robots, logic.rules) == []
+    # Gone quiet: no visit before the grace has passed, then every held report goes.
+    step(logic, (0, int((T0_S + 5 + 10 + HOLD_GRACE_S) * 1000) - 1))
+    assert held.next_due_us() == (T0_S + 5) * 1_000_000  # nothing went
+    [opened] = step(logic, (0, int((T0_S + 14 + 10 + HOLD_GRACE_S) * 1000))).incidents
+    assert (opened.id, opened.opened_at) == ("amr-1:low:0:10", T0 + timedelta(seconds=10))
+    assert logic.robots["amr-1"].held == Reorder(done=(T0_MS * 1000 + 14_000_000, 0, 14))
 
 
 def test_incidents_do_not_depend_on_delivery_order_duplicates_or_a_restore() -> None:
