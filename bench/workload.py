@@ -43,9 +43,14 @@ class Shape(msgspec.Struct, frozen=True, kw_only=True):
     seed: int = 7
 
     def describe(self) -> str:
+        hot = (
+            f"{self.hot:.0%} of the robots send {self.hot_share:.0%}"
+            if self.hot > 0
+            else "all at the same rate"
+        )
         return (
-            f"{self.robots:,} robots, {self.reports:,} reports, {self.hot:.0%} of the robots "
-            f"send {self.hot_share:.0%}, {self.disorder:.0%} out of order, "
+            f"{self.robots:,} robots, {self.reports:,} reports, {hot}, "
+            f"{self.disorder:.0%} out of order, "
             f"{self.duplicates:.0%} redelivered, {self.sampled:g} traced"
         )
 
