@@ -134,6 +134,10 @@ bench-freshness *ARGS: stack-up
 bench-rules *ARGS: stack-up
     {{py}} -m bench.rules {{ARGS}}
 
+# what alert rules cost in the shard step alone, in-process (no services): quiet and storm books against none (writes bench/results)
+bench-rules-step *ARGS:
+    {{py}} -m bench.rules_step {{ARGS}}
+
 # py-spy profile of one dataflow process draining a pre-filled topic (writes bench/results)
 bench-profile *ARGS: stack-up
     {{py}} -m bench.profile_flow {{ARGS}}
@@ -143,7 +147,7 @@ bench-recovery *ARGS: stack-up
     {{py}} -m bench.recovery {{ARGS}}
 
 # every benchmark, one after the other (each writes bench/results and bench/README.md)
-bench: bench-ingest bench-dataflow bench-drain bench-freshness bench-query bench-recovery bench-sustained bench-rules
+bench: bench-ingest bench-dataflow bench-drain bench-freshness bench-query bench-recovery bench-sustained bench-rules bench-rules-step
 
 # ingest benchmark: accepted reports/s, p50/p99, single and batch posts (writes bench/results)
 bench-ingest *ARGS: stack-up

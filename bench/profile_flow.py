@@ -81,6 +81,7 @@ def main() -> int:
         help="share of traced reports (default: the default trace ratio)",
     )  # fmt: skip
     parser.add_argument("--rules", type=int, default=0, help="alert rules (0: none)")
+    parser.add_argument("--quiet", action="store_true", help="the quiet book (nothing fires)")
     parser.add_argument("--idle", action="store_true", help="sample waiting threads too")
     parser.add_argument("--out", default="profile-dataflow.txt")
     args = parser.parse_args()
@@ -100,7 +101,7 @@ def main() -> int:
             fill(s, shape)
             if args.rules:
                 rules_file = tmp / "rules.yaml"
-                rules_file.write_bytes(encode_rules(rule_book(args.rules)))
+                rules_file.write_bytes(encode_rules(rule_book(args.rules, quiet=args.quiet)))
                 s = msgspec.structs.replace(s, rules_file=str(rules_file))
             # Recovery set up as build_flow would, so py-spy follows one process (no re-exec).
             recovery = Path(s.recovery_dir)
