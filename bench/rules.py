@@ -111,7 +111,7 @@ def main() -> int:
     defaults = Settings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--robots", type=int, default=10_000)
-    # 660,000: the ordinary robots' reports span a minute of event time, six times the
+    # 660,000: the ordinary robots' reports span 30 s of event time, three times the
     # lateness, so most reports are judged during the drain (a report waits for the
     # robot's watermark, 10 s behind; with the fleet benches' 220,000, spanning 10 s,
     # nearly every report would be judged after the last state was written).
