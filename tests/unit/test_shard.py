@@ -499,7 +499,8 @@ def test_held_reports_go_with_the_next_report_and_wake_a_robot_only_once_it_is_q
         assert logic.timers.due(0, T0_S + s + 1, logic.robots, logic.rules) == []
     # Gone quiet: no visit before the grace has passed, then every held report goes.
     step(logic, (0, int((T0_S + 5 + 10 + HOLD_GRACE_S) * 1000) - 1))
-    assert held.next_due_us() == (T0_S + 5) * 1_000_000  # nothing went
+    now_held = logic.robots["amr-1"].held
+    assert now_held is not None and now_held.next_due_us() == (T0_S + 5) * 1_000_000  # none went
     [opened] = step(logic, (0, int((T0_S + 14 + 10 + HOLD_GRACE_S) * 1000))).incidents
     assert (opened.id, opened.opened_at) == ("amr-1:low:0:10", T0 + timedelta(seconds=10))
     assert logic.robots["amr-1"].held == Reorder(done=(T0_MS * 1000 + 14_000_000, 0, 14))
