@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -71,6 +72,17 @@ def need_tool(name: str, debian_package: str) -> str:
     if not path:
         raise StackError(f"{name} not found; install Debian's {debian_package}")
     return path
+
+
+def at_least(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, low: float, *names: str
+) -> None:
+    """Stop with argparse's usage error naming the first of ``names`` (options of
+    ``args``) below ``low``."""
+    for name in names:
+        value = getattr(args, name)
+        if not value >= low:  # NaN too
+            parser.error(f"--{name.replace('_', '-')} must be at least {low:g}, got {value}")
 
 
 def progress(text: str) -> None:

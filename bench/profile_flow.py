@@ -1,12 +1,13 @@
 """Where the dataflow's time goes: py-spy over one process draining a pre-filled topic.
 
     python -m bench.profile_flow [--robots 10000] [--reports 220000] [--sampled 0]
-        [--rules 100] [--idle]
+        [--rules 100 [--quiet]] [--idle]
 
 Writes bench/results/profile-dataflow.txt: the share of samples (inclusive) of the
 busiest functions, and of the functions on top of the stack (self time). ``--rules N``
-runs the flow with the alert-rules benchmark's N rules (:func:`bench.rules.rule_book`);
-``--idle`` counts time spent waiting too (a Kafka flush, a Redis round trip).
+runs the flow with the alert-rules benchmark's N rules (:func:`bench.rules.rule_book`,
+the storm; ``--quiet``: the quiet book); ``--idle`` counts time spent waiting too (a
+Kafka flush, a Redis round trip).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import msgspec
 from bytewax.recovery import init_db_dir
 
-from bench.common import BENCH, progress
+from bench.common import BENCH, at_least, progress
 from bench.rules import rule_book
 from bench.workload import Shape, fill, final_orders
 from deploy.local.harness import FLOW, isolated, remove_made
@@ -85,6 +86,9 @@ def main() -> int:
     parser.add_argument("--idle", action="store_true", help="sample waiting threads too")
     parser.add_argument("--out", default="profile-dataflow.txt")
     args = parser.parse_args()
+    at_least(parser, args, 0, "rules", "sampled")
+    at_least(parser, args, 1, "robots", "reports")
+    book = "quiet" if args.quiet else "storm"
     settings = load_settings()
     Stack(settings).up()
     shape = Shape(robots=args.robots, reports=args.reports, sampled=args.sampled)
@@ -138,7 +142,7 @@ def main() -> int:
     out.write_text(
         f"# python -m bench.profile_flow {' '.join(sys.argv[1:])}\n"
         f"# {shape.describe()}; one dataflow process, recovery on, py-spy at 200 Hz"
-        f"{'; ' + str(args.rules) + ' alert rules' if args.rules else ''}"
+        f"{f'; {args.rules} alert rules ({book})' if args.rules else ''}"
         f"{'; waiting counted' if args.idle else ''}\n{text}"
     )
     print(text)

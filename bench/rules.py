@@ -32,7 +32,7 @@ from typing import Any
 import msgspec
 from confluent_kafka import Consumer, TopicPartition
 
-from bench.common import bar_chart, progress, write_results
+from bench.common import at_least, bar_chart, progress, write_results
 from bench.dataflow import _start
 from bench.drain import Engine, _timed
 from bench.freshness import measure
@@ -87,6 +87,15 @@ def rule_book(count: int, *, quiet: bool = False) -> RuleBook:
     return parse_rules({"rules": rules}, "bench rules")
 
 
+def books(count: int) -> dict[str, RuleBook | None]:
+    """The benchmark's three flows by label: no rules, the quiet book, the storm."""
+    return {
+        "no rules": None,
+        f"{count} quiet": rule_book(count, quiet=True),
+        f"{count} storm": rule_book(count),
+    }
+
+
 def incident_versions(s: Settings) -> int:
     """Messages on the incidents topic so far (its partitions' end offsets, summed)."""
     consumer = Consumer(kafka_config(s, **{"group.id": "fleetpulse-bench-rules"}))
@@ -122,23 +131,23 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0, help="freshness: how long")
     parser.add_argument("--no-record", action="store_true", help="print, write nothing")
     args = parser.parse_args()
+    at_least(parser, args, 1, "robots", "reports", "rules", "repeat", "rate", "seconds")
     settings = load_settings()
     Stack(settings).up()
     settings = msgspec.structs.replace(settings, offline_after_s=3600.0, dataflow_metrics_port=0)
     n = args.rules
-    books = {"no rules": None, f"{n} quiet": rule_book(n, quiet=True), f"{n} storm": rule_book(n)}
-    drains: dict[str, list[dict[str, Any]]] = {label: [] for label in books}
-    fresh: dict[str, list[dict[str, Any]]] = {label: [] for label in books}
+    by_label = books(n)
+    drains: dict[str, list[dict[str, Any]]] = {label: [] for label in by_label}
+    fresh: dict[str, list[dict[str, Any]]] = {label: [] for label in by_label}
     try:
         with tempfile.TemporaryDirectory() as tmpdir:
             tmp = Path(tmpdir)
-            files: dict[str, str] = {}
-            for label, book in books.items():
-                files[label] = ""
+            files: dict[str, str] = {}  # label -> its rules file ("": none)
+            for label, book in by_label.items():
+                path = tmp / f"rules-{label.split()[-1]}.yaml"
                 if book is not None:
-                    path = tmp / f"rules-{label.split()[-1]}.yaml"
                     path.write_bytes(encode_rules(book))
-                    files[label] = str(path)
+                files[label] = "" if book is None else str(path)
             shape = Shape(
                 robots=args.robots, reports=args.reports, sampled=settings.trace_sample_ratio
             )
@@ -146,7 +155,7 @@ def main() -> int:
             progress(f"filling {shape.describe()} into {base.topic_reports}")
             total = fill(base, shape)
             for i in range(args.repeat):
-                for j, label in enumerate(books):
+                for j, label in enumerate(by_label):
                     tag = f"b{j}r{i}"
                     s = msgspec.structs.replace(
                         base,
@@ -160,13 +169,13 @@ def main() -> int:
                     result["incident_versions"] = incident_versions(s) - before
                     drains[label].append(result)
             for i in range(args.repeat):
-                for label in books:
+                for label in by_label:
                     s = msgspec.structs.replace(settings, rules_file=files[label])
                     progress(f"freshness, {label}, round {i + 1}")
                     fresh[label].append(measure(s, tmp, args.rate, args.seconds, 2, args.robots))
     finally:
         remove_made(settings)
-    labels = list(books)
+    labels = list(by_label)
     rate = {k: statistics.median(r["reports_per_s"] for r in v) for k, v in drains.items()}
     after = {
         k: statistics.median(r["reports_per_s_after_first_write"] for r in v)
@@ -209,8 +218,9 @@ def main() -> int:
         + row("drain, incident versions written by then", made, ",.0f", ratios=False)
     )
     for q in ("p50", "p99", "max"):
-        by_label = {k: float(latency[k][q]) for k in labels}
-        table += row(f"freshness {q}, ms (202 → Redis)", by_label, "g")
+        table += row(
+            f"freshness {q}, ms (202 → Redis)", {k: float(latency[k][q]) for k in labels}, "g"
+        )
     if args.no_record:
         print(table)
         return 0

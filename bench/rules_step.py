@@ -26,8 +26,8 @@ from typing import Any
 
 import msgspec
 
-from bench.common import progress, write_results
-from bench.rules import rule_book
+from bench.common import at_least, progress, write_results
+from bench.rules import books
 from bench.workload import Shape, messages
 from dataflows import robot
 from dataflows.fleet import tune_gc
@@ -40,43 +40,38 @@ SNAPSHOT_MS = 2000  # FLEETPULSE_SNAPSHOT_INTERVAL_S's default
 DELAY_MS = 500  # from a report's event time to its arrival
 
 
-def batches(shape: Shape) -> tuple[list[list[Item]], int]:
-    """The workload as on_batch calls (at most 500 items, a mark ending each), and the
-    number of reports."""
+def batches(shape: Shape) -> tuple[list[tuple[list[Item], int]], int]:
+    """The workload as on_batch calls (at most 500 reports and a progress mark each),
+    each with the arrival time (ms) its mark says, and the number of reports."""
     decoder = msgspec.json.Decoder()
-    out: list[list[Item]] = []
+    out: list[tuple[list[Item], int]] = []
     batch: list[Item] = []
-    last = mark = 0
-    count = 0
-    for offset, (key, value, _headers) in enumerate(messages(shape)):
+    last = mark = count = 0
+    for count, (key, value, _headers) in enumerate(messages(shape), 1):
         ts = datetime.fromisoformat(decoder.decode(value)["ts"])
         last = max(last, int(ts.timestamp() * 1000) + DELAY_MS)  # arrivals only grow
         mark = mark or last
-        batch.append((key.decode(), value, "", 0, offset, last))
-        count += 1
+        batch.append((key.decode(), value, "", 0, count - 1, last))
         if last - mark >= MARK_MS or len(batch) >= 500:
-            batch.append((0, last))
-            mark = last
-            out.append(batch)
-            batch = []
-    out.append([*batch, (0, last)])
-    out += [[(0, last + i * MARK_MS)] for i in range(1, 121)]  # 12 s more: all judged
+            out.append(([*batch, (0, last)], last))
+            mark, batch = last, []
+    out.append(([*batch, (0, last)], last))
+    for i in range(1, 121):  # 12 s more: every held report judged
+        at = last + i * MARK_MS
+        out.append(([(0, at)], at))
     return out, count
 
 
-def run(logic: ShardLogic, work: list[list[Item]]) -> tuple[float, int]:
+def run(logic: ShardLogic, work: list[tuple[list[Item], int]]) -> tuple[float, int]:
     """Seconds to step ``work`` through ``logic``, and the incident versions made."""
     made = 0
     next_snapshot = 0
     gc.collect()
     started = time.perf_counter()
-    for batch in work:
+    for batch, at in work:
         outs, _ = logic.on_batch(batch)
         for out in outs:
             made += len(out.incidents)
-        mark = batch[-1]  # every batch ends with a progress mark
-        assert isinstance(mark, tuple) and len(mark) == 2
-        at = mark[1]
         if at >= next_snapshot:
             logic.snapshot()
             next_snapshot = at + SNAPSHOT_MS
@@ -94,22 +89,22 @@ def main() -> int:
     )
     parser.add_argument("--no-record", action="store_true", help="print, write nothing")
     args = parser.parse_args()
+    at_least(parser, args, 1, "robots", "reports", "rules", "repeat")
+    at_least(parser, args, 0, "grace")
     robot.HOLD_GRACE_S = args.grace
     tune_gc()  # as the dataflow process does
     shape = Shape(robots=args.robots, reports=args.reports, hot=0.0, sampled=0.0)
     progress(f"building {shape.describe()}")
     work, count = batches(shape)
     base = Rules.from_settings(Settings())
-    n = args.rules
-    books = {
-        "no rules": base,
-        f"{n} quiet": msgspec.structs.replace(base, book=rule_book(n, quiet=True)),
-        f"{n} storm": msgspec.structs.replace(base, book=rule_book(n)),
+    flows = {
+        label: base if book is None else msgspec.structs.replace(base, book=book)
+        for label, book in books(args.rules).items()
     }
-    seconds: dict[str, list[float]] = {label: [] for label in books}
+    seconds: dict[str, list[float]] = {label: [] for label in flows}
     made: dict[str, int] = {}
     for i in range(args.repeat):
-        for label, rules in books.items():
+        for label, rules in flows.items():
             took, made[label] = run(ShardLogic(rules, None, "bench", None), work)
             seconds[label].append(took)
             progress(f"round {i + 1}, {label}: {took:.2f} s, {made[label]:,} incident versions")
@@ -124,7 +119,7 @@ def main() -> int:
         "| rules | µs per report | ratio to no rules | incident versions |\n"
         "| --- | --- | --- | --- |\n"
     )
-    for label in books:
+    for label in flows:
         table += (
             f"| {label} | {median[label] / count * 1e6:.1f} | "
             f"{median[label] / base_s:.2f} | {made[label]:,} |\n"
